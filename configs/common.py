@@ -1,0 +1,78 @@
+"""Shared config pieces: arg parsing, model sizes, the trainer's keys."""
+
+import ml_collections
+
+from mimjax.data import pipeline
+from mimjax.models import segment_bias
+
+MODELS = {  # arg token → model.variant
+    'mu': 'mu/4', 'vit_ti': 'Ti/16', 'vit_s': 'S/16', 'vit_b': 'B/16', 'vit_l': 'L/16',
+    'vit_h': 'H/14', 'vit_s8': 'S/8', 'vit_b8': 'B/8',
+}
+DATASETS = {'in1k': 'imagenet2012', 'in100': 'imagenet100', 'digits': 'digits',
+            'photos': 'photos', 'folder': 'image_folder', 'synthetic': 'synthetic'}
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """'vit_b,in1k,1600ep' → {model: 'vit_b', data: 'in1k', epochs: 1600, ...defaults}.
+
+  Tokens: a MODELS key, a DATASETS key, '<N>ep', 'tiny', or 'key=value' for anything else.
+  """
+  out = dict(defaults)
+  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
+    if token in MODELS:
+      out['model'] = token
+    elif token in DATASETS:
+      out['data'] = token
+    elif token.endswith('ep') and token[:-2].isdigit():
+      out['epochs'] = int(token[:-2])
+    elif token == 'tiny':
+      out['tiny'] = True
+    elif '=' in token:
+      key, value = token.split('=', 1)
+      if key not in out:
+        raise ValueError(f'config arg {arg!r}: unknown key {key!r}; known: {sorted(out)}')
+      out[key] = type(out[key])(value) if out[key] is not None else value
+    else:
+      raise ValueError(f'config arg {arg!r}: cannot parse {token!r}; expected one of '
+                       f'{sorted(MODELS)}, {sorted(DATASETS)}, <N>ep, tiny, key=value')
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys every training config has (the trainer reads exactly these)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 4096            # global, across all hosts/devices
+  c.grad_accum = 1               # micro-batches per step (same global batch)
+  c.total_steps = None           # set exactly one of total_steps / total_epochs
+  c.total_epochs = None
+  c.total_examples = None
+  c.warmup_steps = None
+  c.warmup_epochs = None
+  c.warmup_examples = None
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.async_checkpoint = True
+  c.init_from = ''               # a workdir (or converted model) to take encoder params from
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'devices': -1})
+  c.fsdp_min_size = 2 ** 16      # tensors smaller than this stay replicated under FSDP
+  c.data = pipeline.default_data_config()
+  c.optim = ml_collections.ConfigDict({
+      'name': 'adamw', 'lr': None, 'base_lr': 1.5e-4, 'lr_scaling': 'linear', 'min_lr': 0.0,
+      'b1': 0.9, 'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.05, 'clip_norm': None,
+      'frozen': ('pos_embed$',),   # fixed sincos position embeddings are not trained
+      'no_decay': (),              # regexes; ≤1-D tensors and biases never decay
+  })
+  return c
+
+
+def vit_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
+  """config.model for a ViT encoder."""
+  return ml_collections.ConfigDict({
+      'variant': variant, 'image_size': image_size, 'pos_embed': 'sincos', 'pool': 'cls',
+      'dtype': 'float32', 'attention': 'xla', 'remat': False, 'drop_path': 0.0,
+      'width': None, 'depth': None, 'num_heads': None, 'mlp_dim': None, 'patch_size': None,
+      'segment_bias': segment_bias.default_config(),
+  })

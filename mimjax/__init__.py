@@ -1,0 +1,1 @@
+"""mimjax: masked-image-modeling SSL in JAX."""

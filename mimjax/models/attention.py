@@ -1,0 +1,74 @@
+"""Multi-head attention with an optional additive logit bias and key mask.
+
+This is the only attention implementation in mimjax: plain ViT blocks, MAE decoders,
+MRE (segment bias), proxy cross-attention and probes all go through it.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+# MAE/timm initialise every Linear with xavier-uniform; on the fused qkv matrix this is
+# computed over (D, 3D), which is what a single Dense(3D) gives.
+xavier = nn.initializers.xavier_uniform()
+
+
+class Attention(nn.Module):
+  """Multi-head (self- or cross-) attention; softmax always in float32.
+
+  `logit_bias` is added to q·kᵀ *before* the 1/√d scaling, i.e. logits = (q·kᵀ + b)/√d,
+  as in SAM-helps-SSL Eq. 5. It must broadcast to (B, heads, Nq, Nk).
+  `key_mask` (B, Nk) or (B, Nq, Nk) bool: False keys get no attention.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  qkv_bias: bool = True
+  implementation: str = 'xla'  # 'xla' (einsum) or 'fused' (jax.nn.dot_product_attention)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, kv: Optional[jnp.ndarray] = None, *,
+               logit_bias: Optional[jnp.ndarray] = None,
+               key_mask: Optional[jnp.ndarray] = None,
+               return_attention: bool = False):
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'width {dim} not divisible by num_heads {self.num_heads}')
+    head_dim = dim // self.num_heads
+    dense = lambda f, name: nn.Dense(f, use_bias=self.qkv_bias, dtype=self.dtype,
+                                     kernel_init=xavier, name=name)
+    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
+    if kv is None:
+      q, k, v = jnp.split(dense(3 * dim, 'qkv')(x), 3, axis=-1)
+    else:  # cross-attention (proxy blocks, attentive probe)
+      q = dense(dim, 'q')(x)
+      k, v = jnp.split(dense(2 * dim, 'kv')(kv), 2, axis=-1)
+    q, k, v = split(q), split(k), split(v)
+    scale = head_dim ** -0.5
+
+    if self.implementation == 'fused' and not return_attention:
+      bias = None if logit_bias is None else (logit_bias * scale).astype(q.dtype)
+      mask = None if key_mask is None else _expand_mask(key_mask)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+      probs = None
+    else:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      if logit_bias is not None:
+        logits = logits + logit_bias.astype(jnp.float32)
+      logits = logits * scale
+      if key_mask is not None:
+        logits = jnp.where(_expand_mask(key_mask), logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+    out = out.reshape(out.shape[:-2] + (dim,))
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=xavier, name='proj')(out)
+    return out, probs
+
+
+def _expand_mask(key_mask: jnp.ndarray) -> jnp.ndarray:
+  """(B, Nk) → (B, 1, 1, Nk); (B, Nq, Nk) → (B, 1, Nq, Nk)."""
+  if key_mask.ndim == 2:
+    return key_mask[:, None, None, :]
+  return key_mask[:, None, :, :]

@@ -1,0 +1,102 @@
+"""MRE (SAM helps SSL): segment ids → additive attention-logit bias (u_pos, u_neg).
+
+For tokens i, j with patch segment ids m_i, m_j (0 = background / no mask, and the cls token
+counts as 0): b_ij = u_pos if m_i = m_j ≠ 0, u_neg if m_i ≠ m_j with both ≠ 0, else 0.
+The bias enters as (q·k + b)/√d (paper Eq. 5); `Attention` applies the 1/√d.
+
+Memory: the (B, T, T) positive/negative masks are built once per forward and shared by all
+layers; each layer only contributes per-head scalars, which XLA fuses into the logits.
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# mode → shape of the learnable (u_pos, u_neg) tables given (depth, heads); 'fixed' has none.
+MODES = ('layer_head', 'head', 'shared', 'fixed')
+SIGNS = ('both', 'positive', 'negative')
+
+
+class Relations(NamedTuple):
+  positive: jnp.ndarray  # (B, T, T) bool: same nonzero segment
+  negative: jnp.ndarray  # (B, T, T) bool: different nonzero segments
+
+
+def relations(ids: jnp.ndarray) -> Relations:
+  """Pairwise same/different-segment masks from token ids (B, T); 0 = unknown."""
+  known = ids != 0
+  both = known[:, :, None] & known[:, None, :]
+  same = ids[:, :, None] == ids[:, None, :]
+  return Relations(both & same, both & ~same)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks config.model.segment_bias; one clear error naming the key."""
+  if config.mode not in MODES:
+    raise ValueError(f'config.model.segment_bias.mode={config.mode!r}: expected one of {MODES}')
+  if config.sign not in SIGNS:
+    raise ValueError(f'config.model.segment_bias.sign={config.sign!r}: expected one of {SIGNS}')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.model.segment_bias: off by default (plain ViT)."""
+  return ml_collections.ConfigDict({
+      'enabled': False,
+      'mode': 'layer_head',   # per layer and head (paper's best, Tab. 5)
+      'sign': 'both',         # 'positive' / 'negative': only that relation gets a bias (Tab. 4)
+      'init_pos': 0.0,        # unspecified in the paper: 0 = start as plain attention
+      'init_neg': 0.0,
+      'fixed_value': 1.0,     # mode 'fixed': u_pos = +v, u_neg = −v (not learned)
+      'num_ids': 8,           # segment ids must be < num_ids (SAM stage: 0..max_masks)
+  })
+
+
+class SegmentBias(nn.Module):
+  """Holds u_pos/u_neg and returns, per layer, a bias callable for the encoder blocks."""
+  config: ml_collections.ConfigDict
+  depth: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, token_ids: jnp.ndarray):
+    """token_ids (B, T) int (cls = 0) → function layer → bias (B, heads, T, T) float32."""
+    cfg = self.config
+    validate(cfg)
+    rel = relations(token_ids)
+    if cfg.mode == 'fixed':
+      u_pos = jnp.full((1, 1), cfg.fixed_value, jnp.float32)
+      u_neg = -u_pos
+    else:
+      shape = {'layer_head': (self.depth, self.num_heads), 'head': (1, self.num_heads),
+               'shared': (1, 1)}[cfg.mode]
+      u_pos = self.param('u_pos', nn.initializers.constant(cfg.init_pos), shape)
+      u_neg = self.param('u_neg', nn.initializers.constant(cfg.init_neg), shape)
+    use_pos = cfg.sign in ('both', 'positive')
+    use_neg = cfg.sign in ('both', 'negative')
+    pos = rel.positive[:, None].astype(jnp.float32)
+    neg = rel.negative[:, None].astype(jnp.float32)
+
+    def layer_bias(i: int) -> Any:
+      row = lambda u: u[min(i, u.shape[0] - 1)][None, :, None, None]  # (1, heads|1, 1, 1)
+      bias = jnp.zeros((), jnp.float32)
+      if use_pos:
+        bias = bias + pos * row(u_pos)
+      if use_neg:
+        bias = bias + neg * row(u_neg)
+      return bias
+
+    return layer_bias
+
+
+def patch_segment_ids(segments: jnp.ndarray, patch_size: int, num_ids: int = 256) -> jnp.ndarray:
+  """(B, H, W) uint8 map → (B, H/p·W/p) patch ids: the most frequent id in each patch,
+  ties → the lower id (argmax picks the first maximum); background 0 counts like any id."""
+  b, h, w = segments.shape
+  p = patch_size
+  x = segments.reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4).reshape(b, -1, p * p)
+  top = int(num_ids)
+  counts = jax.nn.one_hot(x.astype(jnp.int32), top, dtype=jnp.int32).sum(axis=2)
+  return jnp.argmax(counts, axis=-1).astype(jnp.int32)

@@ -1,0 +1,213 @@
+"""Vision Transformer encoder (pre-norm, exact GELU, fixed 2-D sincos or learned pos-embed).
+
+Parameter names follow timm (`patch_embed/proj`, `cls_token`, `pos_embed`,
+`blocks_{i}/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`, `norm`) so conversion to and from
+PyTorch is a transpose per tensor.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mimjax.models import segment_bias as segment_bias_lib
+from mimjax.models.attention import Attention, xavier
+
+# (width, depth, num_heads, mlp_dim). 'mu' is a CPU test size, not from a paper.
+VARIANTS = {
+    'mu': (64, 2, 4, 256),
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def decode_variant(variant: str) -> dict:
+  """'B/16' → dict(width, depth, num_heads, mlp_dim, patch_size)."""
+  try:
+    name, patch = variant.split('/')
+    width, depth, heads, mlp = VARIANTS[name]
+    patch = int(patch)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'model.variant={variant!r}: expected NAME/PATCH with NAME in '
+                     f'{sorted(VARIANTS)}, e.g. "B/16"') from e
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch)
+
+
+def model_dims(config: ml_collections.ConfigDict) -> dict:
+  """Variant sizes with any explicit `width/depth/num_heads/mlp_dim/patch_size` overrides."""
+  dims = decode_variant(config.variant)
+  for key in dims:
+    if config.get(key) is not None:
+      dims[key] = int(config[key])
+  return dims
+
+
+def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """MAE's 1-D sincos: first dim/2 sin(pos·ω), next dim/2 cos(pos·ω), ω_k = 10000^(-k/(dim/2))."""
+  if dim % 2:
+    raise ValueError(f'sincos embedding dim must be even, got {dim}')
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+  """MAE `get_2d_sincos_pos_embed`: (grid², dim) [+ a zero cls row]; first half encodes the column."""
+  if dim % 4:
+    raise ValueError(f'2-D sincos embedding dim must be a multiple of 4, got {dim}')
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing='ij')
+  emb = np.concatenate([sincos_pos_embed_1d(dim // 2, cols), sincos_pos_embed_1d(dim // 2, rows)],
+                       axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def resize_pos_embed(pos: jnp.ndarray, num_prefix: int, grid: int) -> jnp.ndarray:
+  """Bicubically resizes the patch part of a (1, prefix + g², D) pos-embed to grid² rows."""
+  prefix, patch = pos[:, :num_prefix], pos[:, num_prefix:]
+  old = int(round(patch.shape[1] ** 0.5))
+  if old == grid:
+    return pos
+  patch = patch.reshape(1, old, old, -1)
+  patch = jax.image.resize(patch, (1, grid, grid, patch.shape[-1]), 'bicubic')
+  return jnp.concatenate([prefix, patch.reshape(1, grid * grid, -1)], axis=1)
+
+
+class Mlp(nn.Module):
+  """fc1 → exact GELU → fc2."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=xavier, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(out, dtype=self.dtype, kernel_init=xavier, name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; with `kv` it is a cross-attention block (kv shares norm1)."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  drop_path: float = 0.0
+  attention: str = 'xla'
+
+  @nn.compact
+  # Positional-only flags so nn.remat can mark `train`/`return_attention` static.
+  def __call__(self, x, kv=None, logit_bias=None, key_mask=None, train: bool = False,
+               return_attention: bool = False):
+    norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')
+    y, attn = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                        name='attn')(norm1(x), None if kv is None else norm1(kv),
+                                     logit_bias=logit_bias, key_mask=key_mask,
+                                     return_attention=return_attention)
+    # Drop path = dropout of whole samples' residual branches.
+    drop = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
+    x = x + drop(y, deterministic=not train)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(
+        nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x))
+    return x + drop(y, deterministic=not train), attn
+
+
+class PatchEmbed(nn.Module):
+  """Conv p×p stride p; MAE init: xavier on the (D, 3p²) view, PyTorch-default bias."""
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    fan_in = images.shape[-1] * p * p
+    bound = 1.0 / np.sqrt(fan_in)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                kernel_init=nn.initializers.variance_scaling(
+                    1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=-1),
+                bias_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+                name='proj')(images)
+    return x.reshape(x.shape[0], -1, self.width)  # row-major patch order, as torch flatten(2)
+
+
+class ViT(nn.Module):
+  """ViT encoder; `keep_ids` (B, n) selects visible patches (MAE) before the blocks.
+
+  `segment_ids` (B, N) patch segment ids switch on the MRE bias when
+  `config.segment_bias.enabled` (without them the model runs as a plain ViT).
+  Returns `(tokens, aux)`: tokens = final-LayerNorm output (B, 1 + n, D) with the cls token
+  first; aux = {'layers': per-block outputs (pre final norm)} and {'attention': per-block
+  softmax maps (B, heads, T, T)} when requested.
+  """
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, keep_ids: Optional[jnp.ndarray] = None,
+               segment_ids: Optional[jnp.ndarray] = None,
+               logit_bias: Optional[Any] = None, train: bool = False,
+               return_layers: bool = False, return_attention: bool = False):
+    cfg = self.config
+    dims = model_dims(cfg)
+    dtype = DTYPES[cfg.get('dtype', 'float32')]
+    width, p = dims['width'], dims['patch_size']
+    x = PatchEmbed(width, p, dtype=dtype, name='patch_embed')(images.astype(dtype))
+    grid = int(round(x.shape[1] ** 0.5))
+
+    num_patches = (cfg.image_size // p) ** 2
+    if cfg.get('pos_embed', 'sincos') == 'sincos':
+      init = lambda *_: jnp.asarray(sincos_pos_embed_2d(width, cfg.image_size // p, True))[None]
+      pos = jax.lax.stop_gradient(self.param('pos_embed', init))  # frozen, as in MAE
+    else:
+      pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, 1 + num_patches, width))
+    pos = resize_pos_embed(pos, 1, grid)
+    x = x + pos[:, 1:].astype(dtype)
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+    cls = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, width))
+    cls = (cls + pos[:, :1]).astype(dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1)
+
+    seg_cfg = cfg.get('segment_bias')
+    if seg_cfg is not None and seg_cfg.enabled and segment_ids is not None:
+      # MRE: patch ids (B, N) in original order → visible ids, cls counts as background.
+      if logit_bias is not None:
+        raise ValueError('pass either segment_ids (MRE) or logit_bias, not both')
+      ids = segment_ids.astype(jnp.int32)
+      if keep_ids is not None:
+        ids = jnp.take_along_axis(ids, keep_ids, axis=1)
+      ids = jnp.concatenate([jnp.zeros((ids.shape[0], 1), jnp.int32), ids], axis=1)
+      logit_bias = segment_bias_lib.SegmentBias(seg_cfg, dims['depth'], dims['num_heads'],
+                                                name='segment_bias')(ids)
+
+    block = nn.remat(Block, static_argnums=(5, 6)) if cfg.get('remat') else Block
+    drop_path = cfg.get('drop_path', 0.0)
+    aux = {'layers': [], 'attention': []}
+    for i in range(dims['depth']):
+      bias = logit_bias(i) if callable(logit_bias) else logit_bias
+      x, attn = block(dims['num_heads'], dims['mlp_dim'], dtype=dtype,
+                      drop_path=drop_path * i / max(dims['depth'] - 1, 1),
+                      attention=cfg.get('attention', 'xla'), name=f'blocks_{i}')(
+                          x, None, bias, None, train, return_attention)
+      if return_layers:
+        aux['layers'].append(x)
+      if return_attention:
+        aux['attention'].append(attn)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='norm')(x)
+    return x, {k: v for k, v in aux.items() if v}
+
+
+def pool_tokens(tokens: jnp.ndarray, pool: str) -> jnp.ndarray:
+  """'cls' → tokens[:, 0]; 'mean' → mean over patch tokens (cls excluded)."""
+  if pool == 'cls':
+    return tokens[:, 0]
+  if pool == 'mean':
+    return tokens[:, 1:].mean(axis=1)
+  raise ValueError(f'model.pool={pool!r}: expected "cls" or "mean"')

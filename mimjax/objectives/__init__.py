@@ -1,0 +1,1 @@
+"""Training objectives: one small module each, exposing `make(config) -> Objective`."""

@@ -1,0 +1,125 @@
+"""MAE (He et al. 2022): reconstruct the normalised pixels of randomly masked patches."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mimjax import masking
+from mimjax.data.normalize import normalize_images
+from mimjax.models import segment_bias
+from mimjax.models.decoder import MAEDecoder
+from mimjax.models.vit import ViT, model_dims
+from mimjax.objectives.base import Objective
+
+
+def patchify(images: jnp.ndarray, p: int) -> jnp.ndarray:
+  """(B, H, W, C) → (B, h·w, p·p·C), per-patch order (p, q, c), patches row-major."""
+  b, h, w, c = images.shape
+  if h % p or w % p:
+    raise ValueError(f'image size {(h, w)} not divisible by patch size {p}')
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jnp.ndarray, p: int, channels: int = 3) -> jnp.ndarray:
+  """Inverse of `patchify` for square images."""
+  b, n, _ = patches.shape
+  g = int(round(n ** 0.5))
+  x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * p, g * p, channels)
+
+
+def pixel_targets(images: jnp.ndarray, p: int, norm_pix: bool) -> jnp.ndarray:
+  """MAE targets: patchified pixels, optionally per-patch normalised (unbiased var, eps 1e-6)."""
+  target = patchify(images.astype(jnp.float32), p)
+  if norm_pix:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, ddof=1, keepdims=True)  # torch .var() is unbiased
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """Per-patch mean squared error, averaged over the patches where mask == 1."""
+  per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def mae_loss(pred: jnp.ndarray, images_nhwc: jnp.ndarray, mask: jnp.ndarray,
+             norm_pix: bool = True) -> jnp.ndarray:
+  """MAE `forward_loss`: MSE on (normalised) pixels of removed patches only."""
+  p = int(round((pred.shape[-1] // images_nhwc.shape[-1]) ** 0.5))
+  return masked_mse(pred, pixel_targets(images_nhwc, p, norm_pix), mask)
+
+
+def decoder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Decoder sizes from config.model.decoder, sharing the encoder's dtype/attention."""
+  dec = ml_collections.ConfigDict(config.model.decoder.to_dict())
+  dec.dtype = config.model.get('dtype', 'float32')
+  dec.attention = config.model.get('attention', 'xla')
+  return dec
+
+
+class MAE(nn.Module):
+  """Encoder on the visible patches + MAE decoder predicting every patch."""
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    dims = model_dims(self.config.model)
+    self.patch_size = dims['patch_size']
+    self.encoder = ViT(self.config.model)
+    self.decoder = MAEDecoder(decoder_config(self.config), patch_size=dims['patch_size'],
+                              image_size=self.config.model.image_size,
+                              out_dim=dims['patch_size'] ** 2 * 3)
+
+  def encode(self, images, keep_ids=None, *, train=False, **kw):
+    return self.encoder(images, keep_ids=keep_ids, train=train, **kw)
+
+  def decode(self, tokens, restore_ids, *, train=False):
+    return self.decoder(tokens, restore_ids, train=train)
+
+  def __call__(self, images, keep_ids, restore_ids, segment_ids=None, *, train=False):
+    tokens, _ = self.encode(images, keep_ids, segment_ids=segment_ids, train=train)
+    return self.decode(tokens, restore_ids, train=train)
+
+
+def num_patches(config: ml_collections.ConfigDict) -> int:
+  return (config.model.image_size // model_dims(config.model)['patch_size']) ** 2
+
+
+def batch_segment_ids(config: ml_collections.ConfigDict, batch: dict):
+  """Patch segment ids (B, N) when the model uses the MRE bias, else None."""
+  seg = config.model.get('segment_bias')
+  if seg is None or not seg.enabled:
+    return None
+  if 'segments' not in batch:
+    raise ValueError('config.model.segment_bias.enabled=True but the data has no `segments` '
+                     '(run the SAM stage, `python -m mimjax.sam`, and train on its output)')
+  return segment_bias.patch_segment_ids(batch['segments'], model_dims(config.model)['patch_size'],
+                                        seg.num_ids)
+
+
+def make(config: ml_collections.ConfigDict) -> Objective:
+  """MAE objective from `config.model`, `config.mask_ratio`, `config.norm_pix`."""
+  model = MAE(config)
+  n = num_patches(config)
+
+  def init(rng, batch):
+    images = normalize_images(batch['image'][:1])
+    m = masking.random_masking(jax.random.key(0), 1, n, config.mask_ratio)
+    seg = batch_segment_ids(config, {k: v[:1] for k, v in batch.items()})
+    params = model.init({'params': rng}, images, m.keep_ids, m.restore_ids, seg)['params']
+    return params, {}
+
+  def loss(params, state, batch, rng, step):
+    del step
+    images = normalize_images(batch['image'])
+    mask_rng, drop_rng = jax.random.split(rng)
+    m = masking.random_masking(mask_rng, images.shape[0], n, config.mask_ratio)
+    pred = model.apply({'params': params}, images, m.keep_ids, m.restore_ids,
+                       batch_segment_ids(config, batch), train=True, rngs={'dropout': drop_rng})
+    value = mae_loss(pred, images, m.mask, config.norm_pix)
+    return value, (state, {'mae_loss': value})
+
+  return Objective(init=init, loss=loss)

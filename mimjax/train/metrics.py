@@ -1,0 +1,57 @@
+"""Metric logging: W/metrics.jsonl, TensorBoard events and a terminal progress bar."""
+
+import json
+import math
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+from etils import epath
+
+
+def _scalar(v) -> float:
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else str(v)  # JSON has no NaN; keep it readable
+
+
+class MetricWriter:
+  """Writes one JSON object per log step (process 0 only) and mirrors it to TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: Optional[bool] = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # clu's writers need TensorFlow
+      self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop records logged after the restored checkpoint (they will be redone)."""
+    if not (self.enabled and self.path.exists()):
+      return
+    keep = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get('step', 0) <= step]
+    self.path.write_text(''.join(line + '\n' for line in keep))
+
+  def write(self, step: int, metrics: dict) -> dict:
+    record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    if self.enabled:
+      with self.path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
+      for k, v in record.items():
+        if k != 'step' and isinstance(v, float):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    return record
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def progress_bar(total: int, initial: int):
+  """tqdm bar on a terminal; off when stderr is not a TTY (logs, CI) or on other hosts."""
+  from tqdm import tqdm
+  disable = not (sys.stderr.isatty() and jax.process_index() == 0)
+  return tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, unit='step')

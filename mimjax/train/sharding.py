@@ -1,0 +1,85 @@
+"""Device mesh ('data', 'fsdp'), parameter and batch shardings, host → global arrays."""
+
+import math
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')  # FSDP shards the batch too; params only over 'fsdp'.
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """Mesh (data, fsdp) over the first `devices` devices (-1: all); `data=-1` fills the rest."""
+  devices = jax.devices()
+  if config.get('devices', -1) not in (-1, None):
+    if not 0 < config.devices <= len(devices):
+      raise ValueError(f'config.mesh.devices={config.devices}: have {len(devices)} devices')
+    devices = devices[:config.devices]
+  n = len(devices)
+  fsdp = int(config.get('fsdp', 1))
+  data = int(config.get('data', -1))
+  if data == -1:
+    if fsdp <= 0 or n % fsdp:
+      raise ValueError(f'config.mesh.fsdp={fsdp} must divide the device count {n}')
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f'config.mesh data×fsdp = {data}×{fsdp} != device count {n}')
+  return jax.make_mesh((data, fsdp), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> P:
+  """Shards the largest dim divisible by `fsdp`; small tensors stay replicated."""
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, tree: Any, min_size: int = 2 ** 16) -> Any:
+  """NamedSharding per leaf: FSDP over 'fsdp' when that axis is > 1, else replicated."""
+  fsdp = mesh.shape['fsdp']
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, _fsdp_spec(tuple(x.shape), fsdp, min_size)), tree)
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch → global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  n = math.prod(mesh.shape.values())
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    global_batch = value.shape[0] * jax.process_count()
+    if global_batch % n:
+      raise ValueError(f'global batch {global_batch} (key {key!r}) is not divisible by the '
+                       f'{n} devices of the mesh')
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def path_name(path: tuple) -> str:
+  """'encoder/blocks_0/attn/qkv/kernel' for a jax tree path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def matches(name: str, patterns) -> bool:
+  """True when any regex in `patterns` is found in the parameter name."""
+  return any(re.search(p, name) for p in patterns)

@@ -1,0 +1,229 @@
+"""The training loop shared by every objective: init/restore, jit step, log, checkpoint."""
+
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from mimjax.data import pipeline
+from mimjax.objectives import base as objectives
+from mimjax.train import checkpoint as ckpt_lib
+from mimjax.train import metrics as metrics_lib
+from mimjax.train import sharding
+from mimjax.train import optim
+from mimjax.train.durations import resolve_steps
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss or gradient."""
+
+
+def init_train_state(objective: objectives.Objective, tx: optax.GradientTransformation,
+                     rng: jax.Array, example: dict) -> dict:
+  """The whole train state as one pytree (what is checkpointed)."""
+  init_rng, step_rng = jax.random.split(rng)
+  params, state = objective.init(init_rng, example)
+  return {'params': params, 'opt_state': tx.init(params), 'state': state,
+          'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(step_rng),
+          'nonfinite': jnp.zeros((), jnp.int32)}
+
+
+def _split_micro(batch: dict, accum: int) -> dict:
+  """(B, ...) → (accum, B/accum, ...): micro-batch j takes examples j, j+accum, ... so every
+  micro-batch stays evenly spread over the devices that hold the batch."""
+  def split(x):
+    if x.shape[0] % accum:
+      raise ValueError(f'batch {x.shape[0]} not divisible by grad_accum {accum}')
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
+                    lr_schedule, grad_accum: int = 1):
+  """Returns train_step(train_state, batch) -> (train_state, metrics); jit it with shardings."""
+  grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+
+  def train_step(ts: dict, batch: dict):
+    step = ts['step']
+    rng = jax.random.fold_in(jax.random.wrap_key_data(ts['rng']), step)
+    params = ts['params']
+    if grad_accum == 1:
+      (loss, (state, metrics)), grads = grad_fn(params, ts['state'], batch, rng, step)
+    else:
+      def micro(carry, xs):
+        grads_acc, loss_acc, state = carry
+        mb, i = xs
+        (l, (state, m)), g = grad_fn(params, state, mb, jax.random.fold_in(rng, i), step)
+        return (jax.tree.map(jnp.add, grads_acc, g), loss_acc + l, state), m
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, loss, state), metrics = jax.lax.scan(
+          micro, (zeros, jnp.zeros((), jnp.float32), ts['state']),
+          (_split_micro(batch, grad_accum), jnp.arange(grad_accum)))
+      grads = jax.tree.map(lambda g: g / grad_accum, grads)
+      loss = loss / grad_accum
+      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+    updates, opt_state = tx.update(grads, ts['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    if objective.after_update is not None:
+      state = objective.after_update(new_params, state, step)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {'params': new_params, 'opt_state': opt_state, 'state': state}
+    old = {k: ts[k] for k in new}
+    # A non-finite step leaves the state untouched, so what we checkpoint is always good.
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    out = {**kept, 'step': step + 1, 'rng': ts['rng'],
+           'nonfinite': ts['nonfinite'] + (~finite).astype(jnp.int32)}
+    metrics = {**metrics, 'loss': loss, 'lr': lr_schedule(step), 'grad_norm': grad_norm,
+               'param_norm': optax.global_norm(new_params)}
+    return out, metrics
+
+  return train_step
+
+
+class _Preemption:
+  """SIGTERM (TPU/SLURM preemption) → save a checkpoint at the next step and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _host_example(batch: dict) -> dict:
+  return jax.tree.map(lambda x: np.asarray(x[:1]), batch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       objective: Optional[objectives.Objective] = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+  jax.config.update('jax_threefry_partitionable', True)  # RNG independent of device layout
+  objective = objective or objectives.load(config.objective).make(config)
+  mesh = sharding.make_mesh(config.mesh)
+  num_train = pipeline.num_examples(config.data, 'train')
+  total_steps = resolve_steps('total', config, num_train)
+  warmup_steps = resolve_steps('warmup', config, num_train, default=0)
+  accum = int(config.get('grad_accum', 1))
+
+  loader = pipeline.make_loader(config.data, global_batch_size=config.batch_size,
+                                seed=config.seed, split='train', train=True)
+  initial_data_state = loader.get_state()
+  example = _host_example(next(loader))
+
+  rng = jax.random.key(config.seed)
+  params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
+  tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
+                                         warmup_steps=warmup_steps,
+                                         batch_size=config.batch_size)
+  init_fn = lambda r: init_train_state(objective, tx, r, example)
+  abstract = jax.eval_shape(init_fn, rng)
+  state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get('keep_checkpoints', 2),
+                               async_save=config.get('async_checkpoint', True))
+  writer = metrics_lib.MetricWriter(workdir)
+  start = ckpt.latest_step()
+  if start is not None:
+    ts, data_state = ckpt.restore(start, abstract)
+    loader.set_state(data_state)
+    writer.truncate_after(start)
+    logging.info('Resumed from step %d in %s', start, workdir)
+  else:
+    start = 0
+    loader.set_state(initial_data_state)
+    ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+    if config.get('init_from'):
+      ts = _init_from(ts, config.init_from, objective, state_shardings)
+    ckpt_lib.write_config(workdir, config)
+
+  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+  preemption = _Preemption()
+  bar = metrics_lib.progress_bar(total_steps, start)
+  record, step = {}, start
+  last_good = start if ckpt.latest_step() is not None else None
+  t0, images_seen = time.perf_counter(), 0
+  try:
+    while step < total_steps:
+      batch = sharding.put_batch(next(loader), mesh)
+      ts, metrics = step_fn(ts, batch)
+      step += 1
+      images_seen += config.batch_size
+      bar.update(1)
+      is_last = step == total_steps
+      stop = preemption.should_stop(step)
+      if step % config.log_every == 0 or is_last or stop:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - t0
+        record = writer.write(step, {**metrics, 'img_per_s': images_seen / elapsed})
+        bar.set_postfix(loss=f"{record['loss']:.4g}")
+        t0, images_seen = time.perf_counter(), 0
+      if step % config.checkpoint_every == 0 or is_last or stop:
+        _check_finite(ts, step, last_good, workdir)
+        ckpt.save(step, ts, loader.get_state(), config, force=True)
+        last_good = step
+      if stop:
+        logging.warning('Preemption requested: saved step %d, exiting.', step)
+        break
+  finally:
+    bar.close()
+    preemption.restore()
+    ckpt.close()
+    writer.close()
+  return record
+
+
+def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -> None:
+  """Stops with a clear message (before saving) once any step had a NaN/Inf loss or grad."""
+  bad = int(jax.device_get(ts['nonfinite']))
+  if bad:
+    where = (f'the last good checkpoint (step {last_good}) in {workdir}/checkpoints is intact'
+             if last_good is not None else 'no checkpoint was written')
+    raise NonFiniteLossError(
+        f'{bad} step(s) before step {step} had a NaN/Inf loss or gradient (those updates were '
+        f'skipped); stopping: {where}. Lower the learning rate, use float32, or check the data.')
+
+
+def _init_from(ts: dict, source: str, objective: objectives.Objective, shardings: Any) -> dict:
+  """Replaces the encoder params by those of another workdir or converted model (`init_from`)."""
+  del shardings
+  loaded = ckpt_lib.restore_params(source)
+  for key in objective.encoder:
+    loaded = loaded[key]
+  parent = ts['params']
+  for key in objective.encoder[:-1]:
+    parent = parent[key]
+  current = parent[objective.encoder[-1]]
+  want = jax.tree.map(lambda x: tuple(x.shape), current)
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), loaded)
+  if want != got:
+    raise ValueError(f'config.init_from={source!r}: encoder params do not match this model;\n'
+                     f'expected {want}\ngot {got}')
+  parent[objective.encoder[-1]] = jax.tree.map(
+      lambda c, l: jax.device_put(np.asarray(l, c.dtype), c.sharding), current, loaded)
+  return ts

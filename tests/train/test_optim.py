@@ -1,0 +1,76 @@
+"""Optimizer param groups and schedules vs the MAE recipe (hand computations)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mimjax.train import optim
+from mimjax.train.durations import resolve_steps
+
+
+def _params():
+  return {'encoder': {'cls_token': jnp.ones((1, 1, 4)), 'pos_embed': jnp.ones((1, 5, 4)),
+                      'blocks_0': {'attn': {'qkv': {'kernel': jnp.ones((4, 12)), 'bias': jnp.ones(12)}},
+                                   'norm1': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}}},
+          'decoder': {'mask_token': jnp.ones((1, 1, 4))}}
+
+
+def test_decay_mask_follows_timm_add_weight_decay():
+  mask = optim.decay_mask(_params())
+  enc = mask['encoder']
+  assert enc['cls_token'] and enc['pos_embed'] and mask['decoder']['mask_token']  # 3-D decay
+  assert enc['blocks_0']['attn']['qkv']['kernel']
+  assert not enc['blocks_0']['attn']['qkv']['bias']
+  assert not enc['blocks_0']['norm1']['scale'] and not enc['blocks_0']['norm1']['bias']
+  mask = optim.decay_mask(_params(), ('cls_token',))
+  assert not mask['encoder']['cls_token']
+
+
+def test_schedule_matches_mae_formula():
+  peak, total, warm = 2.4e-3, 100, 10
+  sched = optim.warmup_cosine(peak, total, warm)
+  for step in (0, 5, 10, 37, 99):
+    if step < warm:
+      ref = peak * step / warm
+    else:
+      ref = peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+    np.testing.assert_allclose(float(sched(step)), ref, rtol=1e-5, atol=peak * 1e-7)
+
+
+def test_peak_lr_scaling_rules():
+  cfg = ml_collections.ConfigDict({'lr': None, 'base_lr': 1.5e-4, 'lr_scaling': 'linear'})
+  assert optim.peak_lr(cfg, 4096) == pytest.approx(2.4e-3)
+  cfg.lr_scaling = 'sqrt'
+  assert optim.peak_lr(cfg, 4096) == pytest.approx(2.4e-3)  # equal at 4096 (LUT)
+  assert optim.peak_lr(cfg, 1024) == pytest.approx(1.2e-3)
+  cfg.lr = 0.1
+  assert optim.peak_lr(cfg, 4096) == 0.1
+
+
+def test_frozen_params_do_not_move_and_adamw_step_is_exact():
+  params = _params()
+  cfg = ml_collections.ConfigDict({'name': 'adamw', 'lr': 0.1, 'min_lr': 0.0, 'b1': 0.9,
+                                   'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.05,
+                                   'frozen': ('pos_embed$',), 'no_decay': ()})
+  tx, _ = optim.make_optimizer(cfg, params, total_steps=10, warmup_steps=0, batch_size=256)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = jax.tree.map(lambda p, u: p + u, params, updates)
+  np.testing.assert_array_equal(new['encoder']['pos_embed'], params['encoder']['pos_embed'])
+  # First AdamW step: m̂ = g, v̂ = g² → update −lr·(g/(|g|+eps) + wd·p) for decayed tensors.
+  np.testing.assert_allclose(new['encoder']['cls_token'], 1 - 0.1 * (1 + 0.05), rtol=1e-6)
+  np.testing.assert_allclose(new['encoder']['blocks_0']['attn']['qkv']['bias'], 1 - 0.1, rtol=1e-6)
+
+
+def test_resolve_steps():
+  c = ml_collections.ConfigDict({'batch_size': 100, 'total_steps': None, 'total_epochs': 3,
+                                 'total_examples': None})
+  assert resolve_steps('total', c, 1000) == 30
+  c.total_steps = 5
+  with pytest.raises(ValueError, match='only one'):
+    resolve_steps('total', c, 1000)
+  assert resolve_steps('warmup', c, 1000, default=0) == 0
