@@ -21,11 +21,15 @@ class Objective:
   loss(params, state, batch, rng, step) -> (loss, (new_state, metrics)); `batch` holds
     device arrays as the loader yields them (uint8 images are normalised by the objective).
   after_update(params, state, step) -> state: runs after each optimizer update (EMA).
+  evaluate(params, state) -> dict of scalars: run by the trainer at the end of training
+    (and every `config.eval_every` steps); written to W/results.json (evaluation protocols
+    such as linear probing and fine-tuning are objectives that define it).
   encoder: path of the exportable ViT encoder inside params (for eval/convert).
   """
   init: Callable[[jax.Array, dict], tuple[Params, State]]
   loss: Callable[[Params, State, dict, jax.Array, jnp.ndarray], tuple[jnp.ndarray, tuple[State, Metrics]]]
   after_update: Optional[Callable[[Params, State, jnp.ndarray], State]] = None
+  evaluate: Optional[Callable[[Params, State], dict]] = None
   encoder: tuple[str, ...] = ('encoder',)
 
 

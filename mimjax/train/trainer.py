@@ -1,5 +1,7 @@
 """The training loop shared by every objective: init/restore, jit step, log, checkpoint."""
 
+import importlib
+import json
 import signal
 import time
 from typing import Any, Optional
@@ -163,6 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
+  evaluators = make_evaluators(config, objective, mesh)
   preemption = _Preemption()
   bar = metrics_lib.progress_bar(total_steps, start)
   record, step = {}, start
@@ -183,6 +186,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record = writer.write(step, {**metrics, 'img_per_s': images_seen / elapsed})
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         t0, images_seen = time.perf_counter(), 0
+      due = [e for e in evaluators if is_last or step % e.every_steps == 0]
+      if due and not stop:
+        results = {}
+        for e in due:
+          results.update({f'{e.name}/{k}': v for k, v in e.run(ts['params'], ts['state']).items()})
+        record.update(writer.write(step, results))
+        if is_last:
+          write_results(workdir, step, results)
       if step % config.checkpoint_every == 0 or is_last or stop:
         _check_finite(ts, step, last_good, workdir)
         ckpt.save(step, ts, loader.get_state(), config, force=True)
@@ -196,6 +207,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     writer.close()
   return record
+
+
+class _ObjectiveEvaluator:
+  """The objective's own `evaluate` (probes, fine-tuning) as an evaluator."""
+
+  def __init__(self, objective, every_steps):
+    self.name, self.every_steps, self._fn = 'eval', every_steps, objective.evaluate
+
+  def run(self, params, state):
+    return self._fn(params, state)
+
+
+def make_evaluators(config: ml_collections.ConfigDict, objective: objectives.Objective,
+                    mesh) -> list:
+  """`config.evals.<name>` = {module, every_steps, ...} → mimjax.evaluate.<module>.make(...)
+  objects with `.name`, `.every_steps` and `.run(params, state) -> dict` (e.g. a kNN monitor)."""
+  out = []
+  if objective.evaluate is not None:
+    out.append(_ObjectiveEvaluator(objective, config.get('eval_every') or 1 << 62))
+  for name, cfg in (config.get('evals') or {}).items():
+    try:
+      module = importlib.import_module(f'mimjax.evaluate.{cfg.module}')
+    except ModuleNotFoundError as e:
+      raise ValueError(f'config.evals.{name}.module={cfg.module!r}: no module '
+                       f'mimjax.evaluate.{cfg.module}') from e
+    out.append(module.make(name, cfg, config, objective, mesh))
+  return out
+
+
+def write_results(workdir: str, step: int, results: dict) -> None:
+  """W/results.json (atomic), the final evaluation numbers."""
+  path = epath.Path(workdir) / 'results.json'
+  tmp = path.parent / '.results.json.tmp'
+  tmp.write_text(json.dumps({'step': step, **{k: float(v) for k, v in results.items()}},
+                            indent=2))
+  tmp.rename(path)
 
 
 def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -> None:
