@@ -15,6 +15,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _DropOpenCVHint:
+  """tfds warns once per image feature that OpenCV is missing; PIL decoding is what we use."""
+
+  def filter(self, record) -> bool:
+    return 'OpenCV is not installed' not in record.getMessage()
+
+
 def maybe_initialize_distributed() -> None:
   """Multi-host: `jax.distributed.initialize()` under SLURM, multi-host TPU or when asked."""
   import jax
@@ -32,6 +39,9 @@ def maybe_initialize_distributed() -> None:
 
 def run(config, workdir: str):
   """Validates the config, then trains (or evaluates, for configs/eval/*)."""
+  if config.get('mode') == 'evaluate':  # no training: run config.evals once (knn, analysis)
+    from mimjax.evaluate import run as evaluate_run
+    return evaluate_run.evaluate(config, workdir)
   validate.validate_config(config)
   from mimjax.train import trainer
   return trainer.train_and_evaluate(config, workdir)
@@ -40,6 +50,9 @@ def run(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress bar
+  logging.get_absl_logger().addFilter(_DropOpenCVHint())
   maybe_initialize_distributed()
   try:
     run(_CONFIG.value, _WORKDIR.value)

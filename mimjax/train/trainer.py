@@ -2,7 +2,9 @@
 
 import importlib
 import json
+import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -21,6 +23,12 @@ from mimjax.train import metrics as metrics_lib
 from mimjax.train import sharding
 from mimjax.train import optim
 from mimjax.train.durations import resolve_steps
+
+
+def _say(message: str) -> None:
+  """One status line on stderr (process 0), independent of absl's log verbosity."""
+  if jax.process_index() == 0:
+    print(f'mimjax: {message}', file=sys.stderr, flush=True)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,7 +84,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     new_params = optax.apply_updates(params, updates)
     if objective.after_update is not None:
       state = objective.after_update(new_params, state, step)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {'params': new_params, 'opt_state': opt_state, 'state': state}
     old = {k: ts[k] for k in new}
@@ -85,7 +93,7 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     out = {**kept, 'step': step + 1, 'rng': ts['rng'],
            'nonfinite': ts['nonfinite'] + (~finite).astype(jnp.int32)}
     metrics = {**metrics, 'loss': loss, 'lr': lr_schedule(step), 'grad_norm': grad_norm,
-               'param_norm': optax.global_norm(new_params)}
+               'param_norm': optax.tree.norm(new_params)}
     return out, metrics
 
   return train_step
@@ -120,6 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        objective: Optional[objectives.Objective] = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
   jax.config.update('jax_threefry_partitionable', True)  # RNG independent of device layout
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   objective = objective or objectives.load(config.objective).make(config)
   mesh = sharding.make_mesh(config.mesh)
   num_train = pipeline.num_examples(config.data, 'train')
@@ -136,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
   tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
                                          warmup_steps=warmup_steps,
-                                         batch_size=config.batch_size)
+                                         batch_size=config.batch_size,
+                                         num_examples=num_train)
   init_fn = lambda r: init_train_state(objective, tx, r, example)
   abstract = jax.eval_shape(init_fn, rng)
   state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
@@ -152,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ts, data_state = ckpt.restore(start, abstract)
     loader.set_state(data_state)
     writer.truncate_after(start)
-    logging.info('Resumed from step %d in %s', start, workdir)
+    _say(f'resuming from step {start} of {total_steps} in {workdir}')
   else:
     start = 0
     loader.set_state(initial_data_state)
@@ -160,6 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.get('init_from'):
       ts = _init_from(ts, config.init_from, objective, state_shardings)
     ckpt_lib.write_config(workdir, config)
+    _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
+         f'device(s), batch {config.batch_size}, in {workdir}')
 
   step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -199,8 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(step, ts, loader.get_state(), config, force=True)
         last_good = step
       if stop:
-        logging.warning('Preemption requested: saved step %d, exiting.', step)
+        _say(f'preemption requested (SIGTERM): saved step {step}, exiting')
         break
+    if step == total_steps:
+      _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
   finally:
     bar.close()
     preemption.restore()

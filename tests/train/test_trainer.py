@@ -91,8 +91,10 @@ def test_resume_in_process_and_on_other_device_count(tmp_path):
   np.testing.assert_allclose(a, b, rtol=1e-5)
   pa = checkpoint.restore_params(str(tmp_path / 'ref'))
   pb = checkpoint.restore_params(str(part))
+  # Another device count reduces in another order; Adam can turn that rounding on near-zero
+  # gradients into differences up to ~lr·1e-2, hence the absolute tolerance.
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -1,0 +1,1 @@
+"""Data: TFDS builders, grain pipeline, augmentations."""

@@ -1,0 +1,1 @@
+"""TFDS builders: embedded default sets, image folders, ImageNet (manual download)."""

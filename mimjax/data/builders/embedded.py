@@ -1,0 +1,86 @@
+"""Embedded data sets built from data that ships with installed packages (no downloads).
+
+- `digits`: scikit-learn's `load_digits` (1797 8×8 grayscale, values 0..16) scaled to 0..255,
+  upsampled ×4 with **nearest** neighbour to 32×32 (keeps the pixel grid exact), replicated to
+  RGB; a fixed permutation (numpy `default_rng(0)`) puts the first 1500 into `train` and the
+  remaining 297 into `test`.
+- `photos`: scikit-image sample images at native size (grayscale ones converted to RGB),
+  label = index in `PHOTOS`; one split, `train`.
+"""
+
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from mimjax.data.builders import tfds_io
+
+EMBEDDED = ('digits', 'photos')
+DIGITS_TRAIN = 1500
+DIGITS_SEED = 0
+# scikit-image sample images that are bundled with the wheel (no pooch download).
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field',
+          'immunohistochemistry', 'retina', 'colorwheel', 'camera', 'moon', 'page', 'coins',
+          'clock', 'text', 'grass', 'gravel', 'brick', 'cell')
+
+
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images (N, 32, 32, 3) uint8, labels (N,) int64) of the digits `split`."""
+  from sklearn.datasets import load_digits  # heavy import, only when building
+  d = load_digits()
+  perm = np.random.default_rng(DIGITS_SEED).permutation(len(d.images))
+  idx = {'train': perm[:DIGITS_TRAIN], 'test': perm[DIGITS_TRAIN:]}[split]
+  small = np.round(d.images[idx] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+  big = small.repeat(4, axis=1).repeat(4, axis=2)
+  return np.repeat(big[..., None], 3, axis=-1), d.target[idx].astype(np.int64)
+
+
+def photo_array(name: str) -> np.ndarray:
+  """One scikit-image sample as (H, W, 3) uint8."""
+  import skimage.data
+  img = np.asarray(getattr(skimage.data, name)())
+  if img.dtype == bool:
+    img = img.astype(np.uint8) * 255
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+def _digits_examples(split: str) -> Iterator[tuple[int, dict]]:
+  images, labels = digits_arrays(split)
+  for i, (img, lab) in enumerate(zip(images, labels)):
+    yield i, {'image': tfds_io.encode_image(img, 'png'), 'label': int(lab)}
+
+
+def _photos_examples() -> Iterator[tuple[int, dict]]:
+  for i, name in enumerate(PHOTOS):
+    yield i, {'image': tfds_io.encode_image(photo_array(name), 'png'), 'label': i}
+
+
+def build_embedded(name: str, data_dir: Optional[str] = None, *, overwrite: bool = False) -> str:
+  """Writes the embedded data set `name` under `data_dir`; returns its directory."""
+  if name == 'digits':
+    features = tfds_io.features_dict([str(i) for i in range(10)])
+    gens = {'train': lambda: _digits_examples('train'), 'test': lambda: _digits_examples('test')}
+    desc = 'scikit-learn digits, nearest-upsampled to 32x32 RGB.'
+  elif name == 'photos':
+    features = tfds_io.features_dict(PHOTOS)
+    gens = {'train': _photos_examples}
+    desc = 'scikit-image sample photos at native size, RGB.'
+  else:
+    raise ValueError(f'unknown embedded data set {name!r}; expected one of {EMBEDDED}')
+  return tfds_io.write_tfds(data_dir, name, features, gens, description=desc,
+                            overwrite=overwrite)
+
+
+def ensure_embedded(name: str, data_dir: Optional[str] = None) -> str:
+  """The directory of embedded set `name`, building it on first use (once across processes)."""
+  path = tfds_io.find_dataset_dir(data_dir, name)
+  if path is not None:
+    return path
+  root = tfds_io.resolve_data_dir(data_dir)
+  with tfds_io.file_lock(os.path.join(root, f'.{name}.lock')):
+    path = tfds_io.find_dataset_dir(data_dir, name)  # another process may have won
+    if path is None:
+      path = build_embedded(name, data_dir)
+  return path

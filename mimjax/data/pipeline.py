@@ -1,0 +1,351 @@
+"""grain input pipeline: TFDS records → augmented host-local numpy batches.
+
+Batch plan (why it is device- and host-count independent): the global example stream of
+epoch e is a permutation of all N records drawn from (seed, e); global batch s is the s-th run
+of `global_batch_size` consecutive examples of that stream (the last N mod G records of every
+epoch are dropped), and host p of P takes slice [p·B, (p+1)·B) of it, B = G / P. Each example's
+augmentation RNG is seeded with (seed, position in the global stream), so resuming at batch s
+reproduces exactly what an uninterrupted run would have produced. The loader state is just the
+next batch index. Batches are built by a picklable map over batch indices, so grain threads or
+worker processes (`worker_count`) build whole batches in parallel and in order.
+"""
+
+import math
+import sys
+import time
+from typing import Any, Optional
+
+import grain
+import ml_collections
+import numpy as np
+
+from mimjax.data import augment as aug_lib
+from mimjax.data.builders import embedded, tfds_io
+
+NAMES = ('digits', 'photos', 'image_folder', 'imagenet2012', 'imagenet100', 'synthetic')
+AUGMENTS = ('mae', 'simple', 'lut', 'dino', 'eval', 'none')
+EVAL_SPLITS = ('validation', 'test', 'val')
+_SHUFFLE_SALT = 0x5EED
+_AUG_SALT = 0xA06
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data key with its default (configs start from this and override)."""
+  return ml_collections.ConfigDict({
+      'name': 'digits',            # one of NAMES
+      'data_dir': None,            # None/'' → $MIMJAX_DATA_DIR or ~/.cache/mimjax/tfds
+      'image_size': 32,            # output side (global crops for 'dino')
+      'augment': 'mae',            # one of AUGMENTS (train=True); eval always uses 'eval'
+      'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
+      'prefetch': 2,               # batches buffered ahead (per worker)
+      'read_threads': 2,           # threads building batches in each process
+      'use_segments': True,        # yield `segments` when the records have them
+      'crop_scale': (0.2, 1.0),    # RandomResizedCrop area range ('mae')
+      'crop_ratio': (3 / 4, 4 / 3),
+      'crop_padding': 4,           # reflect padding of the simple random crop ('simple', 'lut')
+      'eval_crop_pct': 0.875,      # eval: resize shorter side to image_size / crop_pct
+      'global_crops_scale': (0.4, 1.0),   # DINO
+      'local_crops_scale': (0.05, 0.4),
+      'local_crops_number': 8,
+      'local_size': 96,
+      'synthetic_size': 10000,     # records in the 'synthetic' train split (test: 1/10)
+      'num_classes': 1000,         # labels of 'synthetic'
+  })
+
+
+def _pair(cfg, key: str, lo: float = 0.0, hi: float = math.inf) -> None:
+  v = cfg.get(key)
+  try:
+    a, b = (float(x) for x in v)
+  except (TypeError, ValueError):
+    raise ValueError(f'data.{key} must be a pair (min, max), got {v!r}') from None
+  if not lo <= a <= b <= hi:
+    raise ValueError(f'data.{key} must satisfy {lo} <= min <= max <= {hi}, got {v!r}')
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad/missing key of a data config."""
+  missing = sorted(set(default_data_config()) - set(cfg.keys()))
+  if missing:
+    raise ValueError(f'data config lacks keys {missing}; start from '
+                     'mimjax.data.pipeline.default_data_config()')
+  if cfg.name not in NAMES:
+    raise ValueError(f'data.name must be one of {NAMES}, got {cfg.name!r}')
+  if cfg.augment not in AUGMENTS:
+    raise ValueError(f'data.augment must be one of {AUGMENTS}, got {cfg.augment!r}')
+  for key in ('image_size', 'local_size', 'synthetic_size', 'num_classes'):
+    if not isinstance(cfg[key], int) or cfg[key] <= 0:
+      raise ValueError(f'data.{key} must be a positive int, got {cfg[key]!r}')
+  for key in ('worker_count', 'prefetch', 'read_threads', 'local_crops_number',
+              'crop_padding'):
+    if not isinstance(cfg[key], int) or cfg[key] < 0:
+      raise ValueError(f'data.{key} must be a non-negative int, got {cfg[key]!r}')
+  for key in ('crop_scale', 'global_crops_scale', 'local_crops_scale'):
+    _pair(cfg, key, 0.0, 1.0)
+  _pair(cfg, 'crop_ratio', 0.0)
+  if not 0 < cfg.eval_crop_pct <= 1:
+    raise ValueError(f'data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct!r}')
+  if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
+    raise ValueError(f'data.data_dir must be a str or None, got {cfg.data_dir!r}')
+
+
+# ------------------------------------------------------------------------------------- sources
+class SyntheticSource:
+  """Deterministic random uint8 images/labels generated on the fly (benchmarks, no data)."""
+
+  def __init__(self, size: int, image_size: int, num_classes: int, salt: int = 0):
+    self._size, self._image_size, self._classes, self._salt = (
+        size, image_size, num_classes, salt)
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index: int) -> dict:
+    rng = np.random.default_rng([self._salt, int(index)])
+    s = self._image_size
+    return {'image': rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
+            'label': int(rng.integers(0, self._classes))}
+
+
+def _resolve_split(available, split: str, where: str) -> str:
+  """`split`, or an eval alias ('validation'/'test'/'val') that the data set has."""
+  if split in available:
+    return split
+  if split in EVAL_SPLITS:
+    for alt in EVAL_SPLITS:
+      if alt in available:
+        return alt
+  raise ValueError(f'{where} has no split {split!r}; it has {sorted(available)}')
+
+
+def _dataset_dir(cfg) -> str:
+  """Prepared TFDS directory of cfg.name (embedded sets are built on first use)."""
+  if cfg.name in embedded.EMBEDDED:
+    path = tfds_io.find_dataset_dir(cfg.data_dir, cfg.name)
+    return path or embedded.ensure_embedded(cfg.name, cfg.data_dir)
+  path = tfds_io.find_dataset_dir(cfg.data_dir, cfg.name)
+  if path is None:
+    root = tfds_io.resolve_data_dir(cfg.data_dir)
+    raise FileNotFoundError(
+        f'no prepared data set {cfg.name!r} under {root} (expected {root}/{cfg.name}/'
+        f'{tfds_io.VERSION}/dataset_info.json); build it with `python -m mimjax.data.build '
+        f'{cfg.name} --source DIR --data_dir {root}`')
+  return path
+
+
+def open_source(cfg, split: str) -> tuple[Any, bool]:
+  """(random-access source of decoded records, whether records carry `segments`)."""
+  if cfg.name == 'synthetic':
+    n = cfg.synthetic_size if split == 'train' else max(1, cfg.synthetic_size // 10)
+    return SyntheticSource(n, cfg.image_size, cfg.num_classes, 0 if split == 'train' else 1), False
+  path = _dataset_dir(cfg)
+  builder = tfds_io.load_builder(path)
+  split = _resolve_split(builder.info.splits.keys(), split, path)
+  has_segments = 'segments' in builder.info.features
+  return builder.as_data_source(split=split), has_segments
+
+
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
+  """Number of records in `split` of the configured data set."""
+  if data_config.name == 'synthetic':
+    return len(open_source(data_config, split)[0])
+  path = _dataset_dir(data_config)
+  sizes = tfds_io.split_sizes(path)
+  return sizes[_resolve_split(sizes, split, path)]
+
+
+# ------------------------------------------------------------------------------- batch building
+def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
+                    segments: Optional[np.ndarray], augment: str) -> dict:
+  """One decoded record → the output fields of `augment` (unbatched)."""
+  size = cfg.image_size
+  if augment == 'mae':
+    image, segments = aug_lib.mae_view(rng, image, segments, size, tuple(cfg.crop_scale))
+  elif augment == 'simple':
+    image, segments = aug_lib.simple_resized_crop(rng, image, segments, size, cfg.crop_padding)
+  elif augment == 'lut':
+    image, segments = aug_lib.lut_views(rng, image, segments, size)
+  elif augment == 'dino':
+    return aug_lib.dino_views(rng, image, segments, size, cfg.local_size,
+                              cfg.local_crops_number, tuple(cfg.global_crops_scale),
+                              tuple(cfg.local_crops_scale))
+  elif augment == 'eval':
+    image, segments = aug_lib.eval_view(image, segments, size, cfg.eval_crop_pct)
+  else:  # 'none'
+    image, segments = aug_lib.resize_view(image, segments, size)
+  out = {'image': np.ascontiguousarray(image)}
+  if segments is not None:
+    out['segments'] = np.ascontiguousarray(segments)
+  return out
+
+
+class _BatchMaker:
+  """Host batch index → batch dict. Picklable so grain worker processes can run it."""
+
+  def __init__(self, cfg, source, has_segments: bool, *, global_batch_size: int,
+               process_index: int, process_count: int, seed: int, train: bool):
+    self.cfg = ml_collections.ConfigDict(cfg.to_dict())  # a plain copy travels to workers
+    self.source = source
+    self.segments = has_segments and cfg.use_segments
+    self.global_batch = global_batch_size
+    self.batch = global_batch_size // process_count
+    self.offset = process_index * self.batch
+    self.seed = seed
+    self.train = train
+    self.augment = cfg.augment if train else 'eval'
+    self.n = len(source)
+    self._perm_epoch, self._perm = -1, None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.n // self.global_batch
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._perm_epoch:
+      self._perm = np.random.default_rng([self.seed, epoch, _SHUFFLE_SALT]).permutation(self.n)
+      self._perm_epoch = epoch
+    return self._perm
+
+  def plan(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record indices, global stream positions, real-example mask) of host batch `step`."""
+    j = np.arange(self.batch)
+    if self.train:
+      epoch, within = divmod(step, self.steps_per_epoch)
+      pos_in_epoch = within * self.global_batch + self.offset + j
+      records = self._permutation(epoch)[pos_in_epoch]
+      return records, step * self.global_batch + self.offset + j, np.ones(self.batch, bool)
+    pos = step * self.global_batch + self.offset + j
+    mask = pos < self.n
+    return np.where(mask, pos, 0), pos, mask
+
+  def _read(self, records: np.ndarray) -> list:
+    keys = [int(r) for r in records]
+    getitems = getattr(self.source, '__getitems__', None)
+    return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+
+  def __call__(self, step: int) -> dict:
+    records, positions, mask = self.plan(int(step))
+    examples = self._read(records)
+    outs = []
+    for ex, pos in zip(examples, positions):
+      rng = (np.random.default_rng([self.seed, int(pos), _AUG_SALT]) if self.train else None)
+      image = np.asarray(ex['image'])
+      if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+      segs = np.asarray(ex['segments']) if self.segments else None
+      out = augment_example(self.cfg, rng, image, segs, self.augment)
+      out['label'] = np.int32(ex['label'])
+      outs.append(out)
+    batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+    batch['label'] = batch['label'].astype(np.int32)
+    for k, v in batch.items():
+      if k != 'label':
+        batch[k] = v.astype(np.uint8)
+    if not self.train:
+      batch['mask'] = mask
+    return batch
+
+
+class Loader:
+  """Iterator over host-local numpy batches with JSON-able get_state()/set_state()."""
+
+  def __init__(self, maker: _BatchMaker, *, worker_count: int, prefetch: int,
+               read_threads: int, meta: dict):
+    self._maker = maker
+    self._workers = worker_count
+    self._prefetch = prefetch
+    self._threads = read_threads
+    self._meta = meta
+    self.num_batches = (None if maker.train
+                        else math.ceil(maker.n / maker.global_batch))  # eval: one pass
+    self._step = 0
+    self._it = None
+
+  def _start(self) -> None:
+    stop = sys.maxsize if self.num_batches is None else self.num_batches
+    ds = grain.MapDataset.range(self._step, max(self._step, stop)).map(self._maker)
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, self._threads),
+                                               prefetch_buffer_size=max(1, self._prefetch)))
+    if self._workers > 0:
+      from absl import flags  # grain's workers read absl flags; outside an absl app, use defaults
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers, per_worker_buffer_size=max(1, self._prefetch)))
+    self._it = iter(ids)
+
+  def __iter__(self) -> 'Loader':
+    return self
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._start()
+    batch = next(self._it)
+    self._step += 1
+    return batch
+
+  def __len__(self) -> int:
+    if self.num_batches is None:
+      raise TypeError('a training loader repeats forever and has no length')
+    return self.num_batches
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Global batches per epoch (drop remainder)."""
+    return self._maker.steps_per_epoch
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position: the next batch index plus what it is valid for."""
+    return dict(self._meta, step=self._step)
+
+  def set_state(self, state: dict) -> None:
+    """Resume so the next batch is exactly the one an uninterrupted loader would yield."""
+    for key, value in self._meta.items():
+      if key in state and state[key] != value:
+        raise ValueError(f'loader state was saved with {key}={state[key]!r} but this loader '
+                         f'has {key}={value!r}; the batch sequence would differ')
+    self._step = int(state['step'])
+    self._it = None  # rebuilt lazily from the new position (drops any prefetched batches)
+
+
+def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                split: str = 'train', train: bool = True) -> Loader:
+  """The host-local loader: global_batch_size // process_count examples per batch."""
+  import jax  # only for the process topology
+  validate_data_config(data_config)
+  pc, pi = jax.process_count(), jax.process_index()
+  if global_batch_size <= 0 or global_batch_size % pc:
+    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
+                     f'the process count {pc}')
+  source, has_segments = open_source(data_config, split)
+  if train and len(source) < global_batch_size:
+    raise ValueError(f'data set {data_config.name!r} split {split!r} has {len(source)} '
+                     f'examples, fewer than one global batch of {global_batch_size}')
+  maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
+                      process_index=pi, process_count=pc, seed=seed, train=train)
+  meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
+          'global_batch_size': int(global_batch_size), 'process_count': pc,
+          'process_index': pi}
+  return Loader(maker, worker_count=data_config.worker_count, prefetch=data_config.prefetch,
+                read_threads=data_config.read_threads, meta=meta)
+
+
+def benchmark_loader(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                     num_batches: int, warmup: int = 2, seed: int = 0) -> dict:
+  """Host input-pipeline throughput: img/s over `num_batches` after `warmup` batches."""
+  t0 = time.perf_counter()
+  loader = make_loader(data_config, global_batch_size=global_batch_size, seed=seed)
+  first = next(loader)
+  first_s = time.perf_counter() - t0
+  for _ in range(max(0, warmup - 1)):
+    next(loader)
+  t = time.perf_counter()
+  for _ in range(num_batches):
+    batch = next(loader)
+  dt = time.perf_counter() - t
+  host_batch = len(first['label'])
+  return {'img_per_s': host_batch * num_batches / dt, 'batch_s': dt / num_batches,
+          'first_batch_s': first_s, 'host_batch_size': host_batch, 'num_batches': num_batches,
+          'name': data_config.name, 'augment': data_config.augment,
+          'image_size': data_config.image_size, 'worker_count': data_config.worker_count,
+          'shapes': {k: list(v.shape) for k, v in batch.items()}}
