@@ -180,3 +180,10 @@ def test_bad_config_is_one_clear_error_and_no_workdir(tmp_path, flag, message):
   assert out.returncode != 0
   assert message in out.stderr
   assert not work.exists()
+
+
+def test_tiny_mae_loss_falls(tmp_path):
+  config = tiny_config(total_steps=60, batch_size=32, log_every=5, checkpoint_every=60)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  losses = [r['loss'] for r in read_metrics(tmp_path)]
+  assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])

@@ -1,0 +1,1 @@
+"""Flax ↔ PyTorch checkpoint conversion (timm ViT, official MAE); CLI: `python -m mimjax.convert`."""

@@ -1,0 +1,135 @@
+"""Convert between mimjax workdirs and PyTorch checkpoints (see docs/convert.md).
+
+Export:  python -m mimjax.convert --workdir W --format timm --out model.safetensors [--verify]
+         python -m mimjax.convert --workdir W --format mae --out checkpoint.pth [--verify]
+Import:  python -m mimjax.convert --from timm --in model.safetensors --workdir W
+             [--variant B/16 --image_size 224 --num_heads 12]
+         python -m mimjax.convert --from mae --in checkpoint.pth --workdir W
+             [--decoder_num_heads 16]
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import ml_collections
+
+from mimjax.convert import from_torch
+from mimjax.convert import to_torch
+
+VERIFY_TOLERANCE = 1e-4  # fp32 max |timm − mimjax| on the final tokens
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """Command-line flags (export when --format is given, import when --from is given)."""
+  parser = argparse.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True,
+                      help='mimjax workdir: read for export, written for import')
+  parser.add_argument('--format', choices=('timm', 'mae'), help='export to this format')
+  parser.add_argument('--out', help='export: output file (.safetensors, or .pth)')
+  parser.add_argument('--step', type=int, help='export: checkpoint step (default: latest)')
+  parser.add_argument('--verify', action='store_true',
+                      help=f'export: compare the timm and JAX forward, fail if ≥ {VERIFY_TOLERANCE}')
+  parser.add_argument('--from', dest='source', choices=('timm', 'mae'), help='import this format')
+  parser.add_argument('--in', dest='inp', help='import: input checkpoint (.safetensors / .pth)')
+  parser.add_argument('--variant', help='import: e.g. B/16 (default: inferred from shapes)')
+  parser.add_argument('--image_size', type=int, help='import: checked against pos_embed')
+  parser.add_argument('--num_heads', type=int, help='import: encoder heads (not in the shapes)')
+  parser.add_argument('--decoder_num_heads', type=int, default=from_torch.MAE_DECODER_HEADS,
+                      help='import --from mae: decoder heads (official MAE: 16)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='import: replace an existing W/params')
+  args = parser.parse_args(argv)
+  if (args.format is None) == (args.source is None):
+    parser.error('give exactly one of --format (export) or --from (import)')
+  if args.format and not args.out:
+    parser.error('--format needs --out')
+  if args.source and not args.inp:
+    parser.error('--from needs --in')
+  return args
+
+
+def encoder_path(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Where the exportable ViT lives in the params: the objective's `encoder` path."""
+  if not config.get('objective'):
+    return ('encoder',)  # imported timm models carry no objective
+  from mimjax.objectives import base
+  return tuple(base.load(config.objective).make(config).encoder)
+
+
+def export(args: argparse.Namespace) -> int:
+  """Workdir → timm state dict (.safetensors/.pth) or official MAE {'model': sd} (.pth)."""
+  from mimjax.train import checkpoint
+  config = checkpoint.load_config(args.workdir)
+  params = checkpoint.restore_params(args.workdir, args.step)
+  encoder = params
+  for key in encoder_path(config):
+    if key not in encoder:
+      raise ValueError(f'{args.workdir}: params have no {key!r} subtree (keys: {sorted(encoder)})')
+    encoder = encoder[key]
+  for note in to_torch.dropped_params(encoder, config.model):
+    print(f'note: {note}')
+  if args.format == 'timm':
+    state_dict = to_torch.vit_to_timm(encoder, config.model)
+    to_torch.save_state_dict(state_dict, args.out)
+    timm_sd = state_dict
+  else:
+    if not args.out.endswith('.pth'):
+      raise ValueError(f'--out {args.out}: the MAE format is a torch pickle; use a .pth name')
+    state_dict = to_torch.mae_to_torch(params, config)
+    to_torch.save_state_dict(state_dict, args.out, wrap_model=True)
+    timm_sd = to_torch.timm_state_dict_of_mae(state_dict)
+  name, kwargs = to_torch.timm_model_name_and_kwargs(config.model)
+  print(f'wrote {args.out}: {len(state_dict)} tensors; timm.create_model({name!r}, '
+        + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')')
+  if args.verify:
+    diff = to_torch.verify_timm(encoder, config.model, timm_sd)
+    ok = diff < VERIFY_TOLERANCE
+    print(f'verify: max |timm forward_features - mimjax tokens| = {diff:.3e} '
+          f'({"ok" if ok else "FAILED"}, tolerance {VERIFY_TOLERANCE:g})')
+    if not ok:
+      return 1
+  return 0
+
+
+def import_(args: argparse.Namespace) -> int:
+  """timm / MAE checkpoint → workdir (W/config.json + W/params) via `save_params`."""
+  from etils import epath
+  from mimjax.train import checkpoint
+  root = epath.Path(args.workdir)
+  if (root / 'checkpoints').exists() or ((root / 'params').exists() and not args.overwrite):
+    raise ValueError(f'{args.workdir}: already holds checkpoints/ or params/; import into a new '
+                     'workdir (or pass --overwrite to replace params/)')
+  state_dict = from_torch.load_torch_checkpoint(args.inp)
+  model_kwargs = dict(variant=args.variant, image_size=args.image_size, num_heads=args.num_heads)
+  if args.source == 'timm':
+    model = from_torch.infer_model_config(state_dict, **model_kwargs)
+    vit, ignored = from_torch.timm_to_vit_with_notes(state_dict, model)
+    for key in ignored:
+      print(f'note: ignored {key} (classifier head, not part of the encoder)')
+    config = ml_collections.ConfigDict({'model': model})
+    params = {'encoder': vit}
+  else:
+    config = from_torch.infer_mae_config(state_dict, decoder_num_heads=args.decoder_num_heads,
+                                         **model_kwargs)
+    params = from_torch.torch_to_mae(state_dict, config)
+  config.converted_from = str(args.inp)
+  checkpoint.save_params(args.workdir, config, params)
+  print(f'wrote {args.workdir}: model {config.model.variant} at {config.model.image_size} px '
+        f'(pos_embed {config.model.pos_embed}); use it with --config.init_from={args.workdir}')
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the CLI; bad input → one line on stderr and exit status 2."""
+  args = parse_args(argv)
+  try:
+    return export(args) if args.format else import_(args)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f'mimjax.convert: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

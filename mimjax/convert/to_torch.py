@@ -1,0 +1,171 @@
+"""Export Flax params to PyTorch: timm `VisionTransformer` state dicts and the official MAE layout.
+
+Pure functions from (params, config) to `{torch key: np.ndarray}`; writing files and the
+optional forward check (`verify_timm`) are separate so each can be tested alone.
+"""
+
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mimjax.convert import keymap
+from mimjax.models import vit as vit_lib
+
+# mimjax size name → timm size name; 'mu' (a CPU test size) is timm 'tiny' with overrides.
+TIMM_SIZES = {'mu': 'tiny', 'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
+_TIMM_DEFAULT = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L', 'huge': 'H'}
+
+
+def num_reg_tokens(model_config: ml_collections.ConfigDict) -> int:
+  """Prefix tokens beyond cls (proxy / register tokens), exported as timm `reg_token`."""
+  return int(model_config.get('num_prefix_tokens', 1) or 1) - 1
+
+
+def timm_model_name_and_kwargs(model_config: ml_collections.ConfigDict) -> tuple[str, dict]:
+  """(timm model name, create_model kwargs) building the same ViT as `model_config`, no head.
+
+  The name is the registered timm model of that size/patch/image size when there is one
+  (e.g. 'vit_base_patch16_224'), else the size's base model with `patch_size`/`img_size`
+  kwargs. Non-standard widths/depths/heads/MLP ratios (e.g. 'mu', or `depth` overrides)
+  become kwargs, so `timm.create_model(name, **kwargs)` always matches.
+  """
+  import timm  # torch-side dependency: only imported where needed
+  dims = vit_lib.model_dims(model_config)
+  size = TIMM_SIZES[model_config.variant.split('/')[0]]
+  p, img = dims['patch_size'], int(model_config.image_size)
+  kwargs: dict[str, Any] = {}
+  name = f'vit_{size}_patch{p}_{img}'
+  if not timm.is_model(name):
+    base_patch = 14 if size == 'huge' else 16
+    name = f'vit_{size}_patch{base_patch}_224'
+    if p != base_patch:
+      kwargs['patch_size'] = p
+    if img != 224:
+      kwargs['img_size'] = img
+  width, depth, heads, _ = vit_lib.VARIANTS[_TIMM_DEFAULT[size]]
+  if dims['width'] != width:
+    kwargs['embed_dim'] = dims['width']
+  if dims['depth'] != depth:
+    kwargs['depth'] = dims['depth']
+  if dims['num_heads'] != heads:
+    kwargs['num_heads'] = dims['num_heads']
+  if dims['mlp_dim'] != 4 * dims['width']:
+    kwargs['mlp_ratio'] = dims['mlp_dim'] / dims['width']
+  if num_reg_tokens(model_config):
+    kwargs['reg_tokens'] = num_reg_tokens(model_config)
+  kwargs['num_classes'] = 0
+  return name, kwargs
+
+
+def _export(flat: dict, entries: list[keymap.Entry], what: str) -> dict[str, np.ndarray]:
+  missing = [e.flax_path for e in entries if e.flax_path not in flat]
+  if missing:
+    raise ValueError(f'{what}: params lack {len(missing)} expected tensors: '
+                     f'{["/".join(p) for p in missing]}')
+  return {e.torch_key: keymap.flax_to_torch_array(flat[e.flax_path], e.kind) for e in entries}
+
+
+def vit_entries(model_config: ml_collections.ConfigDict,
+                prefix: keymap.Path = ()) -> list[keymap.Entry]:
+  """Key map of the ViT encoder described by `model_config` (under `prefix` in the tree)."""
+  return keymap.encoder_entries(vit_lib.model_dims(model_config)['depth'],
+                                num_reg_tokens(model_config), prefix)
+
+
+def vit_to_timm(params: Any, model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """ViT encoder params → timm state dict (float32, no head); see `dropped_params`."""
+  flat = keymap.flatten(params)
+  return _export(flat, vit_entries(model_config), 'vit_to_timm')
+
+
+def dropped_params(params: Any, model_config: ml_collections.ConfigDict) -> list[str]:
+  """Human-readable notes on encoder params that have no timm counterpart (not exported)."""
+  mapped = {e.flax_path for e in vit_entries(model_config)}
+  notes: dict[str, list[str]] = {}
+  for path in keymap.flatten(params):
+    if path not in mapped:
+      notes.setdefault(path[0], []).append('/'.join(path))
+  return [f'dropped {", ".join(paths)}: '
+          + keymap.DROPPED_MODULES.get(top, 'no timm counterpart (e.g. SemanticMIM proxy '
+                                            'modules); the export is the plain ViT encoder')
+          for top, paths in sorted(notes.items())]
+
+
+def mae_to_torch(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Full MAE params {'encoder', 'decoder'} → official `models_mae` state dict."""
+  if 'decoder' not in params or 'encoder' not in params:
+    raise ValueError(f'mae_to_torch: expected params with "encoder" and "decoder", got '
+                     f'{sorted(params)} (is this an MAE-family workdir?)')
+  dec = config.model.get('decoder')
+  if dec is None:
+    raise ValueError('mae_to_torch: config.model.decoder is missing (not an MAE config)')
+  flat = keymap.flatten({'encoder': params['encoder'], 'decoder': params['decoder']})
+  entries = (vit_entries(config.model, ('encoder',))
+             + keymap.decoder_entries(int(dec.depth), ('decoder',)))
+  return _export(flat, entries, 'mae_to_torch')
+
+
+def timm_state_dict_of_mae(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops `mask_token` and `decoder_*` (timm would take a dict with mask_token for DINOv2)."""
+  return {k: v for k, v in state_dict.items()
+          if k != 'mask_token' and not k.startswith('decoder_')}
+
+
+def _atomic_write(path: str, write) -> None:
+  """Calls write(tmp_path) then renames, so a failed write never leaves a partial `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def save_state_dict(state_dict: dict[str, np.ndarray], path: str, *,
+                    wrap_model: bool = False) -> None:
+  """Writes `.safetensors` (flat) or a torch pickle (`{'model': sd}` if wrap_model) atomically."""
+  if path.endswith('.safetensors'):
+    if wrap_model:
+      raise ValueError(f'{path}: the MAE format is a torch pickle {{"model": ...}}; use .pth')
+    from safetensors.numpy import save_file
+    _atomic_write(path, lambda tmp: save_file(state_dict, tmp))
+    return
+  import torch
+  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  obj = {'model': tensors} if wrap_model else tensors
+  _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def build_timm_model(model_config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray]):
+  """timm model for `model_config` with `state_dict` loaded strictly (eval mode)."""
+  import timm
+  import torch
+  name, kwargs = timm_model_name_and_kwargs(model_config)
+  model = timm.create_model(name, pretrained=False, **kwargs)
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                        strict=True)
+  return model.eval()
+
+
+def verify_timm(params: Any, model_config: ml_collections.ConfigDict,
+                state_dict: dict[str, np.ndarray], *, batch: int = 2, seed: int = 0) -> float:
+  """Max |timm forward_features − our tokens| on one random fp32 input (no segment ids)."""
+  import jax
+  import torch
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  cfg.dtype = 'float32'  # the check is defined in fp32, whatever the training dtype
+  cfg.attention = 'xla'
+  size = int(cfg.image_size)
+  images = np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
+  tokens, _ = vit_lib.ViT(cfg).apply({'params': jax.tree.map(np.asarray, params)}, images)
+  model = build_timm_model(model_config, state_dict)
+  with torch.no_grad():
+    ref = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  return float(np.max(np.abs(np.asarray(tokens, np.float32) - ref)))

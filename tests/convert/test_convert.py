@@ -1,0 +1,292 @@
+"""Flax ↔ PyTorch conversion: timm / MAE key maps, round trips, forward equality, errors, CLI."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import timm
+import torch
+
+from mimjax.convert import __main__ as cli
+from mimjax.convert import from_torch
+from mimjax.convert import keymap
+from mimjax.convert import to_torch
+from mimjax.models import segment_bias
+from mimjax.models.vit import ViT
+from mimjax.objectives.mae import MAE
+
+
+def _model_config(variant='mu/4', image_size=32, pos_embed='learned', **overrides):
+  cfg = ml_collections.ConfigDict({
+      'variant': variant, 'image_size': image_size, 'pos_embed': pos_embed, 'pool': 'cls',
+      'dtype': 'float32', 'attention': 'xla', 'remat': False, 'drop_path': 0.0,
+      'width': None, 'depth': None, 'num_heads': None, 'mlp_dim': None, 'patch_size': None,
+      'segment_bias': segment_bias.default_config()})
+  cfg.update(overrides)
+  return cfg
+
+
+def _vit_params(cfg, seed=0):
+  size = cfg.image_size
+  params = ViT(cfg).init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))['params']
+  # Perturb every tensor so zero biases / unit norms cannot hide a transposition bug.
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: (np.asarray(x) + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), params)
+
+
+def _mae_config():
+  cfg = ml_collections.ConfigDict({'objective': 'mae', 'mask_ratio': 0.75, 'norm_pix': True,
+                                   'model': _model_config(pos_embed='sincos')})
+  cfg.model.decoder = ml_collections.ConfigDict(
+      {'width': 32, 'depth': 1, 'num_heads': 4, 'mlp_dim': 128})
+  return cfg
+
+
+def _mae_params(cfg):
+  n = (cfg.model.image_size // 4) ** 2
+  ids = jnp.arange(n, dtype=jnp.int32)[None]
+  size = cfg.model.image_size
+  params = MAE(cfg).init(jax.random.key(0), jnp.zeros((1, size, size, 3)), ids, ids)['params']
+  return jax.tree.map(np.asarray, params)
+
+
+def _same(a, b):
+  return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)),
+                                   a, b))
+
+
+@pytest.fixture(scope='module')
+def mu():
+  cfg = _model_config()
+  return cfg, _vit_params(cfg)
+
+
+# --- key map and timm model construction -----------------------------------------------------
+
+def test_timm_keys_and_layouts(mu):
+  cfg, params = mu
+  sd = to_torch.vit_to_timm(params, cfg)
+  blk = params['blocks_0']
+  np.testing.assert_array_equal(sd['blocks.0.attn.qkv.weight'], blk['attn']['qkv']['kernel'].T)
+  np.testing.assert_array_equal(sd['blocks.0.norm1.weight'], blk['norm1']['scale'])
+  np.testing.assert_array_equal(sd['patch_embed.proj.weight'],
+                                params['patch_embed']['proj']['kernel'].transpose(3, 2, 0, 1))
+  assert sd['patch_embed.proj.weight'].shape == (64, 3, 4, 4)
+  assert sd['pos_embed'].shape == (1, 65, 64) and sd['cls_token'].shape == (1, 1, 64)
+  assert not any(k.startswith(('head', 'decoder_')) or k == 'mask_token' for k in sd)
+
+
+@pytest.mark.parametrize('variant,size,name,kwargs', [
+    ('B/16', 224, 'vit_base_patch16_224', {}),
+    ('S/16', 224, 'vit_small_patch16_224', {}),
+    ('Ti/16', 224, 'vit_tiny_patch16_224', {}),
+    ('L/16', 224, 'vit_large_patch16_224', {}),
+    ('H/14', 224, 'vit_huge_patch14_224', {}),
+    ('B/8', 224, 'vit_base_patch8_224', {}),
+    ('B/16', 384, 'vit_base_patch16_384', {}),
+    ('S/16', 64, 'vit_small_patch16_224', {'img_size': 64}),
+    ('mu/4', 32, 'vit_tiny_patch16_224',
+     {'patch_size': 4, 'img_size': 32, 'embed_dim': 64, 'depth': 2, 'num_heads': 4}),
+])
+def test_timm_model_name_and_kwargs(variant, size, name, kwargs):
+  got = to_torch.timm_model_name_and_kwargs(_model_config(variant, size))
+  assert got == (name, dict(kwargs, num_classes=0))
+
+
+@pytest.mark.parametrize('variant,size', [('B/16', 224), ('H/14', 224), ('S/8', 96)])
+def test_export_keys_and_shapes_equal_timm(variant, size):
+  # Shapes only (eval_shape, meta device): full-size models cost no memory here.
+  cfg = _model_config(variant, size)
+  shapes = jax.eval_shape(lambda: ViT(cfg).init(jax.random.key(0),
+                                                jnp.zeros((1, size, size, 3))))['params']
+  flat = keymap.flatten(shapes)
+  ours = {e.torch_key: keymap.torch_shape(flat[e.flax_path].shape, e.kind)
+          for e in to_torch.vit_entries(cfg)}
+  assert len(ours) == len(flat)  # every Flax tensor is exported
+  name, kwargs = to_torch.timm_model_name_and_kwargs(cfg)
+  with torch.device('meta'):
+    model = timm.create_model(name, pretrained=False, **kwargs)
+  assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# --- round trips and forward equality ----------------------------------------------------------
+
+@pytest.mark.parametrize('variant,size,overrides', [('mu/4', 32, {}), ('S/16', 64, {'depth': 2})])
+def test_timm_round_trip_and_forward(variant, size, overrides):
+  cfg = _model_config(variant, size, **overrides)
+  params = _vit_params(cfg)
+  sd = to_torch.vit_to_timm(params, cfg)
+  diff = to_torch.verify_timm(params, cfg, sd)  # loads into timm with strict=True
+  print(f'{variant}@{size}: max |timm - jax| = {diff:.2e}')
+  assert diff < 1e-4
+  inferred = from_torch.infer_model_config(sd)
+  assert (inferred.variant, inferred.image_size, inferred.depth) == (
+      variant, size, overrides.get('depth'))
+  assert _same(from_torch.timm_to_vit(sd, inferred), params)  # bit-identical
+
+
+def test_sincos_pos_embed_detected(mu):
+  cfg = _model_config(pos_embed='sincos')
+  params = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  sd = to_torch.vit_to_timm(params, cfg)
+  assert from_torch.infer_model_config(sd).pos_embed == 'sincos'
+  assert from_torch.infer_model_config(to_torch.vit_to_timm(mu[1], mu[0])).pos_embed == 'learned'
+
+
+def test_mae_round_trip_official_layout():
+  cfg = _mae_config()
+  params = _mae_params(cfg)
+  sd = to_torch.mae_to_torch(params, cfg)
+  assert sd['decoder_embed.weight'].shape == (32, 64)
+  assert sd['decoder_pred.weight'].shape == (4 * 4 * 3, 32)
+  assert sd['decoder_pos_embed'].shape == (1, 65, 32) and sd['mask_token'].shape == (1, 1, 32)
+  assert 'decoder_blocks.0.attn.qkv.weight' in sd and 'decoder_norm.weight' in sd
+  back_cfg = from_torch.infer_mae_config(sd, decoder_num_heads=4)
+  assert back_cfg.model.decoder.to_dict() == cfg.model.decoder.to_dict()
+  assert _same(from_torch.torch_to_mae(sd, back_cfg), params)
+  # The timm view of an MAE export drops mask_token and decoder_* and still loads strictly.
+  timm_sd = to_torch.timm_state_dict_of_mae(sd)
+  assert to_torch.verify_timm(params['encoder'], cfg.model, timm_sd) < 1e-4
+
+
+def test_segment_bias_and_unknown_modules_dropped_with_note(mu):
+  cfg, params = mu
+  extra = dict(params, segment_bias={'u_pos': np.zeros((2, 4)), 'u_neg': np.zeros((2, 4))},
+               proxy={'kernel': np.zeros((3, 3))})
+  assert to_torch.vit_to_timm(extra, cfg).keys() == to_torch.vit_to_timm(params, cfg).keys()
+  notes = to_torch.dropped_params(extra, cfg)
+  assert len(notes) == 2 and 'u_pos' in notes[1] and 'MRE' in notes[1] and 'proxy' in notes[0]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def mu_sd(mu):
+  return to_torch.vit_to_timm(mu[1], mu[0])
+
+
+def test_missing_key_error(mu, mu_sd):
+  sd = {k: v for k, v in mu_sd.items() if k != 'blocks.1.mlp.fc2.bias'}
+  with pytest.raises(ValueError, match=r"missing keys \(1\): \['blocks.1.mlp.fc2.bias'\]"):
+    from_torch.timm_to_vit(sd, mu[0])
+
+
+def test_wrong_shape_error(mu, mu_sd):
+  sd = dict(mu_sd, **{'blocks.0.attn.proj.weight': np.zeros((64, 32), np.float32)})
+  with pytest.raises(ValueError, match=r'blocks.0.attn.proj.weight: expected \(64, 64\), got '
+                                       r'\(64, 32\)'):
+    from_torch.timm_to_vit(sd, mu[0])
+
+
+def test_unexpected_key_error_and_mae_hint(mu, mu_sd):
+  sd = dict(mu_sd, mask_token=np.zeros((1, 1, 32), np.float32))
+  with pytest.raises(ValueError, match=r"(?s)unexpected keys \(1\): \['mask_token'\].*--from mae"):
+    from_torch.timm_to_vit(sd, mu[0])
+  # A classifier head is the one thing ignored (and reported to the CLI).
+  _, ignored = from_torch.timm_to_vit_with_notes(
+      dict(mu_sd, **{'head.weight': np.zeros((10, 64)), 'head.bias': np.zeros(10)}), mu[0])
+  assert ignored == ['head.bias', 'head.weight']
+
+
+def test_variant_and_image_size_mismatch_errors(mu_sd):
+  with pytest.raises(ValueError, match='--variant B/16 does not match'):
+    from_torch.infer_model_config(mu_sd, variant='B/16')
+  with pytest.raises(ValueError, match='--image_size 64 does not match'):
+    from_torch.infer_model_config(mu_sd, image_size=64)
+  assert from_torch.infer_model_config(mu_sd, variant='mu/4', image_size=32).variant == 'mu/4'
+
+
+def test_mae_import_without_decoder_error(mu_sd):
+  with pytest.raises(ValueError, match='no decoder_\\* keys.*--from timm'):
+    from_torch.torch_to_mae(mu_sd, _mae_config())
+
+
+def test_load_checkpoint_unwraps_and_strips(tmp_path, mu_sd):
+  path = str(tmp_path / 'ckpt.pth')
+  torch.save({'model': {f'module.backbone.{k}': torch.tensor(v) for k, v in mu_sd.items()},
+              'epoch': 3}, path)
+  loaded = from_torch.load_torch_checkpoint(path)
+  assert loaded.keys() == mu_sd.keys()
+  with pytest.raises(FileNotFoundError, match='nope.pth: checkpoint not found'):
+    from_torch.load_torch_checkpoint(str(tmp_path / 'nope.pth'))
+
+
+# --- CLI end to end (needs mimjax.train.checkpoint) --------------------------------------------
+
+def test_cli_export_verify_import_round_trip(tmp_path, capsys):
+  from mimjax.train import checkpoint
+  cfg = _mae_config()
+  params = _mae_params(cfg)
+  src = str(tmp_path / 'src')
+  checkpoint.save_params(src, cfg, params)
+
+  out = str(tmp_path / 'model.safetensors')
+  assert cli.main(['--workdir', src, '--format', 'timm', '--out', out, '--verify']) == 0
+  printed = capsys.readouterr().out
+  assert 'verify: max' in printed and 'ok' in printed
+  from safetensors.torch import load_file
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, patch_size=4,
+                            img_size=32, embed_dim=64, depth=2, num_heads=4)
+  model.load_state_dict(load_file(out), strict=True)
+
+  pth = str(tmp_path / 'mae.pth')
+  assert cli.main(['--workdir', src, '--format', 'mae', '--out', pth, '--verify']) == 0
+  assert 'decoder_pred.weight' in torch.load(pth, weights_only=True)['model']
+
+  dst = str(tmp_path / 'imported_timm')
+  assert cli.main(['--from', 'timm', '--in', out, '--workdir', dst]) == 0
+  back = checkpoint.restore_params(dst)
+  assert _same(back['encoder'], params['encoder'])
+  assert checkpoint.load_config(dst).model.variant == 'mu/4'
+
+  dst_mae = str(tmp_path / 'imported_mae')
+  assert cli.main(['--from', 'mae', '--in', pth, '--workdir', dst_mae,
+                   '--decoder_num_heads', '4']) == 0
+  assert _same(checkpoint.restore_params(dst_mae), params)
+  # Re-export of the imported MAE workdir gives the same file contents.
+  pth2 = str(tmp_path / 'mae2.pth')
+  assert cli.main(['--workdir', dst_mae, '--format', 'mae', '--out', pth2]) == 0
+  a = torch.load(pth, weights_only=True)['model']
+  b = torch.load(pth2, weights_only=True)['model']
+  assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors_leave_nothing_behind(tmp_path, capsys):
+  missing = str(tmp_path / 'missing.pth')
+  dst = str(tmp_path / 'dst')
+  assert cli.main(['--from', 'timm', '--in', missing, '--workdir', dst]) == 2
+  assert 'missing.pth: checkpoint not found' in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(dst, 'params'))
+
+  bad = str(tmp_path / 'bad.pth')
+  torch.save({'cls_token': torch.zeros(1, 1, 64)}, bad)
+  assert cli.main(['--from', 'timm', '--in', bad, '--workdir', dst]) == 2
+  assert "missing key 'patch_embed.proj.weight'" in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(dst, 'params'))
+
+  assert cli.main(['--workdir', str(tmp_path / 'nowhere'), '--format', 'timm',
+                   '--out', str(tmp_path / 'x.safetensors')]) == 2
+  assert 'config.json' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'x.safetensors')
+  assert not [f for f in os.listdir(tmp_path) if f.startswith('.x.safetensors')]  # no temp file
+
+
+def test_cli_usage_errors():
+  with pytest.raises(SystemExit):
+    cli.parse_args(['--workdir', 'W'])  # neither --format nor --from
+  with pytest.raises(SystemExit):
+    cli.parse_args(['--workdir', 'W', '--format', 'timm'])  # no --out
+
+
+def test_failed_write_leaves_no_file(tmp_path, mu_sd):
+  out = tmp_path / 'model.safetensors'
+  with pytest.raises(ValueError, match='use .pth'):
+    to_torch.save_state_dict(mu_sd, str(out), wrap_model=True)
+  bad = dict(mu_sd, cls_token=object())  # not an array: the writer fails midway
+  with pytest.raises(Exception):
+    to_torch.save_state_dict(bad, str(out))
+  assert os.listdir(tmp_path) == []
