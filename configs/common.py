@@ -1,6 +1,7 @@
 """Shared config pieces: arg parsing, model sizes, the trainer's keys."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mimjax.data import pipeline
 from mimjax.models import segment_bias
@@ -45,12 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 4096            # global, across all hosts/devices
   c.grad_accum = 1               # micro-batches per step (same global batch)
-  c.total_steps = None           # set exactly one of total_steps / total_epochs
-  c.total_epochs = None
-  c.total_examples = None
-  c.warmup_steps = None
-  c.warmup_epochs = None
-  c.warmup_examples = None
+  # Durations: exactly one of *_steps / *_epochs / *_examples per name. A command-line
+  # override of one of them unsets the others (mimjax.train.durations.apply_cli_overrides).
+  c.total_steps = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+  c.total_examples = config_dict.placeholder(int)
+  c.warmup_steps = config_dict.placeholder(int)
+  c.warmup_epochs = config_dict.placeholder(float)
+  c.warmup_examples = config_dict.placeholder(int)
   c.log_every = 100
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
@@ -60,8 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fsdp_min_size = 2 ** 16      # tensors smaller than this stay replicated under FSDP
   c.data = pipeline.default_data_config()
   c.optim = ml_collections.ConfigDict({
-      'name': 'adamw', 'lr': None, 'base_lr': 1.5e-4, 'lr_scaling': 'linear', 'min_lr': 0.0,
-      'b1': 0.9, 'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.05, 'clip_norm': None,
+      'name': 'adamw', 'lr': config_dict.placeholder(float), 'base_lr': 1.5e-4, 'lr_scaling': 'linear', 'min_lr': 0.0,
+      'b1': 0.9, 'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.05,
+      'clip_norm': config_dict.placeholder(float),
       'frozen': ('pos_embed$',),   # fixed sincos position embeddings are not trained
       'no_decay': (),              # regexes; ≤1-D tensors and biases never decay
   })
@@ -73,6 +77,9 @@ def vit_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'variant': variant, 'image_size': image_size, 'pos_embed': 'sincos', 'pool': 'cls',
       'dtype': 'float32', 'attention': 'xla', 'remat': False, 'drop_path': 0.0,
-      'width': None, 'depth': None, 'num_heads': None, 'mlp_dim': None, 'patch_size': None,
+      # Optional overrides of the variant's sizes (None = the variant's value).
+      'width': config_dict.placeholder(int), 'depth': config_dict.placeholder(int),
+      'num_heads': config_dict.placeholder(int), 'mlp_dim': config_dict.placeholder(int),
+      'patch_size': config_dict.placeholder(int),
       'segment_bias': segment_bias.default_config(),
   })

@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimjax.train import durations
 from mimjax.train import validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
@@ -55,7 +56,10 @@ def main(argv):
   logging.get_absl_logger().addFilter(_DropOpenCVHint())
   maybe_initialize_distributed()
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    with config.unlocked():
+      durations.apply_cli_overrides(config, sys.argv)
+    run(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     logging.flush()
     print(f'mimjax: error: {e}', file=sys.stderr)

@@ -33,7 +33,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Every data key with its default (configs start from this and override)."""
   return ml_collections.ConfigDict({
       'name': 'digits',            # one of NAMES
-      'data_dir': None,            # None/'' → $MIMJAX_DATA_DIR or ~/.cache/mimjax/tfds
+      'data_dir': '',              # '' → $MIMJAX_DATA_DIR or ~/.cache/mimjax/tfds
       'image_size': 32,            # output side (global crops for 'dino')
       'augment': 'mae',            # one of AUGMENTS (train=True); eval always uses 'eval'
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)

@@ -1,6 +1,7 @@
 """Durations in one vocabulary: `<name>_steps`, `<name>_epochs` or `<name>_examples` → steps."""
 
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -24,3 +25,21 @@ def resolve_steps(name: str, config: ml_collections.ConfigDict, num_examples: in
     return int(value)
   examples = value * num_examples if key.endswith('_epochs') else value
   return int(round(examples / config.batch_size))
+
+
+UNITS = ('steps', 'epochs', 'examples')
+
+
+def apply_cli_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+  """`--config.total_steps=N` on the command line unsets total_epochs/total_examples (and
+  likewise for every duration name), so overriding a config's duration never conflicts."""
+  for arg in argv:
+    m = re.match(r'--config\.(\w+)_(steps|epochs|examples)=', arg)
+    if not m:
+      continue
+    name, unit = m.groups()
+    for other in UNITS:
+      key = f'{name}_{other}'
+      if other != unit and key in config and not any(a.startswith(f'--config.{key}=') for a in argv):
+        with config.ignore_type():
+          config[key] = None

@@ -74,3 +74,15 @@ def test_resolve_steps():
   with pytest.raises(ValueError, match='only one'):
     resolve_steps('total', c, 1000)
   assert resolve_steps('warmup', c, 1000, default=0) == 0
+
+
+def test_cli_duration_override_unsets_the_other_units():
+  from configs import mae as mae_config
+  from mimjax.train.durations import apply_cli_overrides
+  config = mae_config.get_config('vit_b,in1k,1600ep')
+  config.total_steps = 10
+  apply_cli_overrides(config, ['--config.total_steps=10', '--config.warmup_epochs=1'])
+  assert config.total_epochs is None and config.total_steps == 10
+  assert resolve_steps('total', config, 1000) == 10
+  config.batch_size = 100
+  assert resolve_steps('warmup', config, 1000) == 400  # warmup_epochs untouched (40)

@@ -1,0 +1,29 @@
+"""`python -m mimjax.sam --config configs/sam.py:ARG --workdir W [--config.key=value]`."""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/sam.py:ARG', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output: W/NAME/1.0.0 (TFDS) + W/.sam_work/.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from mimjax.data.builders.tfds_io import BuildError
+  from mimjax.sam import run, sources
+  try:
+    path = run.run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, BuildError, sources.CheckpointError) as e:
+    print(f'mimjax.sam: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if path is None:
+    sys.exit(0)
+
+
+if __name__ == '__main__':
+  app.run(main)
