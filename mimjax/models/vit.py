@@ -143,7 +143,12 @@ class ViT(nn.Module):
 
   `segment_ids` (B, N) patch segment ids switch on the MRE bias when
   `config.segment_bias.enabled` (without them the model runs as a plain ViT).
-  Returns `(tokens, aux)`: tokens = final-LayerNorm output (B, 1 + n, D) with the cls token
+  `config.num_prefix_tokens` (default 1) = cls + extra prefix tokens (SemanticMIM proxies,
+  registers), stored as `cls_token` (1, 1, D) + `reg_token` (1, k - 1, D) like timm, each with
+  its own pos-embed row. `mask` (B, N) with `mask_token` (broadcast to (B, N, D)) replaces
+  masked patch embeddings by the mask token before the pos-embed is added (BEiT/MaskFeat
+  full-sequence encoders).
+  Returns `(tokens, aux)`: tokens = final-LayerNorm output (B, k + n, D) with the prefix tokens
   first; aux = {'layers': per-block outputs (pre final norm)} and {'attention': per-block
   softmax maps (B, heads, T, T)} when requested.
   """
@@ -153,27 +158,42 @@ class ViT(nn.Module):
   def __call__(self, images: jnp.ndarray, *, keep_ids: Optional[jnp.ndarray] = None,
                segment_ids: Optional[jnp.ndarray] = None,
                logit_bias: Optional[Any] = None, train: bool = False,
-               return_layers: bool = False, return_attention: bool = False):
+               return_layers: bool = False, return_attention: bool = False,
+               mask: Optional[jnp.ndarray] = None, mask_token: Optional[jnp.ndarray] = None):
     cfg = self.config
     dims = model_dims(cfg)
     dtype = DTYPES[cfg.get('dtype', 'float32')]
     width, p = dims['width'], dims['patch_size']
     x = PatchEmbed(width, p, dtype=dtype, name='patch_embed')(images.astype(dtype))
     grid = int(round(x.shape[1] ** 0.5))
+    if (mask is None) != (mask_token is None):
+      raise ValueError('ViT: pass `mask` and `mask_token` together')
+    if mask is not None:
+      w = mask[..., None].astype(dtype)
+      x = x * (1 - w) + mask_token.astype(dtype) * w
 
     num_patches = (cfg.image_size // p) ** 2
+    prefix = num_prefix_tokens(cfg)
     if cfg.get('pos_embed', 'sincos') == 'sincos':
-      init = lambda *_: jnp.asarray(sincos_pos_embed_2d(width, cfg.image_size // p, True))[None]
+      init = lambda *_: jnp.asarray(np.concatenate(
+          [np.zeros((prefix, width), np.float32),
+           sincos_pos_embed_2d(width, cfg.image_size // p)]))[None]
       pos = jax.lax.stop_gradient(self.param('pos_embed', init))  # frozen, as in MAE
     else:
-      pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, 1 + num_patches, width))
-    pos = resize_pos_embed(pos, 1, grid)
-    x = x + pos[:, 1:].astype(dtype)
+      pos = self.param('pos_embed', nn.initializers.normal(0.02),
+                       (1, prefix + num_patches, width))
+    pos = resize_pos_embed(pos, prefix, grid)
+    x = x + pos[:, prefix:].astype(dtype)
     if keep_ids is not None:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
-    cls = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, width))
-    cls = (cls + pos[:, :1]).astype(dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1)
+    tokens = []
+    if prefix >= 1:
+      tokens.append(self.param('cls_token', nn.initializers.normal(0.02), (1, 1, width)))
+    if prefix >= 2:
+      tokens.append(self.param('reg_token', nn.initializers.normal(0.02), (1, prefix - 1, width)))
+    if tokens:
+      cls = (jnp.concatenate(tokens, axis=1) + pos[:, :prefix]).astype(dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], prefix, width)), x], axis=1)
 
     seg_cfg = cfg.get('segment_bias')
     if seg_cfg is not None and seg_cfg.enabled and segment_ids is not None:
@@ -183,7 +203,7 @@ class ViT(nn.Module):
       ids = segment_ids.astype(jnp.int32)
       if keep_ids is not None:
         ids = jnp.take_along_axis(ids, keep_ids, axis=1)
-      ids = jnp.concatenate([jnp.zeros((ids.shape[0], 1), jnp.int32), ids], axis=1)
+      ids = jnp.concatenate([jnp.zeros((ids.shape[0], prefix), jnp.int32), ids], axis=1)
       logit_bias = segment_bias_lib.SegmentBias(seg_cfg, dims['depth'], dims['num_heads'],
                                                 name='segment_bias')(ids)
 
@@ -204,10 +224,19 @@ class ViT(nn.Module):
     return x, {k: v for k, v in aux.items() if v}
 
 
-def pool_tokens(tokens: jnp.ndarray, pool: str) -> jnp.ndarray:
-  """'cls' → tokens[:, 0]; 'mean' → mean over patch tokens (cls excluded)."""
+def num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
+  """`config.num_prefix_tokens` (cls + proxy/register tokens), default 1."""
+  n = config.get('num_prefix_tokens', 1)
+  if not isinstance(n, int) or n < 0:
+    raise ValueError(f'model.num_prefix_tokens={n!r}: expected an int >= 0')
+  return n
+
+
+def pool_tokens(tokens: jnp.ndarray, pool: str, num_prefix: int = 1) -> jnp.ndarray:
+  """'cls' → tokens[:, 0] (mean of the prefix tokens when there are several, as SemanticMIM
+  reads its proxies); 'mean' → mean over patch tokens (prefix tokens excluded)."""
   if pool == 'cls':
-    return tokens[:, 0]
+    return tokens[:, 0] if num_prefix == 1 else tokens[:, :num_prefix].mean(axis=1)
   if pool == 'mean':
-    return tokens[:, 1:].mean(axis=1)
+    return tokens[:, num_prefix:].mean(axis=1)
   raise ValueError(f'model.pool={pool!r}: expected "cls" or "mean"')

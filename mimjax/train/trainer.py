@@ -170,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
     if config.get('init_from'):
       ts = _init_from(ts, config.init_from, objective, state_shardings)
-    ckpt_lib.write_config(workdir, config)
+    if jax.process_index() == 0:  # one writer: hosts share the workdir
+      ckpt_lib.write_config(workdir, config)
     _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
          f'device(s), batch {config.batch_size}, in {workdir}')
 

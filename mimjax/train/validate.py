@@ -25,7 +25,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if ratio is not None and not 0.0 <= ratio < 1.0:
     raise ValueError(f'config.mask_ratio={ratio}: expected a value in [0, 1)')
   from mimjax.models.vit import DTYPES, model_dims
-  if not config.get('pretrained'):  # eval configs take the model from the pretrained workdir
+  if 'pretrained' not in config:  # eval configs take the model from the pretrained workdir
     model_dims(config.model)
   if config.model.get('dtype', 'float32') not in DTYPES:
     raise ValueError(f'config.model.dtype={config.model.dtype!r}: expected one of {list(DTYPES)}')

@@ -1,0 +1,60 @@
+"""Fine-tuning a pretrained encoder for classification (MAE recipe).
+
+  python -m mimjax.main --config configs/eval/finetune.py:tiny --workdir /tmp/ft_tiny \
+      --config.pretrained=/tmp/mae_tiny
+  python -m mimjax.main --config configs/eval/finetune.py:vit_b,in1k --workdir E \
+      --config.pretrained=W --config.data.data_dir=D
+
+Rows: vit_b (100 ep, blr 5e-4, layer decay 0.65, drop path 0.1), vit_l / vit_h (50 ep, blr 1e-3,
+ld 0.75, drop path 0.2 / 0.3). Mixup 0.8 / CutMix 1.0 / label smoothing 0.1, AdamW
+(0.9, 0.999) wd 0.05, 5 warm-up epochs, min lr 1e-6. RandAugment and random erasing are not
+implemented (see docs/evaluation.md). Writes E/results.json (eval/top1, eval/top5).
+"""
+
+import ml_collections
+
+from configs import common
+from configs.eval import eval_common
+
+RECIPES = {  # model → (epochs, blr, layer_decay, drop_path)
+    'vit_b': (100, 5e-4, 0.65, 0.1), 'vit_l': (50, 1e-3, 0.75, 0.2), 'vit_h': (50, 1e-3, 0.75, 0.3),
+}
+
+
+def get_config(arg: str = 'vit_b,in1k'):
+  arg = common.parse_arg(arg, model='vit_b', data='in1k', epochs=0, tiny=False, num_classes=0,
+                         pool='mean')
+  config = eval_common.trained_eval_config(arg, 'finetune')
+  epochs, blr, ld, dp = RECIPES.get(arg.model, RECIPES['vit_b'])
+  config.model = eval_common.model_overrides(drop_path=dp)
+  config.finetune = ml_collections.ConfigDict({
+      'pool': arg.pool, 'num_classes': eval_common.num_classes(arg, config.data.name),
+      'mixup': 0.8, 'cutmix': 1.0, 'mix_prob': 1.0, 'switch_prob': 0.5,
+      'label_smoothing': 0.1, 'ema_decay': 0.0})
+  config.optim.b2 = 0.999
+  config.optim.weight_decay = 0.05
+  config.optim.base_lr = blr
+  config.optim.min_lr = 1e-6
+  config.optim.layer_decay = ld
+  config.optim.no_decay = ('pos_embed', 'cls_token')
+  config.data.augment = 'mae'
+  config.data.crop_scale = (0.08, 1.0)
+  if arg.tiny:
+    config.data.name = 'digits' if arg.data == 'in1k' else config.data.name
+    config.finetune.num_classes = eval_common.num_classes(arg, config.data.name)
+    config.data.image_size = 32
+    config.data.crop_scale = (0.35, 1.0)
+    config.batch_size = 64
+    config.total_steps = 200
+    config.warmup_steps = 20
+    config.optim.lr = 1e-3
+    config.log_every = 20
+    config.checkpoint_every = 100
+  else:
+    config.data.image_size = 224
+    config.batch_size = 1024
+    config.total_epochs = arg.epochs or epochs
+    config.warmup_epochs = 5
+    config.log_every = 100
+    config.checkpoint_every = 2000
+  return config

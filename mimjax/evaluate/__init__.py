@@ -1,0 +1,1 @@
+"""Evaluation protocols (kNN, cached-feature probes) and representation analysis."""

@@ -1,0 +1,166 @@
+"""Frozen pretrained encoders: find them in a workdir, build them, extract token features.
+
+A pretrained workdir W is either a training run (`W/config.json` + `W/checkpoints/`) or an
+imported PyTorch model (`W/config.json` + `W/params/`, written by `python -m mimjax.convert`).
+The ViT encoder sits at the pretraining objective's `encoder` path inside the params (imported
+models: ('encoder',)). Models with several prefix tokens (proxy / register tokens) declare
+`model.num_prefix_tokens`; every readout here treats the first that-many tokens as [cls]-like.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mimjax.data import pipeline
+from mimjax.data.normalize import normalize_images
+from mimjax.models.vit import ViT, model_dims, num_prefix_tokens  # noqa: F401 (re-export)
+from mimjax.train import checkpoint
+from mimjax.train import sharding
+
+POOLS = ('cls', 'mean', 'abmilp', 'attentive')
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderRef:
+  """What an evaluator needs from an objective: where the encoder sits in the params
+  (no `evaluate` of its own: evaluation-only runs have no objective)."""
+  encoder: tuple[str, ...] = ('encoder',)
+  evaluate: None = None
+
+
+def encoder_path(pretrain_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The pretraining objective's `encoder` path; ('encoder',) for imported models."""
+  if pretrain_config.get('encoder_path'):
+    return tuple(pretrain_config.encoder_path.split('/'))
+  if not pretrain_config.get('objective'):
+    return ('encoder',)
+  from mimjax.objectives import base  # objectives build modules; only needed for the path
+  return tuple(base.load(pretrain_config.objective).make(pretrain_config).encoder)
+
+
+def subtree(params: Any, path: tuple[str, ...]) -> Any:
+  """params[path[0]][path[1]]...; a clear error when a key is missing."""
+  for key in path:
+    if key not in params:
+      raise ValueError(f'params have no {key!r} subtree on the encoder path {path} '
+                       f'(keys: {sorted(params)})')
+    params = params[key]
+  return params
+
+
+def nest(path: tuple[str, ...], tree: Any) -> dict:
+  """{path[0]: {path[1]: ... tree}}."""
+  for key in reversed(path):
+    tree = {key: tree}
+  return tree
+
+
+def merge_model_config(pretrained: ml_collections.ConfigDict,
+                       overrides: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """The pretrained `config.model` with the eval config's non-None `model.*` keys on top
+  (dtype, attention, remat, drop_path, image_size for fine-tuning at another resolution)."""
+  out = ml_collections.ConfigDict(pretrained.to_dict())
+  for key, value in (overrides.to_dict() if overrides is not None else {}).items():
+    if value is not None:
+      out[key] = value
+  # Evaluation never feeds SAM segments: an MRE encoder runs as a plain ViT.
+  return out
+
+
+def load_pretrained_config(workdir: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
+  """(pretraining config, encoder path) of workdir W."""
+  if not workdir:
+    raise ValueError('config.pretrained is empty: expected a pretraining workdir (or a '
+                     'converted model), e.g. --config.pretrained=/tmp/mae_tiny')
+  config = checkpoint.load_config(workdir)
+  if 'model' not in config:
+    raise ValueError(f'{workdir}/config.json has no `model` section')
+  return config, encoder_path(config)
+
+
+def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+  """LayerNorm without affine: MAE's `fc_norm` in a linear probe (weight 1, bias 0, frozen)."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def select_tokens(model: ViT, params: Any, images: jnp.ndarray, layer: int,
+                  normed: bool = True, **kw) -> tuple[jnp.ndarray, dict]:
+  """Tokens (B, T, D) after block `layer` (1-based; -1 = last). `normed` with layer -1 gives
+  the final-LayerNorm output, else the raw block output (beyond-cls AbMILP, probes at layer 7)."""
+  depth = model_dims(model.config)['depth']
+  if layer != -1 and not 1 <= layer <= depth:
+    raise ValueError(f'probe layer {layer}: expected -1 (last) or 1..{depth}')
+  need_layers = layer != -1 or not normed
+  tokens, aux = model.apply({'params': params}, images, return_layers=need_layers, **kw)
+  if layer == -1 and normed:
+    return tokens, aux
+  return aux['layers'][(depth if layer == -1 else layer) - 1], aux
+
+
+def pool(tokens: jnp.ndarray, how: str, num_prefix: int = 1) -> jnp.ndarray:
+  """'cls' → mean of the prefix tokens ([cls] itself for a plain ViT; SemanticMIM's CLS
+  readout averages its proxies); 'mean' → fc_norm(mean of patch tokens)."""
+  if how == 'cls':
+    return tokens[:, :num_prefix].mean(axis=1)
+  if how == 'mean':
+    return layer_norm(tokens[:, num_prefix:].mean(axis=1))
+  raise ValueError(f'pool={how!r}: expected "cls" or "mean" (abmilp/attentive are trained heads)')
+
+
+class Extractor:
+  """Pooled features of a frozen encoder over a whole split (eval view, padding dropped)."""
+
+  def __init__(self, model_config: ml_collections.ConfigDict,
+               data_config: ml_collections.ConfigDict,
+               mesh, *, batch_size: int, layer: int = -1, pool_name: str = 'cls', seed: int = 0):
+    self.model = ViT(model_config)
+    self.data_config = data_config
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self.seed = seed
+    prefix = num_prefix_tokens(model_config)
+
+    def features(params, images):
+      tokens, _ = select_tokens(self.model, params, normalize_images(images), layer)
+      return pool(tokens, pool_name, prefix).astype(jnp.float32)
+
+    self._fn = jax.jit(features)
+
+  def __call__(self, params: Any, split: str, limit: Optional[int] = None):
+    """(features (n, D) float32, labels (n,) int32) of `split` (the first `limit` examples)."""
+    return extract(self._fn, params, self.data_config, self.mesh, split, self.batch_size,
+                   self.seed, limit)
+
+
+def extract(fn: Callable, params: Any, data_config: ml_collections.ConfigDict, mesh,
+            split: str, batch_size: int, seed: int = 0, limit: Optional[int] = None):
+  """Runs fn(params, uint8 images) over a split; returns (outputs, labels) as numpy
+  (outputs: an array or a dict of arrays, rows = examples, padding rows dropped)."""
+  loader = pipeline.make_loader(data_config, global_batch_size=batch_size, seed=seed,
+                                split=split, train=False)
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  outs, labels, seen = [], [], 0
+  for batch in loader:
+    out = fn(params, sharding.put_batch({'image': batch['image']}, mesh)['image'])
+    # Every host gets every row (hosts hold consecutive slices of the global batch).
+    keep = gather(batch['mask'])
+    outs.append(jax.tree.map(lambda x: gather(x)[keep], out))
+    labels.append(gather(batch['label'])[keep])
+    seen += int(keep.sum())
+    if limit is not None and seen >= limit:
+      break
+  outs = jax.tree.map(lambda *xs: np.concatenate(xs)[:limit], *outs)
+  return outs, np.concatenate(labels).astype(np.int32)[:limit]
+
+
+def replicate(params: Any, mesh) -> Any:
+  """Host numpy params → replicated device arrays on `mesh`."""
+  return jax.device_put(params, sharding.replicated(mesh))

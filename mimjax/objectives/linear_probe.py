@@ -1,0 +1,82 @@
+"""Linear probing of a frozen pretrained encoder (MAE protocol), with the beyond-cls AbMILP
+and the CAE attentive-probe poolings.
+
+The encoder comes from `config.pretrained` (its config.json model + params at the pretraining
+objective's encoder path, loaded by the trainer through `config.init_from`); it is frozen twice
+over: stop_gradient on its params and tokens, and `config.optim.frozen` (checked here) so the
+optimizer never touches it. Trained: the head (pooling → BN(affine=False) → Linear); the BN
+running statistics live in the objective state. `config.probe`: pool ('cls' | 'mean' |
+'abmilp' | 'attentive'), layer (-1 = last; e.g. 7 for SemanticMIM), num_classes, num_heads.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mimjax.data.normalize import normalize_images
+from mimjax.evaluate import accuracy
+from mimjax.evaluate import features
+from mimjax.evaluate import heads
+from mimjax.models.vit import ViT
+from mimjax.objectives.base import Objective
+from mimjax.train.sharding import matches, path_name
+
+
+def check_frozen(model: ViT, path: tuple[str, ...], frozen_patterns, image_size: int) -> None:
+  """Every encoder param must match `config.optim.frozen` (clear error otherwise)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, image_size, image_size, 3))))['params']
+  names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      features.nest(path, shapes))[0]]
+  loose = [n for n in names if not matches(n, frozen_patterns)]
+  if loose:
+    raise ValueError(f'config.optim.frozen={tuple(frozen_patterns)} leaves encoder params '
+                     f'trainable (e.g. {loose[0]!r}); expected a pattern such as '
+                     f"'^{'/'.join(path)}/' that freezes the whole encoder")
+
+
+def make(config: ml_collections.ConfigDict) -> Objective:
+  """Probe objective from `config.pretrained`, `config.probe`, `config.model` overrides."""
+  pre_config, path = features.load_pretrained_config(config.pretrained)
+  model_config = features.merge_model_config(pre_config.model, config.get('model'))
+  encoder = ViT(model_config)
+  probe = config.probe
+  if probe.pool not in features.POOLS:
+    raise ValueError(f'config.probe.pool={probe.pool!r}: expected one of {features.POOLS}')
+  head = heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
+  check_frozen(encoder, path, tuple(config.optim.frozen), config.data.image_size)
+  # beyond-cls AbMILP aggregates the last block's tokens without the final LayerNorm.
+  normed = probe.pool != 'abmilp'
+
+  def tokens(params, images):
+    enc = jax.lax.stop_gradient(features.subtree(params, path))
+    t, _ = features.select_tokens(encoder, enc, normalize_images(images),
+                                  int(probe.get('layer', -1)), normed)
+    return jax.lax.stop_gradient(t)
+
+  def init(rng, batch):
+    enc_rng, head_rng = jax.random.split(rng)
+    images = normalize_images(batch['image'][:1])
+    enc = encoder.init(enc_rng, images)['params']
+    t, _ = features.select_tokens(encoder, enc, images, int(probe.get('layer', -1)), normed)
+    variables = head.init(head_rng, t, train=False)
+    params = {**features.nest(path, enc), 'head': variables['params']}
+    return params, {'batch_stats': variables['batch_stats']}
+
+  def loss(params, state, batch, rng, step):
+    del rng, step
+    (logits, _), new = head.apply(
+        {'params': params['head'], 'batch_stats': state['batch_stats']},
+        tokens(params, batch['image']), train=True, mutable=['batch_stats'])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label']) * 100.0
+    return ce, ({'batch_stats': new['batch_stats']}, {'ce': ce, 'train_top1': top1})
+
+  def logits_fn(params, state, images):
+    out, _ = head.apply({'params': params['head'], 'batch_stats': state['batch_stats']},
+                        tokens(params, images), train=False)
+    return out
+
+  return Objective(init=init, loss=loss, evaluate=accuracy.test_accuracy_fn(config, logits_fn),
+                   encoder=path)
