@@ -1,0 +1,82 @@
+"""DINO head vs a PyTorch transcription of facebookresearch/dino `DINOHead`."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mimjax.models import heads
+
+
+class TorchDINOHead(nn.Module):
+  """dino/vision_transformer.py DINOHead (use_bn=False), transcribed."""
+
+  def __init__(self, in_dim, out_dim, norm_last_layer=True, nlayers=3, hidden_dim=2048,
+               bottleneck_dim=256):
+    super().__init__()
+    layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+    for _ in range(nlayers - 2):
+      layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+    self.mlp = nn.Sequential(*layers)
+    self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    self.last_layer.weight_g.data.fill_(1)
+    if norm_last_layer:
+      self.last_layer.weight_g.requires_grad = False
+
+  def forward(self, x):
+    x = self.mlp(x)
+    x = nn.functional.normalize(x, dim=-1, p=2)
+    return self.last_layer(x)
+
+
+def _cfg(norm_last_layer):
+  c = heads.default_dino_head_config()
+  c.update(out_dim=40, hidden_dim=24, bottleneck_dim=8, norm_last_layer=norm_last_layer)
+  return c
+
+
+@pytest.mark.parametrize('norm_last_layer', [True, False])
+def test_dino_head_matches_official(norm_last_layer):
+  cfg = _cfg(norm_last_layer)
+  x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+  head = heads.DINOHead(cfg)
+  params = head.init(jax.random.key(0), jnp.asarray(x))['params']
+  if not norm_last_layer:  # a trained g != 1 must scale each output unit
+    params['last_layer_weight_g'] = jnp.linspace(0.5, 2.0, 40)[None]
+  ref = TorchDINOHead(16, 40, norm_last_layer, 3, 24, 8)
+  with torch.no_grad():
+    for i in (0, 2, 4):
+      ref.mlp[i].weight.copy_(torch.from_numpy(np.asarray(params[f'mlp_{i}']['kernel']).T))
+      ref.mlp[i].bias.copy_(torch.from_numpy(np.asarray(params[f'mlp_{i}']['bias'])))
+    ref.last_layer.weight_v.copy_(torch.from_numpy(np.asarray(params['last_layer_weight_v']).T))
+    if not norm_last_layer:
+      ref.last_layer.weight_g.copy_(torch.from_numpy(np.asarray(params['last_layer_weight_g']).T))
+    expected = ref(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(head.apply({'params': params}, jnp.asarray(x))),
+                             expected, rtol=1e-5, atol=1e-6)
+  # g is a parameter only when it is trained (torch shape (out, 1) → ours (1, out), 2-D).
+  assert ('last_layer_weight_g' in params) == (not norm_last_layer)
+
+
+def test_dino_head_init_follows_dino():
+  cfg = _cfg(True)
+  cfg.update(hidden_dim=512, bottleneck_dim=256, out_dim=1000)
+  params = heads.DINOHead(cfg).init(jax.random.key(1), jnp.zeros((1, 384)))['params']
+  k = np.asarray(params['mlp_2']['kernel'])
+  assert abs(k.std() - 0.02) < 0.001 and np.all(np.asarray(params['mlp_2']['bias']) == 0)
+  v = np.asarray(params['last_layer_weight_v'])   # torch default Linear: U(±1/√256)
+  assert v.shape == (256, 1000) and np.abs(v).max() <= 1 / 16 and np.abs(v).max() > 0.06
+
+
+def test_nlayers_one_goes_straight_to_bottleneck_and_bad_value_errors():
+  cfg = _cfg(True)
+  cfg.nlayers = 1
+  params = heads.DINOHead(cfg).init(jax.random.key(0), jnp.zeros((1, 16)))['params']
+  assert params['mlp_0']['kernel'].shape == (16, 8) and 'mlp_2' not in params
+  cfg.nlayers = 0
+  with pytest.raises(ValueError, match='config.dino.head.nlayers'):
+    heads.DINOHead(cfg).init(jax.random.key(0), jnp.zeros((1, 16)))

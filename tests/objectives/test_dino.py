@@ -1,0 +1,312 @@
+"""DINO numerics vs PyTorch transcriptions of facebookresearch/dino (main_dino.py, utils.py),
+the DINO AdamW (per-tensor clip, wd cosine, last-layer freeze) vs torch.optim.AdamW, and
+tiny DINO / MRE-DINO runs through the trainer."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import dino as dino_config
+from configs import mre_dino as mre_dino_config
+from mimjax.data.builders import tfds_io
+from mimjax.objectives import dino
+from mimjax.train import ema, optim, trainer
+
+
+class TorchDINOLoss(torch.nn.Module):
+  """main_dino.py DINOLoss, single process (all_reduce of the batch center is the identity)."""
+
+  def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
+               warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
+    super().__init__()
+    self.student_temp = student_temp
+    self.center_momentum = center_momentum
+    self.ncrops = ncrops
+    self.register_buffer('center', torch.zeros(1, out_dim))
+    self.teacher_temp_schedule = np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+
+  def forward(self, student_output, teacher_output, epoch):
+    student_out = student_output / self.student_temp
+    student_out = student_out.chunk(self.ncrops)
+    temp = self.teacher_temp_schedule[epoch]
+    teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(2)
+    total_loss, n_loss_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+      for v in range(len(student_out)):
+        if v == iq:
+          continue
+        loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+        total_loss += loss.mean()
+        n_loss_terms += 1
+    total_loss /= n_loss_terms
+    self.update_center(teacher_output)
+    return total_loss
+
+  @torch.no_grad()
+  def update_center(self, teacher_output):
+    batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
+    self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+def torch_clip_gradients(params, clip):
+  """dino/utils.py clip_gradients."""
+  for p in params:
+    if p.grad is not None:
+      param_norm = p.grad.data.norm(2)
+      clip_coef = clip / (param_norm + 1e-6)
+      if clip_coef < 1:
+        p.grad.data.mul_(clip_coef)
+
+
+def test_teacher_temperature_schedule_values():
+  ref = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(270) * 0.07))
+  for epoch in (0, 1, 13, 28, 29, 30, 150, 299):
+    np.testing.assert_allclose(float(dino.teacher_temperature(epoch, 0.04, 0.07, 30)),
+                               ref[epoch], rtol=1e-6)
+  assert float(dino.teacher_temperature(5, 0.04, 0.07, 0)) == pytest.approx(0.07)
+
+
+def test_dino_loss_and_center_update_match_official():
+  rng = np.random.default_rng(0)
+  ncrops, b, k, epochs = 5, 3, 17, 10
+  ref = TorchDINOLoss(k, ncrops, 0.04, 0.07, 4, epochs)
+  center = jnp.zeros((1, k))
+  for epoch in (0, 2, 7):  # three calls: the center moves between them
+    student = rng.normal(size=(ncrops * b, k)).astype(np.float32)
+    teacher = 3 * rng.normal(size=(2 * b, k)).astype(np.float32)
+    expected = float(ref(torch.from_numpy(student), torch.from_numpy(teacher), epoch))
+    temp = dino.teacher_temperature(epoch, 0.04, 0.07, 4)
+    ours = dino.dino_loss(jnp.asarray(student).reshape(ncrops, b, k),
+                          jnp.asarray(teacher).reshape(2, b, k), center, 0.1, temp)
+    np.testing.assert_allclose(float(ours), expected, rtol=1e-5)
+    center = dino.update_center(center, jnp.asarray(teacher).reshape(2, b, k), 0.9)
+    np.testing.assert_allclose(np.asarray(center), ref.center.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_dino_loss_pair_exclusion_by_hand():
+  # 2 teacher crops, 3 student crops, batch 1, K = 2: pairs (0,1),(0,2),(1,0),(1,2) → / 4.
+  s = jnp.array([[[0.0, 0.0]], [[0.1, 0.0]], [[0.0, 0.2]]])
+  t = jnp.array([[[0.0, 0.0]], [[0.0, 0.04 * np.log(3.0)]]])
+  q = [np.array([0.5, 0.5]), np.array([0.25, 0.75])]
+  logp = [np.log(np.exp(x / 0.1) / np.exp(x / 0.1).sum()) for x in np.asarray(s)[:, 0]]
+  pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
+  expected = sum(-(q[i] * logp[v]).sum() for i, v in pairs) / 4
+  ours = dino.dino_loss(s, t, jnp.zeros((1, 2)), 0.1, 0.04)
+  np.testing.assert_allclose(float(ours), expected, rtol=1e-5)
+
+
+def test_per_tensor_clipping_matches_official():
+  rng = np.random.default_rng(1)
+  grads = {'a': rng.normal(size=(4, 5)).astype(np.float32) * 3,     # norm > 3: clipped
+           'b': rng.normal(size=(7,)).astype(np.float32) * 0.1}      # norm < 3: untouched
+  ps = [torch.zeros(g.shape, requires_grad=True) for g in grads.values()]
+  for p, g in zip(ps, grads.values()):
+    p.grad = torch.from_numpy(g.copy())
+  torch_clip_gradients(ps, 3.0)
+  out, _ = optim.clip_per_tensor(3.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+  for p, key in zip(ps, grads):
+    np.testing.assert_allclose(np.asarray(out[key]), p.grad.numpy(), rtol=1e-6)
+  assert np.linalg.norm(np.asarray(out['a'])) == pytest.approx(3.0, rel=1e-5)
+
+
+def _dino_optim_config(freeze_steps):
+  return ml_collections.ConfigDict({
+      'name': 'adamw', 'lr': 0.1, 'min_lr': 0.0, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8,
+      'weight_decay': 0.04, 'weight_decay_end': 0.4, 'clip_per_tensor': 3.0,
+      'freeze': ('last_layer',), 'freeze_steps': freeze_steps, 'freeze_epochs': None,
+      'frozen': (), 'no_decay': ()})
+
+
+def test_dino_adamw_matches_torch_with_last_layer_freeze():
+  """Per-iteration lr/wd schedules, per-tensor clip, grads of `last_layer` set to None for the
+  first 2 steps (torch skips them: no update, no decay, no moments, no step count)."""
+  rng = np.random.default_rng(2)
+  init = {'head': {'mlp_0': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=(4,))},
+                   'last_layer_weight_v': rng.normal(size=(4, 6))}}
+  init = jax.tree.map(lambda x: np.asarray(x, np.float32), init)
+  grads = [jax.tree.map(lambda x: np.asarray(rng.normal(size=x.shape) * 2, np.float32), init)
+           for _ in range(5)]
+  total, warm, freeze = 5, 2, 2
+  cfg = _dino_optim_config(freeze)
+  tx, lr = optim.make_optimizer(cfg, init, total_steps=total, warmup_steps=warm, batch_size=256)
+  wd = lambda i: float(ema.cosine_schedule(0.04, 0.4, i, total))
+
+  names = ['head/mlp_0/kernel', 'head/mlp_0/bias', 'head/last_layer_weight_v']
+  get = lambda tree, n: tree['head']['last_layer_weight_v'] if 'last' in n else \
+      tree['head']['mlp_0'][n.split('/')[-1]]
+  tp = {n: torch.nn.Parameter(torch.from_numpy(get(init, n).copy())) for n in names}
+  regularized = [tp['head/mlp_0/kernel'], tp['head/last_layer_weight_v']]
+  topt = torch.optim.AdamW([{'params': regularized}, {'params': [tp['head/mlp_0/bias']],
+                                                      'weight_decay': 0.0}], lr=0.1)
+
+  params = jax.tree.map(jnp.asarray, init)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for it in range(total):
+    for i, group in enumerate(topt.param_groups):
+      group['lr'] = float(lr(it))
+      if i == 0:
+        group['weight_decay'] = wd(it)
+    topt.zero_grad()
+    for n in names:
+      tp[n].grad = torch.from_numpy(get(grads[it], n).copy())
+    torch_clip_gradients(tp.values(), 3.0)
+    if it < freeze:  # cancel_gradients_last_layer
+      tp['head/last_layer_weight_v'].grad = None
+    topt.step()
+    updates, state = step(params, state, jax.tree.map(jnp.asarray, grads[it]))
+    params = optax.apply_updates(params, updates)
+    if it < freeze:
+      np.testing.assert_array_equal(np.asarray(params['head']['last_layer_weight_v']),
+                                    init['head']['last_layer_weight_v'])
+      late = state.inner_states['late'].inner_state.inner   # the late group's own AdamW
+      adam = late[1]
+      assert int(adam.count) == 0
+      assert float(jnp.abs(adam.mu['head']['last_layer_weight_v']).max()) == 0.0
+      assert float(jnp.abs(adam.nu['head']['last_layer_weight_v']).max()) == 0.0
+    for n in names:
+      np.testing.assert_allclose(np.asarray(get(params, n)), tp[n].detach().numpy(),
+                                 rtol=2e-5, atol=2e-6, err_msg=f'{n} at step {it}')
+  assert not np.allclose(np.asarray(params['head']['last_layer_weight_v']),
+                         init['head']['last_layer_weight_v'])
+
+
+def test_mae_optimizer_unchanged_without_dino_keys():
+  cfg = _dino_optim_config(None)
+  for key in ('weight_decay_end', 'clip_per_tensor'):
+    cfg[key] = None
+  cfg.freeze = ()
+  assert not optim.uses_dino_adamw(cfg)
+  cfg.freeze_epochs = 1
+  cfg.freeze = ('last_layer',)
+  with pytest.raises(ValueError, match='freeze_epochs needs the data-set size'):
+    optim.make_optimizer(cfg, {'w': jnp.ones((2, 2))}, total_steps=4, warmup_steps=0,
+                         batch_size=8)
+  assert optim.freeze_steps(cfg, num_examples=1500, batch_size=64) == 23
+
+
+# ---------------------------------------------------------------------- objective / trainer
+def _tiny(**kw):
+  config = dino_config.get_config('tiny')
+  config.batch_size = 8
+  config.data.worker_count = 0
+  config.async_checkpoint = False
+  for k, v in kw.items():
+    config[k] = v
+  return config
+
+
+def _batch(config, b=4, seed=0, segments=False):
+  rng = np.random.default_rng(seed)
+  g, l = config.data.image_size, config.data.local_size
+  n = config.data.local_crops_number
+  batch = {'global': rng.integers(0, 256, (b, 2, g, g, 3), np.uint8),
+           'local': rng.integers(0, 256, (b, n, l, l, 3), np.uint8)}
+  if segments:
+    batch['segments_global'] = rng.integers(0, 4, (b, 2, g, g), np.uint8)
+    batch['segments_local'] = rng.integers(0, 4, (b, n, l, l), np.uint8)
+  return batch
+
+
+@pytest.fixture(scope='module')
+def tiny_dino():
+  config = _tiny()
+  obj = dino.make(config)
+  batch = _batch(config)
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)
+  return config, obj, batch, params, state
+
+
+def test_teacher_gets_no_gradient_and_ema_follows_cosine_momentum(tiny_dino):
+  config, obj, batch, params, state = tiny_dino
+  # The teacher starts as an exact copy of the student (DINO loads the student's state dict).
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, state['teacher'])
+  grad_state = jax.jit(jax.grad(lambda s: obj.loss(params, s, batch, jax.random.key(1), 0)[0]))(
+      state)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_state['teacher'])) == 0.0
+  moved = jax.tree.map(lambda x: x + 1.0, params)
+  new = obj.after_update(moved, state, 3)
+  m = float(ema.cosine_schedule(0.996, 1.0, 3, config.total_steps))
+  assert 0.996 < m < 1.0
+  leaf = lambda t: t['encoder']['cls_token']
+  np.testing.assert_allclose(np.asarray(leaf(new['teacher'])),
+                             m * np.asarray(leaf(params)) + (1 - m) * np.asarray(leaf(moved)),
+                             rtol=1e-6)
+
+
+def test_loss_updates_center_from_teacher_outputs(tiny_dino):
+  config, obj, batch, params, state = tiny_dino
+  value, (new_state, metrics) = jax.jit(
+      lambda p, s: obj.loss(p, s, batch, jax.random.key(1), 0))(params, state)
+  crops, _ = dino.multicrop_views(config, batch)
+  teacher = jax.jit(lambda t: dino.DINOModel(config).apply({'params': t}, crops[:1]))(
+      state['teacher'])
+  np.testing.assert_allclose(np.asarray(new_state['center']),
+                             0.1 * np.asarray(teacher).mean(0, keepdims=True), rtol=1e-5,
+                             atol=1e-7)
+  assert float(metrics['teacher_temp']) == pytest.approx(0.04) and np.isfinite(float(value))
+
+
+def test_mre_dino_gives_every_crop_its_own_segment_ids():
+  config = mre_dino_config.get_config('tiny')
+  batch = _batch(config, segments=True)
+  crops, ids = dino.multicrop_views(config, batch)
+  assert [c.shape for c in crops] == [(8, 32, 32, 3), (8, 16, 16, 3)]
+  assert [i.shape for i in ids] == [(8, 64), (8, 16)]
+  # crop-major: row 1 of the stacked globals is example 1's first crop; patch (0, 0) is the
+  # majority id of its 4×4 pixels.
+  patch = batch['segments_global'][1, 0, :4, :4].ravel()
+  assert int(ids[0][1, 0]) == int(np.bincount(patch).argmax())
+  with pytest.raises(ValueError, match='segments_global'):
+    dino.multicrop_views(config, _batch(config))
+
+
+def _segments_data(root):
+  """A 24-image TFDS set with `segments` (what the SAM stage writes), 32 px."""
+  rng = np.random.default_rng(0)
+  def examples():
+    for i in range(24):
+      img = rng.integers(0, 256, (32, 32, 3), np.uint8)
+      seg = np.zeros((32, 32), np.uint8)
+      seg[:16, :16], seg[16:, 8:] = 1 + i % 3, 4
+      yield i, {'image': tfds_io.encode_image(img), 'label': i % 2, 'segments': seg}
+  return tfds_io.write_tfds(str(root), 'digits', tfds_io.features_dict(['a', 'b'],
+                                                                       with_segments=True),
+                            {'train': examples})
+
+
+@pytest.mark.parametrize('which', [pytest.param('dino', marks=pytest.mark.slow), 'mre_dino'])
+def test_tiny_config_trains_through_trainer(tmp_path, which):
+  module = {'dino': dino_config, 'mre_dino': mre_dino_config}[which]
+  config = module.get_config('tiny')
+  config.batch_size = 8
+  config.total_steps = 2
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.async_checkpoint = False
+  config.data.worker_count = 0
+  config.evals.knn.max_train = 64   # the monitor runs at the last step; keep it small
+  config.evals.knn.max_test = 32
+  if which == 'mre_dino':
+    config.evals = {}               # the tiny segments set has no test split
+    config.data.data_dir = _segments_data(tmp_path / 'sam')
+  record = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert np.isfinite(record['loss']) and record['step'] == 2
+  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r['dino_loss'] for r in rows if 'dino_loss' in r]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  if which == 'dino':   # the kNN monitor ran at the last step and wrote W/results.json
+    with open(tmp_path / 'w' / 'results.json') as f:
+      assert 0 <= json.load(f)['knn/top1'] <= 100
