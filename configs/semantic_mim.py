@@ -1,0 +1,116 @@
+"""SemanticMIM (proxy tokens) on MaskFeat or BEiT, ViT-B/16, IN-1K, 300 epochs (paper rows).
+
+  python -m mimjax.main --config configs/semantic_mim.py:tiny --workdir /tmp/smim_tiny
+  python -m mimjax.main --config configs/semantic_mim.py:tiny,base=beit --workdir /tmp/smim_beit
+  python -m mimjax.main --config configs/semantic_mim.py:vit_b,in1k,300ep --workdir W \
+      --config.data.data_dir=D --config.model.dtype=bfloat16
+  python -m mimjax.tokenizer fit --config configs/semantic_mim.py:vit_b,in1k,300ep,base=beit \
+      --out W/codebook.npy
+  python -m mimjax.main --config configs/semantic_mim.py:vit_b,in1k,300ep,base=beit \
+      --workdir W --config.tokenizer.codebook=W/codebook.npy
+  python -m mimjax.bench --config configs/semantic_mim.py:vit_b --config.batch_size=8 --steps 1
+
+Arg tokens: model (vit_b, ...), data (in1k, ...), <N>ep, tiny, and
+  base=maskfeat|beit  the MIM framework (MaskFeat: HOG target; BEiT: token target);
+  recipe=paper|repo   paper: mask 0.6, probe at block 7; repo (yyk-wew/SemanticMIM configs):
+                      MaskFeat mask 0.8, probe on the last layer.
+Baselines without proxies: configs/maskfeat.py, configs/beit.py.
+"""
+
+import ml_collections
+
+from configs import common
+from mimjax import targets
+from mimjax import tokenizer
+
+# Paper Table 2 (pre-training), identical with and without proxies.
+RECIPES = {
+    'maskfeat': dict(base_lr=2e-4, warmup_epochs=30, min_lr=1e-6, clip_norm=0.02,
+                     crop_scale=(0.5, 1.0), drop_path=0.0),
+    'beit': dict(base_lr=1.5e-3 * 256 / 2048, warmup_epochs=10, min_lr=1e-5, clip_norm=3.0,
+                 crop_scale=(0.08, 1.0), drop_path=0.1),
+}
+
+
+def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict, *,
+               proxy: bool) -> None:
+  """Model, masking, target, optimizer and data keys of SemanticMIM and its baselines."""
+  if arg.base not in RECIPES:
+    raise ValueError(f'config arg base={arg.base!r}: expected one of {sorted(RECIPES)}')
+  if arg.recipe not in ('paper', 'repo'):
+    raise ValueError(f'config arg recipe={arg.recipe!r}: expected "paper" or "repo"')
+  recipe = RECIPES[arg.base]
+  config.objective = 'semantic_mim'
+  if arg.tiny:
+    config.model = common.vit_config('mu/4', 32)
+  else:
+    config.model = common.vit_config(common.MODELS[arg.model], 224)
+  config.model.pos_embed = 'learned'          # BEiT/MaskFeat/SemanticMIM: learned pos-embed
+  config.model.proxy = proxy
+  config.model.num_prefix_tokens = 8 if proxy else 1  # [PROXY] tokens / the baselines' [CLS]
+  config.model.drop_path = recipe['drop_path']
+
+  # Masks: SemanticMIM uses uniform random patches (paper 60%); the baselines BEiT blocks 40%.
+  if proxy:
+    config.masking = 'random'
+    config.mask_ratio = 0.8 if (arg.recipe == 'repo' and arg.base == 'maskfeat') else 0.6
+  else:
+    config.masking = 'block'
+    config.mask_ratio = 0.4
+  config.block_mask = ml_collections.ConfigDict(
+      {'min_patches': None, 'max_patches': None, 'min_aspect': 0.3})
+
+  config.target = 'hog' if arg.base == 'maskfeat' else 'tokens'
+  config.norm_pix = True                      # used by target='pixel'
+  config.hog = targets.default_hog_config()   # mmpretrain: Gaussian window 16
+  config.tokenizer = tokenizer.default_tokenizer_config()
+  if arg.tiny:
+    # 4-px patches: 2-px cells keep MaskFeat's 2×2 cells per patch (108-d); one window/patch.
+    config.hog.cell_size = 2
+    config.hog.gaussian_window = 4
+    config.tokenizer.update({'vocab_size': 64, 'fit_images': 256, 'fit_iters': 10,
+                             'fit_on_start': True})
+
+  # Linear probe read-out (used by the evaluation tools via `encode_for_eval`).
+  config.probe_layer = 7 if arg.recipe == 'paper' else -1
+  config.probe_pool = 'cls'  # mean over the proxy tokens ('mean' = patch tokens)
+
+  config.optim.base_lr = recipe['base_lr']
+  config.optim.min_lr = recipe['min_lr']
+  config.optim.b2 = 0.999
+  config.optim.weight_decay = 0.05
+  config.optim.clip_norm = recipe['clip_norm']
+  config.optim.frozen = ()                    # learned pos-embed is trained
+  config.optim.no_decay = ('cls_token$', 'reg_token$', 'pos_embed$', 'mask_token$')
+
+  config.data.name = common.DATASETS[arg.data]
+  config.data.image_size = config.model.image_size
+  config.data.augment = 'mae'                 # RandomResizedCrop + flip
+  config.data.crop_scale = recipe['crop_scale']
+  if arg.tiny:
+    config.data.name = 'digits' if arg.data == 'in1k' else common.DATASETS[arg.data]
+    config.batch_size = 64
+    config.total_steps = 80
+    config.warmup_steps = 8
+    config.optim.lr = 1e-3
+    config.optim.clip_norm = 3.0
+    config.log_every = 20
+    config.checkpoint_every = 80
+  else:
+    config.batch_size = 2048
+    config.total_epochs = arg.epochs
+    config.warmup_epochs = recipe['warmup_epochs']
+    config.log_every = 100
+    config.checkpoint_every = 2000
+
+
+def parse(arg: str) -> ml_collections.ConfigDict:
+  """The arg string of this config family (see the module docstring)."""
+  return common.parse_arg(arg, model='vit_b', data='in1k', epochs=300, tiny=False,
+                          base='maskfeat', recipe='paper')
+
+
+def get_config(arg: str = 'vit_b,in1k,300ep') -> ml_collections.ConfigDict:
+  config = common.base_config()
+  mim_fields(config, parse(arg), proxy=True)
+  return config

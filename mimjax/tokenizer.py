@@ -1,0 +1,171 @@
+"""Frozen patch tokenizers for BEiT-style token targets, and the k-means codebook fitter.
+
+  python -m mimjax.tokenizer fit --config configs/beit.py:tiny --out /tmp/codebook.npy
+  python -m mimjax.main --config configs/beit.py:tiny --workdir /tmp/beit_tiny \
+      --config.tokenizer.codebook=/tmp/codebook.npy
+
+A tokenizer is anything with `vocab_size` and `__call__(images) -> (B, N) int32` on normalised
+NHWC images (one id per patch, patches row-major). We ship `KMeansHOGTokenizer`: the nearest
+centre of a k-means codebook fitted on per-patch HOG features (same `config.hog` as the HOG
+target). To plug in a learned tokenizer (BEiT's DALL-E dVAE), wrap it in a class with these two
+members and pass it as `semantic_mim.make(config, tokenizer=...)` (docs/semantic_mim.md).
+"""
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mimjax import targets
+
+TOKENIZERS = ('kmeans_hog',)
+
+
+class Tokenizer(Protocol):
+  """Maps normalised images (B, H, W, 3) to token ids (B, N) in [0, vocab_size)."""
+  vocab_size: int
+
+  def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+    ...
+
+
+def default_tokenizer_config() -> ml_collections.ConfigDict:
+  """config.tokenizer: kind, codebook path, and the fitting knobs of `fit`."""
+  return ml_collections.ConfigDict({'kind': 'kmeans_hog', 'codebook': '', 'vocab_size': 8192,
+                                    'fit_images': 20000, 'fit_iters': 20, 'fit_on_start': False})
+
+
+class KMeansHOGTokenizer:
+  """Token id = index of the nearest (squared L2) codebook row to the patch's HOG feature."""
+
+  def __init__(self, codebook: np.ndarray, patch_size: int, hog: ml_collections.ConfigDict):
+    self.codebook = jnp.asarray(codebook, jnp.float32)
+    self.vocab_size = int(codebook.shape[0])
+    self.patch_size, self.hog = patch_size, hog
+
+  def features(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Per-patch HOG features (B, N, d)."""
+    h = self.hog
+    return targets.hog_targets(images, self.patch_size, h.nbins, h.cell_size, h.gaussian_window)
+
+  def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+    return nearest(self.features(images), self.codebook)
+
+
+def nearest(x: jnp.ndarray, codebook: jnp.ndarray) -> jnp.ndarray:
+  """argmin_k ||x − c_k||² over the last axis of x → int32 ids."""
+  dist = (jnp.sum(codebook * codebook, axis=-1)
+          - 2 * jnp.einsum('...d,kd->...k', x, codebook, precision='highest'))
+  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of x."""
+  centres = [x[rng.integers(len(x))]]
+  d2 = np.sum((x - centres[0]) ** 2, axis=1)
+  for _ in range(1, k):
+    p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
+    centres.append(x[rng.choice(len(x), p=p)])
+    d2 = np.minimum(d2, np.sum((x - centres[-1]) ** 2, axis=1))
+  return np.stack(centres).astype(np.float32)
+
+
+def fit_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
+  """Lloyd's k-means from k-means++ seeds; an emptied cluster keeps its previous centre."""
+  x = np.asarray(x, np.float32)
+  if len(x) < k:
+    raise ValueError(f'k-means: {len(x)} features < vocab_size {k}; fit on more images '
+                     '(config.tokenizer.fit_images) or lower config.tokenizer.vocab_size')
+  centres = jnp.asarray(kmeans_plus_plus(x, k, np.random.default_rng(seed)))
+  xs = jnp.asarray(x)
+
+  @jax.jit
+  def step(c):
+    ids = nearest(xs, c)
+    sums = jax.ops.segment_sum(xs, ids, num_segments=k)
+    counts = jax.ops.segment_sum(jnp.ones(len(x), jnp.float32), ids, num_segments=k)
+    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
+
+  for _ in range(iters):
+    centres = step(centres)
+  return np.asarray(centres)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, patch_size: int) -> Tokenizer:
+  """The tokenizer of `config.tokenizer` (kind 'kmeans_hog' with a fitted `codebook` .npy)."""
+  cfg = config.get('tokenizer') or default_tokenizer_config()
+  if cfg.get('kind') not in TOKENIZERS:
+    raise ValueError(f'config.tokenizer.kind={cfg.get("kind")!r}: expected one of {TOKENIZERS}')
+  path = cfg.get('codebook')
+  if not path and cfg.get('fit_on_start'):
+    # CPU-sized configs only: fit a small codebook in memory so `tiny` runs in one command.
+    return KMeansHOGTokenizer(fit_codebook(config), patch_size, targets.hog_config(config))
+  if not path:
+    raise ValueError('config.target="tokens" needs config.tokenizer.codebook: fit one with '
+                     '`python -m mimjax.tokenizer fit --config <same config> --out codebook.npy`')
+  codebook = np.load(path)
+  hog = targets.hog_config(config)
+  want = targets.hog_dim(patch_size, hog.nbins, hog.cell_size)
+  if codebook.ndim != 2 or codebook.shape[1] != want:
+    raise ValueError(f'config.tokenizer.codebook={path!r}: shape {codebook.shape}, expected '
+                     f'(vocab, {want}) for patch {patch_size} and config.hog {hog.to_dict()}')
+  return KMeansHOGTokenizer(codebook, patch_size, hog)
+
+
+def fit_codebook(config: ml_collections.ConfigDict, num_images=None, vocab_size=None,
+                 iters=None) -> np.ndarray:
+  """Fits the k-means codebook on HOG features of `num_images` eval-view training images."""
+  from mimjax.data import pipeline
+  from mimjax.data.normalize import normalize_images
+  from mimjax.models.vit import model_dims
+
+  tok = config.get('tokenizer') or default_tokenizer_config()
+  num_images = int(num_images or tok.fit_images)
+  vocab_size = int(vocab_size or tok.vocab_size)
+  patch = model_dims(config.model)['patch_size']
+  hog = targets.hog_config(config)
+  num_images = min(num_images, pipeline.num_examples(config.data, 'train'))
+  batch = min(256, num_images)
+  loader = pipeline.make_loader(config.data, global_batch_size=batch, seed=config.seed,
+                                split='train', train=False)
+  feats = jax.jit(lambda x: targets.hog_targets(normalize_images(x), patch, hog.nbins,
+                                                hog.cell_size, hog.gaussian_window))
+  out, seen = [], 0
+  while seen < num_images:
+    f = np.asarray(feats(next(loader)['image']))[:num_images - seen]  # (b, N, d)
+    out.append(f.reshape(-1, f.shape[-1]))
+    seen += f.shape[0]
+  x = np.concatenate(out)
+  logging.info('k-means: %d HOG features of dim %d → %d tokens', len(x), x.shape[1], vocab_size)
+  return fit_kmeans(x, vocab_size, int(iters or tok.fit_iters), config.seed)
+
+
+def main(argv):
+  """`fit`: fits the codebook of --config and writes it to --out."""
+  if len(argv) != 2 or argv[1] != 'fit':
+    raise app.UsageError('usage: python -m mimjax.tokenizer fit --config C --out codebook.npy')
+  if not flags.FLAGS.out:
+    raise app.UsageError('--out is required')
+  f = flags.FLAGS
+  codebook = fit_codebook(f.config, f.num_images, f.vocab_size)
+  np.save(f.out, codebook)
+  print(f'wrote {f.out}: codebook {codebook.shape}')
+
+
+def _define_flags() -> None:
+  # Defined only when run as a command, so importing this module never clashes with main.py.
+  config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
+  flags.DEFINE_string('out', None, 'Where to write the (vocab, d) codebook .npy.')
+  flags.DEFINE_integer('num_images', None, 'Images to fit on (default: config).')
+  flags.DEFINE_integer('vocab_size', None, 'Codebook size (default: config).')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,141 @@
+"""SemanticMIM objective + BEiT/MaskFeat baselines: tiny configs train, loss by hand, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import beit as beit_config
+from configs import maskfeat as maskfeat_config
+from configs import semantic_mim as smim_config
+from mimjax import masking, targets
+from mimjax.data.normalize import normalize_images
+from mimjax.objectives import semantic_mim
+from mimjax.train import trainer
+
+
+def _tiny(module, arg='tiny', **overrides):
+  config = module.get_config(arg)
+  config.batch_size = 16
+  config.total_steps = 2
+  config.warmup_steps = 1
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.async_checkpoint = False
+  config.mesh.devices = 1
+  config.tokenizer.fit_images = 32
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['loss'] for line in f]
+
+
+@pytest.mark.parametrize('module,arg', [(smim_config, 'tiny'), (beit_config, 'tiny')])
+def test_tiny_configs_train_with_finite_loss(tmp_path, module, arg):
+  record = trainer.train_and_evaluate(_tiny(module, arg), str(tmp_path))
+  losses = _losses(tmp_path)
+  assert record['step'] == 2 and len(losses) == 2 and np.all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('module,arg', [(maskfeat_config, 'tiny'),
+                                        (smim_config, 'tiny,base=beit'),
+                                        (smim_config, 'tiny,recipe=repo')])
+def test_other_tiny_configs_train_with_finite_loss(tmp_path, module, arg):
+  trainer.train_and_evaluate(_tiny(module, arg), str(tmp_path))
+  assert np.all(np.isfinite(_losses(tmp_path)))
+
+
+def _batch(b=4):
+  rng = np.random.default_rng(0)
+  return {'image': rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)}
+
+
+@pytest.mark.parametrize('proxy', [True, False])
+def test_loss_equals_hand_computed_masked_hog_mse(proxy):
+  config = _tiny(smim_config) if proxy else _tiny(maskfeat_config)
+  obj = semantic_mim.make(config)
+  batch = _batch()
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)
+  rng = jax.random.key(7)
+  value, (_, metrics) = jax.jit(obj.loss)(params, state, batch, rng, 0)
+  # Re-derive: same mask draw, model predictions, HOG targets, MSE over masked patches.
+  mask_rng, _ = jax.random.split(rng)
+  m = masking.make_mask(config, mask_rng, 4, 64)
+  images = normalize_images(batch['image'])
+  model = semantic_mim.SemanticMIM(config, 108)
+  pred = np.asarray(jax.jit(lambda p: model.apply({'params': p}, images, m))(params), np.float64)
+  hog = np.asarray(targets.hog_targets(images, 4, 9, 2, 4), np.float64)
+  mask = np.asarray(m.mask)
+  if proxy:
+    ids = np.asarray(masking.masked_ids(m))
+    assert pred.shape == (4, 39, 108) and ids.shape == (4, 39)  # ⌈64 · 0.6⌉ = 39
+    expected = np.mean([np.mean((pred[b] - hog[b, ids[b]]) ** 2) for b in range(4)])
+  else:
+    assert pred.shape == (4, 64, 108) and mask.sum() == 4 * 26  # round(64 · 0.4)
+    per_patch = np.mean((pred - hog) ** 2, axis=-1)
+    expected = (per_patch * mask).sum() / mask.sum()
+  # rel 1e-3: a pixel whose HOG angle sits on a bin edge may fall either side under different
+  # XLA fusions; a wrong mask, gather or weighting moves the loss by far more.
+  assert float(value) == pytest.approx(expected, rel=1e-3)
+  assert float(metrics['mim_loss']) == float(value)
+
+
+def test_export_and_encode_for_eval_read_layer_7_or_last():
+  config = _tiny(smim_config)
+  config.model.depth = 8
+  obj = semantic_mim.make(config)
+  params, _ = obj.init(jax.random.key(0), _batch(1))
+  assert obj.encoder == ('backbone', 'encoder')
+  vit_cfg, enc = semantic_mim.export_encoder(config, params)
+  assert vit_cfg.num_prefix_tokens == 8 and 'mask_token' not in enc
+  images = normalize_images(_batch(2)['image'])
+  assert config.probe_layer == 7
+  from mimjax.models.vit import ViT
+  last, aux = ViT(vit_cfg).apply({'params': enc}, images, return_layers=True)
+  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images),
+                             aux['layers'][6], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images, -1), last,
+                             rtol=1e-6, atol=1e-6)
+  assert smim_config.get_config('tiny,recipe=repo').probe_layer == -1
+  assert smim_config.get_config('vit_b,recipe=repo').mask_ratio == 0.8
+  assert smim_config.get_config('vit_b,recipe=repo,base=beit').mask_ratio == 0.6
+
+
+def test_paper_rows_and_baselines():
+  c = smim_config.get_config('vit_b,in1k,300ep')
+  assert (c.model.variant, c.model.num_prefix_tokens, c.model.proxy, c.mask_ratio, c.masking,
+          c.target, c.total_epochs, c.batch_size) == ('B/16', 8, True, 0.6, 'random', 'hog',
+                                                      300, 2048)
+  b = smim_config.get_config('vit_b,in1k,300ep,base=beit')
+  assert (b.target, b.optim.clip_norm, b.model.drop_path) == ('tokens', 3.0, 0.1)
+  mf = maskfeat_config.get_config()
+  assert (mf.model.proxy, mf.model.num_prefix_tokens, mf.masking, mf.mask_ratio,
+          mf.block_mask.min_patches, mf.optim.clip_norm) == (False, 1, 'block', 0.4, 15, 0.02)
+  bt = beit_config.get_config()
+  assert masking.num_masked(bt, 196) == 75 and bt.block_mask.min_patches == 16
+
+
+def test_bad_config_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match='config.target'):
+    semantic_mim.make(_tiny(smim_config, target='clip'))
+  with pytest.raises(ValueError, match='config.masking'):
+    semantic_mim.make(_tiny(smim_config, masking='grid'))
+  with pytest.raises(ValueError, match='model.num_prefix_tokens'):
+    semantic_mim.make(_tiny(smim_config, **{'model.num_prefix_tokens': -1}))
+  with pytest.raises(ValueError, match='config.tokenizer.codebook'):
+    semantic_mim.make(_tiny(beit_config, **{'tokenizer.fit_on_start': False}))
+  bad = tmp_path / 'codebook.npy'
+  np.save(bad, np.zeros((4, 27), np.float32))
+  with pytest.raises(ValueError, match='config.tokenizer.codebook'):
+    semantic_mim.make(_tiny(beit_config, **{'tokenizer.codebook': str(bad)}))
