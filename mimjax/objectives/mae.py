@@ -101,7 +101,10 @@ def batch_segment_ids(config: ml_collections.ConfigDict, batch: dict):
 
 
 def make(config: ml_collections.ConfigDict) -> Objective:
-  """MAE objective from `config.model`, `config.mask_ratio`, `config.norm_pix`."""
+  """MAE objective from `config.model`, `config.mask_ratio`, `config.masking`, `config.norm_pix`."""
+  if config.get('target', 'pixel') != 'pixel':
+    raise ValueError(f'config.target={config.target!r}: the MAE objective predicts pixels; use '
+                     'configs/maskfeat.py or configs/semantic_mim.py for HOG/token targets')
   model = MAE(config)
   n = num_patches(config)
 
@@ -116,7 +119,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     del step
     images = normalize_images(batch['image'])
     mask_rng, drop_rng = jax.random.split(rng)
-    m = masking.random_masking(mask_rng, images.shape[0], n, config.mask_ratio)
+    m = masking.make_mask(config, mask_rng, images.shape[0], n)  # random (MAE) or block
     pred = model.apply({'params': params}, images, m.keep_ids, m.restore_ids,
                        batch_segment_ids(config, batch), train=True, rngs={'dropout': drop_rng})
     value = mae_loss(pred, images, m.mask, config.norm_pix)

@@ -107,3 +107,19 @@ def test_tiny_objective_loss_is_finite_and_has_grad():
   assert np.isfinite(loss) and float(loss) > 0.1
   assert float(jnp.abs(grads['encoder']['pos_embed']).max()) == 0.0  # frozen sincos
   assert float(jnp.abs(grads['encoder']['cls_token']).max()) > 0.0
+
+
+def test_block_masking_through_config_keeps_a_fixed_count():
+  config = mae_config.get_config('tiny')
+  config.masking = 'block'
+  config.mask_ratio = 0.5
+  obj = mae.make(config)
+  batch = {'image': np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)}
+  params, state = obj.init(jax.random.key(0), batch)
+  loss, _ = obj.loss(params, state, batch, jax.random.key(1), 0)
+  assert np.isfinite(loss)
+  m = masking.make_mask(config, jax.random.key(1), 2, 64)
+  np.testing.assert_array_equal(np.asarray(m.mask).sum(-1), [32, 32])
+  config.target = 'hog'
+  with np.testing.assert_raises_regex(ValueError, 'config.target'):
+    mae.make(config)
