@@ -121,7 +121,9 @@ def _resolve_split(available, split: str, where: str) -> str:
 def _dataset_dir(cfg) -> str:
   """Prepared TFDS directory of cfg.name (embedded sets are built on first use)."""
   if cfg.name in embedded.EMBEDDED:
-    path = tfds_io.find_dataset_dir(cfg.data_dir, cfg.name)
+    if not cfg.data_dir:  # the default cache: always the current embedded version
+      return embedded.ensure_embedded(cfg.name)
+    path = tfds_io.find_dataset_dir(cfg.data_dir, cfg.name)  # e.g. SAM output of `photos`
     return path or embedded.ensure_embedded(cfg.name, cfg.data_dir)
   path = tfds_io.find_dataset_dir(cfg.data_dir, cfg.name)
   if path is None:

@@ -12,12 +12,15 @@ import os
 from typing import Iterator, Optional
 
 import numpy as np
+from PIL import Image
 
 from mimjax.data.builders import tfds_io
 
 EMBEDDED = ('digits', 'photos')
 DIGITS_TRAIN = 1500
 DIGITS_SEED = 0
+# Bumped whenever an embedded set's content changes, so stale caches are rebuilt.
+VERSIONS = {'digits': '1.1.0', 'photos': tfds_io.VERSION}
 # scikit-image sample images that are bundled with the wheel (no pooch download).
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field',
           'immunohistochemistry', 'retina', 'colorwheel', 'camera', 'moon', 'page', 'coins',
@@ -31,7 +34,9 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
   perm = np.random.default_rng(DIGITS_SEED).permutation(len(d.images))
   idx = {'train': perm[:DIGITS_TRAIN], 'test': perm[DIGITS_TRAIN:]}[split]
   small = np.round(d.images[idx] * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-  big = small.repeat(4, axis=1).repeat(4, axis=2)
+  # Bicubic, not nearest: with nearest every 4×4 patch of the 32-px image would be one flat
+  # pixel, whose norm-pix MAE target is all zeros — nothing to learn.
+  big = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.BICUBIC)) for x in small])
   return np.repeat(big[..., None], 3, axis=-1), d.target[idx].astype(np.int64)
 
 
@@ -62,7 +67,7 @@ def build_embedded(name: str, data_dir: Optional[str] = None, *, overwrite: bool
   if name == 'digits':
     features = tfds_io.features_dict([str(i) for i in range(10)])
     gens = {'train': lambda: _digits_examples('train'), 'test': lambda: _digits_examples('test')}
-    desc = 'scikit-learn digits, nearest-upsampled to 32x32 RGB.'
+    desc = 'scikit-learn digits, bicubic-upsampled to 32x32 RGB.'
   elif name == 'photos':
     features = tfds_io.features_dict(PHOTOS)
     gens = {'train': _photos_examples}
@@ -70,17 +75,17 @@ def build_embedded(name: str, data_dir: Optional[str] = None, *, overwrite: bool
   else:
     raise ValueError(f'unknown embedded data set {name!r}; expected one of {EMBEDDED}')
   return tfds_io.write_tfds(data_dir, name, features, gens, description=desc,
-                            overwrite=overwrite)
+                            overwrite=overwrite, version=VERSIONS[name])
 
 
 def ensure_embedded(name: str, data_dir: Optional[str] = None) -> str:
-  """The directory of embedded set `name`, building it on first use (once across processes)."""
-  path = tfds_io.find_dataset_dir(data_dir, name)
-  if path is not None:
-    return path
+  """The directory of embedded set `name` at its current version, building it on first use
+  (once across processes); an older cached version is never used."""
   root = tfds_io.resolve_data_dir(data_dir)
+  path = os.path.join(root, name, VERSIONS[name])
+  if os.path.exists(os.path.join(path, 'dataset_info.json')):
+    return path
   with tfds_io.file_lock(os.path.join(root, f'.{name}.lock')):
-    path = tfds_io.find_dataset_dir(data_dir, name)  # another process may have won
-    if path is None:
+    if not os.path.exists(os.path.join(path, 'dataset_info.json')):  # another process may have won
       path = build_embedded(name, data_dir)
   return path

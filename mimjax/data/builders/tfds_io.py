@@ -62,12 +62,13 @@ def encode_image(image: np.ndarray, fmt: str = 'png', quality: int = 95) -> byte
 
 
 def _builder_class(name: str, features: tfds.features.FeaturesDict, description: str,
-                   split_generators: Mapping[str, Callable[[], ExampleIter]]):
+                   split_generators: Mapping[str, Callable[[], ExampleIter]],
+                   version: str = VERSION):
   """A throw-away GeneratorBasedBuilder subclass (unregistered, so names may repeat)."""
 
   def body(ns):
     ns['name'] = name
-    ns['VERSION'] = tfds.core.Version(VERSION)
+    ns['VERSION'] = tfds.core.Version(version)
 
     def _info(self):
       # Keys are written in the generator's order, so record i is the i-th example yielded.
@@ -93,23 +94,24 @@ def _builder_class(name: str, features: tfds.features.FeaturesDict, description:
 def write_tfds(data_dir: str, name: str, features: tfds.features.FeaturesDict,
                split_generators: Mapping[str, Callable[[], ExampleIter]], *,
                description: str = '', overwrite: bool = False,
-               after_write: Optional[Callable[[str], None]] = None) -> str:
-  """Writes `data_dir/name/VERSION` atomically (temp dir + rename); returns its path.
+               after_write: Optional[Callable[[str], None]] = None,
+               version: str = VERSION) -> str:
+  """Writes `data_dir/name/version` atomically (temp dir + rename); returns its path.
 
   `split_generators[split]()` yields `(key, example)` in record order. `after_write(tmp_path)`
   runs on the finished temp copy before the rename (to add files or raise and abort).
   """
   data_dir = resolve_data_dir(data_dir)
-  final = os.path.join(data_dir, name, VERSION)
+  final = os.path.join(data_dir, name, version)
   if os.path.exists(final) and not overwrite:
     raise BuildError(f'{final} already exists; pass overwrite=True (--overwrite) to rebuild')
   os.makedirs(data_dir, exist_ok=True)
   tmp_root = os.path.join(data_dir, f'.tmp-{name}-{uuid.uuid4().hex[:8]}')
   try:
-    cls = _builder_class(name, features, description, split_generators)
+    cls = _builder_class(name, features, description, split_generators, version)
     builder = cls(data_dir=tmp_root, file_format='array_record')
     builder.download_and_prepare(download_dir=os.path.join(tmp_root, 'downloads'))
-    built = os.path.join(tmp_root, name, VERSION)
+    built = os.path.join(tmp_root, name, version)
     if after_write is not None:
       after_write(built)
     os.makedirs(os.path.dirname(final), exist_ok=True)
