@@ -16,11 +16,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _DropOpenCVHint:
-  """tfds warns once per image feature that OpenCV is missing; PIL decoding is what we use."""
+class _DropKnownNoise:
+  """Harmless library warnings: tfds's OpenCV hint (we decode with PIL) and orbax's note that
+  a composite checkpoint's item directory has no metadata file of its own."""
+  NOISE = ('OpenCV is not installed', 'Metadata file does not exist')
 
   def filter(self, record) -> bool:
-    return 'OpenCV is not installed' not in record.getMessage()
+    return not any(n in record.getMessage() for n in self.NOISE)
 
 
 def maybe_initialize_distributed() -> None:
@@ -53,7 +55,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress bar
-  logging.get_absl_logger().addFilter(_DropOpenCVHint())
+  logging.get_absl_logger().addFilter(_DropKnownNoise())
   maybe_initialize_distributed()
   try:
     config = _CONFIG.value
