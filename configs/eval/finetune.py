@@ -6,9 +6,10 @@
       --config.pretrained=W --config.data.data_dir=D
 
 Rows: vit_b (100 ep, blr 5e-4, layer decay 0.65, drop path 0.1), vit_l / vit_h (50 ep, blr 1e-3,
-ld 0.75, drop path 0.2 / 0.3). Mixup 0.8 / CutMix 1.0 / label smoothing 0.1, AdamW
-(0.9, 0.999) wd 0.05, 5 warm-up epochs, min lr 1e-6. RandAugment and random erasing are not
-implemented (see docs/evaluation.md). Writes E/results.json (eval/top1, eval/top5).
+ld 0.75, drop path 0.2 / 0.3). Augmentation: RandomResizedCrop (0.08, 1) bicubic → flip →
+RandAugment rand-m9-mstd0.5-inc1 (host, data.augment='finetune') → RandomErasing p 0.25 'pixel'
+(device) → Mixup 0.8 / CutMix 1.0 / label smoothing 0.1. AdamW (0.9, 0.999) wd 0.05, 5 warm-up
+epochs, min lr 1e-6. Writes E/results.json (eval/top1, eval/top5).
 """
 
 import ml_collections
@@ -30,15 +31,19 @@ def get_config(arg: str = 'vit_b,in1k'):
   config.finetune = ml_collections.ConfigDict({
       'pool': arg.pool, 'num_classes': eval_common.num_classes(arg, config.data.name),
       'mixup': 0.8, 'cutmix': 1.0, 'mix_prob': 1.0, 'switch_prob': 0.5,
-      'label_smoothing': 0.1, 'ema_decay': 0.0})
+      'label_smoothing': 0.1, 'ema_decay': 0.0,
+      'reprob': 0.25, 'remode': 'pixel', 'recount': 1})  # timm RandomErasing (MAE defaults)
   config.optim.b2 = 0.999
   config.optim.weight_decay = 0.05
   config.optim.base_lr = blr
   config.optim.min_lr = 1e-6
   config.optim.layer_decay = ld
   config.optim.no_decay = ('pos_embed', 'cls_token')
-  config.data.augment = 'mae'
+  config.data.augment = 'finetune'          # RRC → flip → RandAugment (timm create_transform)
   config.data.crop_scale = (0.08, 1.0)
+  config.data.randaug_num_ops = 2           # timm 'rand-m9-mstd0.5-inc1'
+  config.data.randaug_magnitude = 9.0
+  config.data.randaug_mstd = 0.5
   if arg.tiny:
     config.data.name = 'digits' if arg.data == 'in1k' else config.data.name
     config.finetune.num_classes = eval_common.num_classes(arg, config.data.name)

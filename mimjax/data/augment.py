@@ -8,7 +8,7 @@ everywhere and passes through as None.
 """
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -284,3 +284,156 @@ def patch_segment_ids(segments: Array, patch_size: int) -> Array:
   counts = (x[..., None] == ids).sum(axis=-2)  # (..., h/p, w/p, K+1)
   # argmax returns the first maximum → the lowest id among tied ones.
   return counts.argmax(axis=-1).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------- RandAugment
+# timm `rand_augment_transform('rand-m9-mstd0.5-inc1')` as built by timm `create_transform` for
+# MAE fine-tuning: ops from `_RAND_INCREASING_TRANSFORMS`, geometric ops with the interpolation
+# of the crop (bicubic) and fill = timm `img_mean` = round(255 · IMAGENET_MEAN).
+RAND_INCREASING_OPS = (
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+    'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+    'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel',
+)
+GEOMETRIC_OPS = frozenset({'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'})
+RANDAUG_FILL = (124, 116, 104)  # = round(255 · (0.485, 0.456, 0.406)), timm's aa img_mean
+_LEVEL_DENOM = 10.0  # timm: magnitude M → fractional level M / 10
+
+
+class RandAugStep(NamedTuple):
+  """One sampled RandAugment layer: op name, whether it fires, its magnitude and sign."""
+  name: str
+  apply: bool
+  magnitude: float
+  negate: bool
+
+
+def randaug_op_args(name: str, magnitude: float, negate: bool = False) -> tuple:
+  """timm `LEVEL_TO_ARG[name](magnitude)` with the random sign fixed by `negate`."""
+  sign = -1.0 if negate else 1.0
+  # Expressions keep timm's float evaluation order so int() truncations agree exactly.
+  if name in ('AutoContrast', 'Equalize', 'Invert'):
+    return ()
+  if name == 'Rotate':  # degrees in [-30, 30]
+    return (sign * ((magnitude / _LEVEL_DENOM) * 30.0),)
+  if name == 'PosterizeIncreasing':  # bits kept: 4 → 0 as M grows
+    return (4 - int((magnitude / _LEVEL_DENOM) * 4),)
+  if name == 'SolarizeIncreasing':  # threshold 256 → 0 as M grows
+    return (256 - min(256, int((magnitude / _LEVEL_DENOM) * 256)),)
+  if name == 'SolarizeAdd':  # add in [0, 110] below threshold 128
+    return (min(128, int((magnitude / _LEVEL_DENOM) * 110)),)
+  if name in ('ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+              'SharpnessIncreasing'):  # enhance factor 1 ± 0.9·M/10, at least 0.1
+    return (max(0.1, 1.0 + sign * ((magnitude / _LEVEL_DENOM) * 0.9)),)
+  if name in ('ShearX', 'ShearY'):  # shear factor in [-0.3, 0.3]
+    return (sign * ((magnitude / _LEVEL_DENOM) * 0.3),)
+  if name in ('TranslateXRel', 'TranslateYRel'):  # fraction of the side in [-0.45, 0.45]
+    return (sign * ((magnitude / _LEVEL_DENOM) * 0.45),)
+  raise ValueError(f'unknown RandAugment op {name!r}; expected one of {RAND_INCREASING_OPS}')
+
+
+def _affine(pil: Image.Image, coeffs: tuple, resample, fill) -> Image.Image:
+  """PIL inverse-affine warp at the same size (output (x, y) samples input A·(x, y, 1))."""
+  return pil.transform(pil.size, Image.Transform.AFFINE, coeffs, resample=resample,
+                       fillcolor=fill)
+
+
+def _geometric(pil: Image.Image, name: str, arg: float, resample, fill) -> Image.Image:
+  """Rotate / shear / translate exactly as timm's PIL calls."""
+  if name == 'Rotate':
+    return pil.rotate(arg, resample=resample, fillcolor=fill)
+  if name == 'ShearX':
+    return _affine(pil, (1, arg, 0, 0, 1, 0), resample, fill)
+  if name == 'ShearY':
+    return _affine(pil, (1, 0, 0, arg, 1, 0), resample, fill)
+  if name == 'TranslateXRel':
+    return _affine(pil, (1, 0, arg * pil.size[0], 0, 1, 0), resample, fill)
+  return _affine(pil, (1, 0, 0, 0, 1, arg * pil.size[1]), resample, fill)  # TranslateYRel
+
+
+def _photometric(pil: Image.Image, name: str, args: tuple) -> Image.Image:
+  """The colour ops (PIL ImageOps / ImageEnhance), as timm calls them."""
+  if name == 'AutoContrast':
+    return ImageOps.autocontrast(pil)
+  if name == 'Equalize':
+    return ImageOps.equalize(pil)
+  if name == 'Invert':
+    return ImageOps.invert(pil)
+  if name == 'PosterizeIncreasing':  # keep the top `bits` bits of every channel
+    bits = args[0]
+    if bits >= 8:
+      return pil
+    # ImageOps.posterize's LUT, written out: recent Pillow rejects bits = 0 (M clipped to 10),
+    # which older Pillow (MAE's era) mapped to an all-black image — we keep that.
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return pil.point([i & mask for i in range(256)] * len(pil.getbands()))
+  if name == 'SolarizeIncreasing':
+    return ImageOps.solarize(pil, args[0])
+  if name == 'SolarizeAdd':  # add `args[0]` (saturating) to pixels below 128
+    lut = [min(255, i + args[0]) if i < 128 else i for i in range(256)]
+    return pil.point(lut * len(pil.getbands()))
+  enhancer = {'ColorIncreasing': ImageEnhance.Color, 'ContrastIncreasing': ImageEnhance.Contrast,
+              'BrightnessIncreasing': ImageEnhance.Brightness,
+              'SharpnessIncreasing': ImageEnhance.Sharpness}[name]
+  return enhancer(pil).enhance(args[0])
+
+
+def randaug_op(image: Array, segments: Optional[Array], name: str, magnitude: float,
+               negate: bool = False, fill: Sequence[int] = RANDAUG_FILL,
+               resample=BICUBIC) -> tuple[Array, Optional[Array]]:
+  """One RandAugment op at a fixed magnitude and sign; geometric ops also warp `segments`
+  (NEAREST, fill 0 = background), colour ops leave it alone."""
+  args = randaug_op_args(name, magnitude, negate)
+  pil = Image.fromarray(image)
+  if name in GEOMETRIC_OPS:
+    out = np.asarray(_geometric(pil, name, args[0], resample, tuple(fill)))
+    if segments is not None:
+      segments = np.asarray(_geometric(Image.fromarray(segments), name, args[0], NEAREST, 0))
+    return out, segments
+  return np.asarray(_photometric(pil, name, args)), segments
+
+
+def rand_augment_plan(rng: np.random.Generator, num_ops: int = 2, magnitude: float = 9.0,
+                      magnitude_std: float = 0.5, prob: float = 0.5,
+                      magnitude_max: float = _LEVEL_DENOM,
+                      ops: Sequence[str] = RAND_INCREASING_OPS) -> list[RandAugStep]:
+  """timm `RandAugment.__call__` draws: `num_ops` ops uniformly with replacement, each fires
+  with probability `prob` with magnitude ~ N(magnitude, magnitude_std) (U(0, magnitude) when
+  the std is inf or > 100, as timm's 'mstd' parsing) clipped to [0, magnitude_max], and a
+  fair-coin sign (used by the signed ops only)."""
+  choice = rng.integers(0, len(ops), size=num_ops)
+  steps = []
+  for k in choice:
+    apply = bool(rng.uniform() < prob)
+    m = float(magnitude)
+    if magnitude_std > 100:
+      m = float(rng.uniform(0.0, magnitude))
+    elif magnitude_std > 0:
+      m = float(rng.normal(magnitude, magnitude_std))
+    m = max(0.0, min(m, magnitude_max))
+    negate = bool(rng.uniform() < 0.5)
+    steps.append(RandAugStep(ops[int(k)], apply, m, negate))
+  return steps
+
+
+def rand_augment(rng: np.random.Generator, image: Array, segments: Optional[Array],
+                 num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
+                 prob: float = 0.5) -> tuple[Array, Optional[Array]]:
+  """timm RandAugment 'rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-inc1' (bicubic)."""
+  for step in rand_augment_plan(rng, num_ops, magnitude, magnitude_std, prob):
+    if step.apply:
+      image, segments = randaug_op(image, segments, step.name, step.magnitude, step.negate)
+  return image, segments
+
+
+def finetune_view(rng: np.random.Generator, image: Array, segments: Optional[Array], size: int,
+                  scale: Sequence[float] = (0.08, 1.0),
+                  ratio: Sequence[float] = (3 / 4, 4 / 3), num_ops: int = 2,
+                  magnitude: float = 9.0,
+                  magnitude_std: float = 0.5) -> tuple[Array, Optional[Array]]:
+  """MAE fine-tuning (timm create_transform): RRC(size, scale, bicubic) → flip 0.5 →
+  RandAugment. RandomErasing follows on device, after normalisation
+  (`mimjax.evaluate.erasing.random_erasing`)."""
+  image, segments = random_resized_crop(rng, image, segments, size, scale, ratio)
+  image, segments = random_hflip(rng, image, segments)
+  return rand_augment(rng, image, segments, num_ops, magnitude, magnitude_std)

@@ -23,7 +23,7 @@ from mimjax.data import augment as aug_lib
 from mimjax.data.builders import embedded, tfds_io
 
 NAMES = ('digits', 'photos', 'image_folder', 'imagenet2012', 'imagenet100', 'synthetic')
-AUGMENTS = ('mae', 'simple', 'lut', 'dino', 'eval', 'none')
+AUGMENTS = ('mae', 'simple', 'lut', 'dino', 'eval', 'none', 'finetune')
 EVAL_SPLITS = ('validation', 'test', 'val')
 _SHUFFLE_SALT = 0x5EED
 _AUG_SALT = 0xA06
@@ -50,6 +50,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'local_size': 96,
       'synthetic_size': 10000,     # records in the 'synthetic' train split (test: 1/10)
       'num_classes': 1000,         # labels of 'synthetic'
+      'randaug_num_ops': 2,        # 'finetune': RandAugment layers per image (timm n)
+      'randaug_magnitude': 9.0,    # 'finetune': mean magnitude M in [0, 10] (timm m)
+      'randaug_mstd': 0.5,         # 'finetune': magnitude std (timm mstd; > 100 → U(0, M))
   })
 
 
@@ -80,6 +83,15 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
               'crop_padding'):
     if not isinstance(cfg[key], int) or cfg[key] < 0:
       raise ValueError(f'data.{key} must be a non-negative int, got {cfg[key]!r}')
+  if not isinstance(cfg.randaug_num_ops, int) or cfg.randaug_num_ops < 0:
+    raise ValueError('data.randaug_num_ops must be a non-negative int, got '
+                     f'{cfg.randaug_num_ops!r}')
+  if (not isinstance(cfg.randaug_magnitude, (int, float))
+      or not 0 <= cfg.randaug_magnitude <= 10):
+    raise ValueError('data.randaug_magnitude must be a number in [0, 10], got '
+                     f'{cfg.randaug_magnitude!r}')
+  if not isinstance(cfg.randaug_mstd, (int, float)) or not cfg.randaug_mstd >= 0:
+    raise ValueError(f'data.randaug_mstd must be a number >= 0, got {cfg.randaug_mstd!r}')
   for key in ('crop_scale', 'global_crops_scale', 'local_crops_scale'):
     _pair(cfg, key, 0.0, 1.0)
   _pair(cfg, 'crop_ratio', 0.0)
@@ -171,6 +183,10 @@ def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
     return aug_lib.dino_views(rng, image, segments, size, cfg.local_size,
                               cfg.local_crops_number, tuple(cfg.global_crops_scale),
                               tuple(cfg.local_crops_scale))
+  elif augment == 'finetune':
+    image, segments = aug_lib.finetune_view(
+        rng, image, segments, size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
+        cfg.randaug_num_ops, float(cfg.randaug_magnitude), float(cfg.randaug_mstd))
   elif augment == 'eval':
     image, segments = aug_lib.eval_view(image, segments, size, cfg.eval_crop_pct)
   else:  # 'none'

@@ -3,7 +3,9 @@
 Encoder from `config.pretrained` (loaded via `config.init_from`), `config.model` overrides
 (drop_path); readout `config.finetune.pool`: 'mean' (MAE default: mean of the last block's
 patch tokens → trainable fc_norm LayerNorm) or 'cls' (final-normed [cls]); Linear head
-(trunc-normal 2e-5). Mixup/CutMix + label smoothing on device (timm 'batch' mode); layer-wise
+(trunc-normal 2e-5). RandAugment runs on the host (`data.augment='finetune'`); RandomErasing
+(`finetune.reprob`, `remode`, `recount`) on the normalised images on device, then
+Mixup/CutMix + label smoothing (timm 'batch' mode) — timm's order; layer-wise
 lr decay via `config.optim.layer_decay`; optional parameter EMA (`finetune.ema_decay`).
 """
 
@@ -15,6 +17,7 @@ import optax
 
 from mimjax.data.normalize import normalize_images
 from mimjax.evaluate import accuracy
+from mimjax.evaluate import erasing
 from mimjax.evaluate import features
 from mimjax.evaluate.mixup import mixup_cutmix
 from mimjax.models.vit import ViT
@@ -35,8 +38,23 @@ class ClassifierHead(nn.Module):
                     name='head')(x)
 
 
+def _erasing_config(ft: ml_collections.ConfigDict) -> tuple[float, str, int]:
+  """(reprob, remode, recount) of config.finetune (absent → no erasing), validated."""
+  reprob = ft.get('reprob', 0.0)
+  remode = ft.get('remode', 'pixel')
+  recount = ft.get('recount', 1)
+  if not isinstance(reprob, (int, float)) or not 0 <= reprob <= 1:
+    raise ValueError(f'config.finetune.reprob={reprob!r}: expected a probability in [0, 1]')
+  if remode not in erasing.MODES:
+    raise ValueError(f'config.finetune.remode={remode!r}: expected one of {erasing.MODES}')
+  if not isinstance(recount, int) or recount < 1:
+    raise ValueError(f'config.finetune.recount={recount!r}: expected an int >= 1')
+  return float(reprob), remode, recount
+
+
 def make(config: ml_collections.ConfigDict) -> Objective:
   """Fine-tuning objective (see module doc)."""
+  reprob, remode, recount = _erasing_config(config.finetune)  # before any file is read
   pre_config, path = features.load_pretrained_config(config.pretrained)
   model_config = features.merge_model_config(pre_config.model, config.get('model'))
   encoder = ViT(model_config)
@@ -68,9 +86,13 @@ def make(config: ml_collections.ConfigDict) -> Objective:
 
   def loss(params, state, batch, rng, step):
     del step
-    mix_rng, drop_rng = jax.random.split(rng)
+    mix_rng, drop_rng, erase_rng = jax.random.split(rng, 3)
+    images = normalize_images(batch['image'])
+    if reprob > 0:  # timm: per-sample erasing in the transform, before the batch mixup
+      images = erasing.random_erasing(erase_rng, images, probability=reprob, mode=remode,
+                                      max_count=recount)
     images, targets = mixup_cutmix(
-        mix_rng, normalize_images(batch['image']), batch['label'], ft.num_classes,
+        mix_rng, images, batch['label'], ft.num_classes,
         mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mix_prob,
         switch_prob=ft.switch_prob, smoothing=ft.label_smoothing)
     logits = forward(params, images, True, drop_rng)

@@ -151,3 +151,203 @@ def test_patch_segment_ids_majority_and_ties():
   assert augment.patch_segment_ids(batch, 1).shape == (2, 2, 2)
   with pytest.raises(ValueError, match='multiple of patch_size'):
     augment.patch_segment_ids(np.zeros((5, 4), np.uint8), 2)
+
+
+# ------------------------------------------------------------------------- RandAugment (timm)
+def _timm_rand_augment():
+  """The RandAugment that timm's create_transform builds for MAE fine-tuning (reference)."""
+  from timm.data import auto_augment, create_transform
+  t = create_transform(224, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
+                       interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1)
+  (ra,) = [x for x in t.transforms if isinstance(x, auto_augment.RandAugment)]
+  return ra
+
+
+def _photo():
+  import skimage.data
+  return np.ascontiguousarray(skimage.data.chelsea()[50:178, 100:260])  # 128×160, non-square
+
+
+def test_randaug_settings_match_timm_create_transform():
+  from mimjax.data import normalize
+  ra = _timm_rand_augment()
+  assert tuple(op.name for op in ra.ops) == augment.RAND_INCREASING_OPS
+  assert ra.num_layers == 2 and ra.choice_weights is None
+  for op in ra.ops:
+    assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 9, 0.5)
+    assert op.kwargs == {'fillcolor': augment.RANDAUG_FILL, 'resample': augment.BICUBIC}
+  assert augment.RANDAUG_FILL == tuple(round(255 * m) for m in normalize.IMAGENET_MEAN)
+
+
+@pytest.mark.parametrize('magnitude', [0.0, 3.7, 9.0, 9.61, 10.0])
+def test_randaug_ops_equal_timm_ops(monkeypatch, magnitude):
+  """Every op, both signs: pixel-identical to timm's AugmentOp at a fixed magnitude."""
+  import copy
+  from PIL import Image
+  from timm.data import auto_augment
+  img = _photo()
+  for op in _timm_rand_augment().ops:
+    for negate in (False, True):
+      monkeypatch.setattr(auto_augment, '_randomly_negate', (lambda v: -v) if negate
+                          else (lambda v: v))
+      ref_op = copy.copy(op)
+      ref_op.prob, ref_op.magnitude, ref_op.magnitude_std = 1.0, magnitude, 0
+      ours, seg = augment.randaug_op(img, None, op.name, magnitude, negate)
+      assert seg is None and ours.dtype == np.uint8 and ours.shape == img.shape
+      if op.name == 'PosterizeIncreasing' and magnitude == 10.0:
+        # 0 bits kept: timm's call is rejected by this Pillow; older Pillow gave black
+        assert not ours.any()
+        continue
+      ref = np.asarray(ref_op(Image.fromarray(img)))
+      np.testing.assert_array_equal(ours, ref, err_msg=f'{op.name} m={magnitude} {negate}')
+
+
+def test_randaug_op_args_hand_values():
+  a = augment.randaug_op_args
+  assert a('Rotate', 9.0, True) == (-27.0,)
+  assert a('PosterizeIncreasing', 9.0) == (1,) and a('PosterizeIncreasing', 4.9) == (3,)
+  assert a('SolarizeIncreasing', 9.0) == (256 - 230,)
+  assert a('SolarizeAdd', 9.0) == (99,)
+  assert a('ContrastIncreasing', 9.0, True) == (pytest.approx(0.19),)
+  assert a('ShearX', 10.0) == (pytest.approx(0.3),)
+  assert a('TranslateYRel', 5.0, True) == (pytest.approx(-0.225),)
+  assert a('Equalize', 9.0) == ()
+  with pytest.raises(ValueError, match='unknown RandAugment op'):
+    a('Cutout', 9.0)
+
+
+def test_randaug_geometric_ops_move_segments_photometric_do_not():
+  img, seg = _scene()
+  for name in augment.RAND_INCREASING_OPS:
+    for negate in (False, True):
+      out, oseg = augment.randaug_op(img, seg, name, 9.0, negate)
+      if name not in augment.GEOMETRIC_OPS:
+        assert oseg is seg
+        continue
+      assert oseg.shape == seg.shape and set(np.unique(oseg)) <= {0, 1, 2, 3, 4}
+      assert (oseg != seg).mean() > 0.02  # it really moved
+      inside = _interior(oseg) & (oseg > 0)  # background now also holds the grey fill
+      assert inside.mean() > 0.15
+      err = np.abs(out[inside].astype(int) - COLORS[oseg[inside]].astype(int)).max()
+      assert err <= 2, (name, negate, err)
+
+
+def _clipped_normal_moments(mu, sd, hi):
+  """Mean of min(X, hi) for X ~ N(mu, sd) and P(X >= hi) (closed form)."""
+  import math
+  z = (hi - mu) / sd
+  cdf = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+  pdf = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+  return mu * cdf - sd * pdf + hi * (1 - cdf), 1 - cdf
+
+
+def test_rand_augment_plan_distribution():
+  rng = np.random.default_rng(0)
+  steps = [s for _ in range(6000) for s in augment.rand_augment_plan(rng)]
+  names = np.array([augment.RAND_INCREASING_OPS.index(s.name) for s in steps])
+  counts = np.bincount(names, minlength=15)
+  expected = len(steps) / 15
+  assert ((counts - expected) ** 2 / expected).sum() < 36.12  # χ²(14) at p = 0.001
+  applied = np.array([s.apply for s in steps])
+  assert abs(applied.mean() - 0.5) < 0.015
+  mags = np.array([s.magnitude for s in steps])
+  assert mags.min() >= 0 and mags.max() == 10.0
+  mean, p_clip = _clipped_normal_moments(9.0, 0.5, 10.0)
+  assert abs(mags.mean() - mean) < 0.01
+  assert abs((mags == 10.0).mean() - p_clip) < 0.004
+  assert abs(np.mean([s.negate for s in steps]) - 0.5) < 0.015
+  # ops are drawn with replacement: both layers pick the same op 1/15 of the time
+  pairs = names.reshape(-1, 2)
+  assert abs((pairs[:, 0] == pairs[:, 1]).mean() - 1 / 15) < 0.01
+  fixed = augment.rand_augment_plan(np.random.default_rng(0), 3, 7.0, 0.0)
+  assert len(fixed) == 3 and all(s.magnitude == 7.0 for s in fixed)
+  uniform = [s.magnitude for _ in range(2000)
+             for s in augment.rand_augment_plan(rng, magnitude=9.0, magnitude_std=1000.0)]
+  assert abs(np.mean(uniform) - 4.5) < 0.15 and max(uniform) <= 9.0
+
+
+def test_rand_augment_fired_ops_match_timm(monkeypatch):
+  """timm's own RandAugment (ops replaced by recorders) vs ours: how many ops fire per image
+  and the Rotate angle magnitudes (mean of min(N(9, .5), 10) · 3)."""
+  import random
+  ra = _timm_rand_augment()
+  fired = []
+
+  def recorder(name):
+    def record(img, *args, **kwargs):
+      del kwargs
+      fired.append((name, args))
+      return img
+    return record
+
+  for op in ra.ops:
+    monkeypatch.setattr(op, 'aug_fn', recorder(op.name))
+  random.seed(0)
+  np.random.seed(0)
+  timm_counts = []
+  for _ in range(3000):
+    before = len(fired)
+    ra(None)
+    timm_counts.append(len(fired) - before)
+  rng = np.random.default_rng(1)
+  ours = [augment.rand_augment_plan(rng) for _ in range(3000)]
+  our_counts = [sum(s.apply for s in plan) for plan in ours]
+  timm_hist = np.bincount(timm_counts, minlength=3) / 3000
+  our_hist = np.bincount(our_counts, minlength=3) / 3000
+  np.testing.assert_allclose(our_hist, timm_hist, atol=0.03)
+  np.testing.assert_allclose(timm_hist, [0.25, 0.5, 0.25], atol=0.03)
+  timm_rot = np.array([abs(a[0]) for n, a in fired if n == 'Rotate'])
+  our_rot = np.array([abs(augment.randaug_op_args('Rotate', s.magnitude, s.negate)[0])
+                      for plan in ours for s in plan if s.apply and s.name == 'Rotate'])
+  assert len(timm_rot) > 150 and len(our_rot) > 150
+  assert abs(timm_rot.mean() - our_rot.mean()) < 0.3
+  assert abs(our_rot.mean() - 3 * _clipped_normal_moments(9.0, 0.5, 10.0)[0]) < 0.3
+
+
+def test_rand_augment_deterministic_and_applies_plan():
+  img = _photo()
+  a, _ = augment.rand_augment(np.random.default_rng(5), img, None)
+  b, _ = augment.rand_augment(np.random.default_rng(5), img, None)
+  np.testing.assert_array_equal(a, b)
+  for seed in range(8):
+    plan = augment.rand_augment_plan(np.random.default_rng(seed))
+    want = img
+    for s in plan:
+      if s.apply:
+        want, _ = augment.randaug_op(want, None, s.name, s.magnitude, s.negate)
+    got, _ = augment.rand_augment(np.random.default_rng(seed), img, None)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_finetune_view_is_rrc_flip_then_randaugment():
+  img, seg = _scene()
+  for seed in range(4):
+    # no RandAugment layers → exactly the MAE crop + flip with the same draws
+    ft = augment.finetune_view(np.random.default_rng(seed), img, seg, 48, (0.08, 1.0),
+                               num_ops=0)
+    mae = augment.mae_view(np.random.default_rng(seed), img, seg, 48, (0.08, 1.0))
+    np.testing.assert_array_equal(ft[0], mae[0])
+    np.testing.assert_array_equal(ft[1], mae[1])
+    out, oseg = augment.finetune_view(np.random.default_rng(seed), img, seg, 48)
+    assert out.shape == (48, 48, 3) and oseg.shape == (48, 48) and out.dtype == np.uint8
+
+
+def test_finetune_loader_deterministic_and_validated(embedded_dir):
+  from mimjax.data import pipeline
+  cfg = pipeline.default_data_config()
+  cfg.update(data_dir=embedded_dir, augment='finetune', crop_scale=(0.35, 1.0))
+  a = [next(pipeline.make_loader(cfg, global_batch_size=16, seed=3)) for _ in range(2)]
+  assert a[0]['image'].shape == (16, 32, 32, 3) and a[0]['image'].dtype == np.uint8
+  np.testing.assert_array_equal(a[0]['image'], a[1]['image'])
+  mae = cfg.copy_and_resolve_references()
+  mae.augment = 'mae'
+  b = next(pipeline.make_loader(mae, global_batch_size=16, seed=3))
+  np.testing.assert_array_equal(a[0]['label'], b['label'])  # same records, other pixels
+  assert (a[0]['image'] != b['image']).any()
+  for key, value, match in (('randaug_magnitude', 11.0, r'data.randaug_magnitude .*\[0, 10\]'),
+                            ('randaug_num_ops', -1, 'data.randaug_num_ops'),
+                            ('randaug_mstd', -0.5, 'data.randaug_mstd')):
+    bad = cfg.copy_and_resolve_references()
+    bad[key] = value
+    with pytest.raises(ValueError, match=match):
+      pipeline.validate_data_config(bad)
