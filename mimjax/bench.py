@@ -4,41 +4,69 @@
   python -m mimjax.bench --config configs/mae.py:vit_b --config.batch_size=256 \
       --config.model.dtype=bfloat16 --config.model.attention=fused --steps 20
   python -m mimjax.bench --config configs/mae.py:tiny --data   # input pipeline only
+  python -m mimjax.bench --config configs/mae.py:tiny --torch eager   # + PyTorch MAE, ratio
 
 The step runs on synthetic device-resident data (no data set needed), so it measures the
-model step alone; `--data` measures the host input pipeline alone.
+model step alone; `--data` measures the host input pipeline alone. `--torch eager|compile`
+also times the official-recipe PyTorch MAE step (mimjax/bench_torch.py) on the same device,
+sizes and batch and reports `jax_over_torch` = JAX img/s ÷ PyTorch img/s. Details and
+measured numbers: docs/performance.md.
 """
 
 import json
 import os
+import resource
+import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_DATA = flags.DEFINE_bool('data', False, 'Benchmark the input pipeline instead of the step.')
-_PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU '
-                           '(default: a table of known accelerators, see PEAK_TFLOPS).')
-_JSON = flags.DEFINE_string('json', None, 'Also write the result as JSON to this path.')
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (so importing this module next to
+  mimjax.main, e.g. in tests, defines no second --config)."""
+  config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
+  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_bool('data', False, 'Benchmark the input pipeline instead of the step.')
+  flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU '
+                     '(default: a table of known accelerators, see PEAK_TFLOPS).')
+  flags.DEFINE_string('json', None, 'Also write the result as JSON to this path.')
+  flags.DEFINE_enum('torch', None, ['eager', 'compile'],
+                    'Also time the PyTorch MAE reference (MAE configs only).')
+  flags.DEFINE_integer('torch_threads', None, 'torch CPU threads for --torch (default: torch\'s).')
 
-# Dense bf16 peaks per device (vendor figures); CPU: a stated estimate of 2×AVX2-FMA fp32 at
-# ~3 GHz = 0.1 TFLOP/s per core, so CPU MFU is only a rough sanity figure.
+
+# Dense bf16 peaks per device (vendor figures); CPU: a stated estimate of fp32 FMA throughput
+# at ~3 GHz (cpu_peak_tflops_per_core), so CPU MFU is only a rough sanity figure.
 PEAK_TFLOPS = {'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0, 'NVIDIA A100': 312.0,
                'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0}
 
 
+def cpu_peak_tflops_per_core() -> float:
+  """fp32 estimate at ~3 GHz: 2 FMA units × 16 lanes (AVX-512) = 0.2 TFLOP/s, else AVX2 0.1.
+
+  (ViT-B/16 MAE reached 0.098 TFLOP/s per core on the 2-core AVX-512 EPYC we measured on, more
+  than the AVX2 bound allows, so the AVX2 figure would give MFU ≈ 1.)
+  """
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line for line in f if line.startswith('flags')), '')
+  except OSError:
+    flags = ''
+  return 0.2 if ' avx512f' in flags else 0.1
+
+
 def device_peak_tflops(device) -> float:
-  """Peak TFLOP/s of one device from PEAK_TFLOPS (CPU: 0.1 per core of this host)."""
+  """Peak TFLOP/s of one device from PEAK_TFLOPS (CPU: cpu_peak_tflops_per_core × cores)."""
   kind = device.device_kind
   for name, peak in PEAK_TFLOPS.items():
     if kind.startswith(name):
       return peak
   if device.platform == 'cpu':
-    return 0.1 * (os.cpu_count() or 1) / max(len(__import__('jax').devices()), 1)
+    cores = os.cpu_count() or 1
+    return cpu_peak_tflops_per_core() * cores / max(len(__import__('jax').devices()), 1)
   raise ValueError(f'unknown device {kind!r}: pass --peak_tflops')
 
 
@@ -54,6 +82,47 @@ def synthetic_batch(example: dict, batch_size: int) -> dict:
       return np.broadcast_to(x[:1], shape).copy()
     return rng.normal(size=shape).astype(x.dtype)
   return {k: make(np.asarray(v)) for k, v in example.items()}
+
+
+# Image key → segment-map key, as mimjax.data.augment emits them ('lut' and 'mae' use 'image').
+SEGMENT_KEYS = {'image': 'segments', 'global': 'segments_global', 'local': 'segments_local'}
+
+
+def needs_segments(config) -> bool:
+  """True when the model reads SAM segment maps (the MRE bias is on)."""
+  seg = config.model.get('segment_bias')
+  return bool(seg is not None and seg.get('enabled'))
+
+
+def add_synthetic_segments(example: dict, num_ids: int) -> dict:
+  """Adds random uint8 segment maps (ids < num_ids) shaped like every image in `example`.
+
+  The synthetic data set has no segments; for timing only their shape matters.
+  """
+  import numpy as np
+  rng = np.random.default_rng(1)
+  out = dict(example)
+  for image_key, seg_key in SEGMENT_KEYS.items():
+    if image_key in example and seg_key not in example:
+      shape = np.shape(example[image_key])[:-1]
+      out[seg_key] = rng.integers(0, num_ids, shape, dtype=np.uint8)
+  return out
+
+
+def attention_backend(model_config) -> str:
+  """What `model.attention` runs as here: 'einsum', or the fused kernel ('cudnn' / 'xla')."""
+  if model_config.get('attention', 'xla') != 'fused':
+    return 'einsum'
+  from mimjax.models.attention import fused_backend
+  from mimjax.models.vit import DTYPES, model_dims
+  dims = model_dims(model_config)
+  return fused_backend(DTYPES[model_config.get('dtype', 'float32')],
+                       dims['width'] // dims['num_heads'])
+
+
+def host_peak_rss_gb() -> float:
+  """Peak resident memory of this process (Linux ru_maxrss is in KiB): CPU runs' memory."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
 
 
 def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
@@ -74,11 +143,16 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   loader = pipeline.make_loader(data_cfg, global_batch_size=max(jax.device_count(), 8),
                                 seed=0, train=True)
   example = jax.tree.map(lambda x: np.asarray(x[:1]), next(loader))
+  if needs_segments(config):
+    example = add_synthetic_segments(example, config.model.segment_bias.num_ids)
   batch = sharding.put_batch(synthetic_batch(example, config.batch_size), mesh)
   rng = jax.random.key(0)
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
+  # Schedules only shape the lr curve; epoch-based knobs (DINO's last-layer freeze) need a
+  # data-set size, here the synthetic one's.
   tx, lr = optim.make_optimizer(config.optim, params_shape, total_steps=1000, warmup_steps=10,
-                                batch_size=config.batch_size)
+                                batch_size=config.batch_size,
+                                num_examples=pipeline.num_examples(data_cfg, 'train'))
   init_fn = lambda r: trainer.init_train_state(objective, tx, r, example)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, rng),
                                       config.get('fsdp_min_size', 2 ** 16))
@@ -96,7 +170,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   flops_per_img = flops * jax.device_count() / config.batch_size
   for _ in range(warmup):
     state, m = compiled(state, batch)
-  jax.block_until_ready(m)
+  jax.block_until_ready(state)
   t = time.perf_counter()
   for _ in range(steps):
     state, m = compiled(state, batch)
@@ -108,7 +182,9 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   return {
       'objective': config.objective, 'variant': config.model.variant,
       'image_size': config.model.image_size, 'dtype': config.model.get('dtype', 'float32'),
-      'attention': config.model.get('attention', 'xla'), 'batch_size': config.batch_size,
+      'attention': config.model.get('attention', 'xla'),
+      'attention_backend': attention_backend(config.model),
+      'batch_size': config.batch_size,
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'compile_s': round(compile_s, 2), 'step_ms': round(step_s * 1e3, 3),
       'img_per_s': round(img_s, 1), 'gflops_per_img': round(flops_per_img / 1e9, 3),
@@ -116,31 +192,64 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
       'peak_tflops_total': peak / 1e12,
       'peak_mem_gb': round(mem['peak_bytes_in_use'] / 2 ** 30, 2)
       if 'peak_bytes_in_use' in mem else None,
+      'peak_host_rss_gb': host_peak_rss_gb(),
       'final_loss': float(m['loss']),
   }
 
 
-def print_table(result: dict) -> None:
+def compare_with_torch(config, steps: int, warmup: int, mode: str, peak_tflops=None,
+                       torch_threads=None) -> dict:
+  """JAX step and PyTorch MAE step on the same device and batch; adds `jax_over_torch`."""
+  from mimjax import bench_torch
+  torch_result = bench_torch.bench_torch(config, steps, warmup, mode, threads=torch_threads)
+  # torch runs first and frees its cache, so JAX's GPU preallocation finds the memory free.
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+  result = bench_step(config, steps, warmup, peak_tflops)
+  result['torch'] = torch_result
+  result['jax_over_torch'] = round(result['img_per_s'] / torch_result['img_per_s'], 3)
+  return result
+
+
+def print_table(result: dict, indent: str = '') -> None:
+  """One `key  value` line per entry; nested dicts (the torch run) indented below their key."""
   width = max(len(k) for k in result)
   for k, v in result.items():
-    print(f'{k:<{width}}  {v}')
+    if isinstance(v, dict):
+      print(f'{indent}{k}:')
+      print_table(v, indent + '  ')
+    else:
+      print(f'{indent}{k:<{width}}  {v}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  if _DATA.value:
-    from mimjax.data import pipeline
-    result = pipeline.benchmark_loader(config.data, config.batch_size, max(_STEPS.value, 1))
-  else:
-    result = bench_step(config, _STEPS.value, _WARMUP.value, _PEAK.value)
+  f = flags.FLAGS
+  config = f.config
+  if f.data and f.torch:
+    raise app.UsageError('--data times the input pipeline only; drop --torch')
+  try:
+    if f.data:
+      from mimjax.data import pipeline
+      result = pipeline.benchmark_loader(config.data, config.batch_size, max(f.steps, 1))
+      result['peak_host_rss_gb'] = host_peak_rss_gb()
+    elif f.torch:
+      result = compare_with_torch(config, f.steps, f.warmup, f.torch, f.peak_tflops,
+                                  f.torch_threads)
+    else:
+      result = bench_step(config, f.steps, f.warmup, f.peak_tflops)
+  except (ValueError, FileNotFoundError) as e:  # bad config: one line, not a traceback
+    print(f'mimjax.bench: error: {e}', file=sys.stderr)
+    sys.exit(2)
   print_table(result)
   print(json.dumps(result))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(result, f, indent=2)
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump(result, out, indent=2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

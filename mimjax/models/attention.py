@@ -51,7 +51,7 @@ class Attention(nn.Module):
     if self.implementation == 'fused' and not return_attention:
       bias = None if logit_bias is None else (logit_bias * scale).astype(q.dtype)
       mask = None if key_mask is None else _expand_mask(key_mask)
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+      out = fused_attention(q, k, v, bias=bias, mask=mask, scale=scale)
       probs = None
     else:
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
@@ -65,6 +65,56 @@ class Attention(nn.Module):
     out = out.reshape(out.shape[:-2] + (dim,))
     out = nn.Dense(dim, dtype=self.dtype, kernel_init=xavier, name='proj')(out)
     return out, probs
+
+
+def fused_backend(dtype: Any, head_dim: int) -> str:
+  """'cudnn' where cuDNN flash attention applies (GPU, bf16/fp16, head dim ≤ 128 and a
+  multiple of 8), else 'xla'. jax.nn.dot_product_attention's own default is always XLA."""
+  ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if ok else 'xla'
+
+
+def _pad_axis(x: jnp.ndarray, axis: int, size: int, value) -> jnp.ndarray:
+  """Pads `axis` of x at the end to `size` (a broadcast axis of length 1 stays as it is)."""
+  if x.shape[axis] in (1, size):
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+                    bias: Optional[jnp.ndarray] = None, mask: Optional[jnp.ndarray] = None,
+                    scale: float, implementation: Optional[str] = None,
+                    pad_multiple: Optional[int] = None) -> jnp.ndarray:
+  """jax.nn.dot_product_attention on (B, T, H, D) inputs, with sequences padded if asked.
+
+  `bias`/`mask` broadcast to (B, H, T, S) and are on the scaled logits. With `pad_multiple`
+  (default: 8 for cuDNN, none for XLA) T and S are zero-padded to a multiple of it; padded keys
+  are excluded through `key_value_seq_lengths` and padded query rows are dropped, so the result
+  equals the unpadded one. cuDNN needs this for odd lengths with a bias in training (MAE's
+  1 + 49 = 50 tokens are fine; MRE's biased 197-token encoder is not).
+  """
+  implementation = implementation or fused_backend(q.dtype, q.shape[-1])
+  if pad_multiple is None:
+    pad_multiple = 8 if implementation == 'cudnn' else 1
+  t, s = q.shape[1], k.shape[1]
+  tp, sp = -(-t // pad_multiple) * pad_multiple, -(-s // pad_multiple) * pad_multiple
+  if (tp, sp) == (t, s):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+  q = _pad_axis(q, 1, tp, 0)
+  k, v = _pad_axis(k, 1, sp, 0), _pad_axis(v, 1, sp, 0)
+  if bias is not None:
+    bias = _pad_axis(_pad_axis(bias, -2, tp, 0), -1, sp, 0)
+  if mask is not None:  # padded query rows see every real key; padded keys are cut below
+    mask = _pad_axis(_pad_axis(mask, -2, tp, True), -1, sp, False)
+  lengths = jnp.full((q.shape[0],), s, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
 
 
 def _expand_mask(key_mask: jnp.ndarray) -> jnp.ndarray:

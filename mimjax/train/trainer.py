@@ -161,7 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start = ckpt.latest_step()
   if start is not None:
     ts, data_state = ckpt.restore(start, abstract)
-    loader.set_state(data_state)
+    # Only process 0 writes the loader state; the batch plan is global (step → every host's
+    # slice), so each host resumes at the same step with its own process_index.
+    loader.set_state({**data_state, 'process_index': jax.process_index()})
     writer.truncate_after(start)
     _say(f'resuming from step {start} of {total_steps} in {workdir}')
   else:
@@ -198,7 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - t0
         record = writer.write(step, {**metrics, 'img_per_s': images_seen / elapsed})
-        bar.set_postfix(loss=f"{record['loss']:.4g}")
+        loss = record['loss']  # a str ('nan') when not finite
+        bar.set_postfix(loss=loss if isinstance(loss, str) else f'{loss:.4g}')
         t0, images_seen = time.perf_counter(), 0
       due = [e for e in evaluators if is_last or step % e.every_steps == 0]
       if due and not stop:
