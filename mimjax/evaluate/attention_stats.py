@@ -68,7 +68,7 @@ def beyond_cls_stats(attn: jnp.ndarray, num_prefix: int = 1) -> dict:
 METRICS = ('aad',) + tuple(beyond_cls_stats(jnp.full((1, 1, 5, 5), 0.2)))
 
 
-class AttentionStats:
+class AttentionStats(features.Evaluator):
   """Evaluator: every metric above averaged over `num_images` test images, per layer × head.
 
   `run` returns per-layer means over heads ('aad/layer_1', ...; 'aad/mean' over layers);
@@ -77,18 +77,10 @@ class AttentionStats:
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.mesh = mesh
-    self.data_config = config.data
-    self.seed = config.seed
-    self.batch_size = int(cfg.get('batch_size') or config.batch_size)
+    super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
     patch = model_dims(config.model)['patch_size']
     prefix = features.num_prefix_tokens(config.model)
-    self.details = {}
 
     def stats(params, images):
       _, aux = model.apply({'params': params}, normalize_images(images), return_attention=True)

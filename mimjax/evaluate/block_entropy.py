@@ -78,23 +78,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
-class BlockEntropy:
+class BlockEntropy(features.Evaluator):
   """Evaluator: per-block weight entropy, removal sensitivity, and their rank correlation."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.mesh = mesh
-    self.data_config = config.data
-    self.seed = config.seed
-    self.batch_size = int(cfg.get('batch_size') or config.batch_size)
+    super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
     prefix = features.num_prefix_tokens(config.model)
     how = cfg.get('pool', 'cls')
-    self.details = {}
 
     def feats(params, images):
       tokens, _ = model.apply({'params': params}, normalize_images(images))

@@ -164,3 +164,26 @@ def extract(fn: Callable, params: Any, data_config: ml_collections.ConfigDict, m
 def replicate(params: Any, mesh) -> Any:
   """Host numpy params → replicated device arrays on `mesh`."""
   return jax.device_put(params, sharding.replicated(mesh))
+
+
+class Evaluator:
+  """What every evaluator shares: `name`, `every_steps`, the encoder `path` inside the params,
+  the mesh, the data/seed/batch settings, and `details` (arrays for JSON files and plots)."""
+
+  def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+               objective: Any, mesh):
+    self.name = name
+    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
+    self.cfg = cfg
+    self.path = tuple(objective.encoder)
+    self.mesh = mesh
+    self.data_config = config.data
+    self.seed = config.seed
+    self.batch_size = int(cfg.get('batch_size') or config.batch_size)
+    self.details = {}
+
+  def make_extractor(self, config: ml_collections.ConfigDict, pool: str = 'cls') -> 'Extractor':
+    """A feature extractor for `cfg.layer` / `cfg.pool` with this evaluator's settings."""
+    return Extractor(config.model, config.data, self.mesh, batch_size=self.batch_size,
+                     layer=int(self.cfg.get('layer', -1)), pool_name=self.cfg.get('pool', pool),
+                     seed=self.seed)

@@ -75,20 +75,13 @@ def num_classes_of(config: ml_collections.ConfigDict, *labels: np.ndarray) -> in
   return int(config.get('num_classes') or 1 + max(int(l.max()) for l in labels if len(l)))
 
 
-class KNN:
+class KNN(features.Evaluator):
   """Evaluator: kNN top-1/top-5 of the encoder at `objective.encoder` (see module doc)."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.mesh = mesh
-    self.extractor = features.Extractor(
-        config.model, config.data, mesh, batch_size=int(cfg.get('batch_size') or config.batch_size),
-        layer=int(cfg.get('layer', -1)), pool_name=cfg.get('pool', 'cls'), seed=config.seed)
-    self.seed = config.seed
+    super().__init__(name, cfg, config, objective, mesh)
+    self.extractor = self.make_extractor(config)
 
   def run(self, params: Any, state: Any) -> dict:
     del state

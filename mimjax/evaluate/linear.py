@@ -93,19 +93,13 @@ def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   return out
 
 
-class LinearProbe:
+class LinearProbe(features.Evaluator):
   """Evaluator: cached-feature linear probe over `lrs` (and `fractions` of the train labels)."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.seed = config.seed
-    self.extractor = features.Extractor(
-        config.model, config.data, mesh, batch_size=int(cfg.get('batch_size') or config.batch_size),
-        layer=int(cfg.get('layer', -1)), pool_name=cfg.get('pool', 'cls'), seed=config.seed)
+    super().__init__(name, cfg, config, objective, mesh)
+    self.extractor = self.make_extractor(config)
 
   def _features(self, params: Any, split: str, limit: Optional[int]):
     cache = self.cfg.get('cache_dir')

@@ -35,23 +35,15 @@ def effective_rank(svals: np.ndarray, eps: float = 1e-12) -> float:
   return float(np.exp(-(p * np.log(p)).sum()))
 
 
-class Spectrum:
+class Spectrum(features.Evaluator):
   """Evaluator: per-layer covariance spectra; `details['log_svals']` (layers, D) for plots."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.mesh = mesh
-    self.data_config = config.data
-    self.seed = config.seed
-    self.batch_size = int(cfg.get('batch_size') or config.batch_size)
+    super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
     prefix = features.num_prefix_tokens(config.model)
     how = cfg.get('pool', 'mean')
-    self.details = {}
 
     def layer_features(params, images):
       _, aux = model.apply({'params': params}, normalize_images(images), return_layers=True)
