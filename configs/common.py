@@ -83,3 +83,25 @@ def vit_config(variant: str, image_size: int) -> ml_collections.ConfigDict:
       'patch_size': config_dict.placeholder(int),
       'segment_bias': segment_bias.default_config(),
   })
+
+
+def set_schedule(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict, *,
+                 tiny_steps: int, tiny_warmup: int, tiny_log_every: int,
+                 tiny_checkpoint_every: int, warmup_epochs, paper_data: str = 'in1k',
+                 log_every: int = 100, checkpoint_every: int = 2000) -> None:
+  """Durations and cadence: a `tiny` row runs `tiny_steps` at batch 64, lr 1e-3 on the
+  embedded digits (unless another data set was named); a paper row runs `arg.epochs` with
+  `warmup_epochs` of warm-up."""
+  if arg.tiny:
+    config.data.name = 'digits' if arg.data == paper_data else DATASETS[arg.data]
+    config.batch_size = 64
+    config.total_steps = tiny_steps
+    config.warmup_steps = tiny_warmup
+    config.optim.lr = 1e-3
+    config.log_every = tiny_log_every
+    config.checkpoint_every = tiny_checkpoint_every
+  else:
+    config.total_epochs = arg.epochs
+    config.warmup_epochs = warmup_epochs
+    config.log_every = log_every
+    config.checkpoint_every = checkpoint_every

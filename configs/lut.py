@@ -44,21 +44,11 @@ def get_config(arg: str = 'vit_b,in1k,1600ep') -> ml_collections.ConfigDict:
     config.lut.target_bn_stats = 'batch'
     config.optim.b2 = 0.999
     config.optim.lr_scaling = 'linear'
+  # tiny: 2-layer width-64 ViT on 32-px digits, 256-d heads; well under a minute.
+  common.set_schedule(config, arg, tiny_steps=100, tiny_warmup=10, tiny_log_every=10,
+                      tiny_checkpoint_every=100, warmup_epochs=40)
   if arg.tiny:
-    # CPU-sized: 2-layer width-64 ViT on 32-px digits, 256-d heads; well under a minute.
-    config.data.name = 'digits' if arg.data == 'in1k' else common.DATASETS[arg.data]
     config.lut.projector.mlp_dim = 256
     config.lut.predictor.mlp_dim = 256
     config.lut.momentum = 0.99      # 0.996 would leave the target at its init in 100 steps
-    config.batch_size = 64
-    config.total_steps = 100
-    config.warmup_steps = 10
-    config.optim.lr = 1e-3
-    config.log_every = 10
-    config.checkpoint_every = 100
-  else:
-    config.total_epochs = arg.epochs
-    config.warmup_epochs = 40
-    config.log_every = 100
-    config.checkpoint_every = 2000
   return config

@@ -87,21 +87,12 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
   config.data.image_size = config.model.image_size
   config.data.augment = 'mae'                 # RandomResizedCrop + flip
   config.data.crop_scale = recipe['crop_scale']
+  common.set_schedule(config, arg, tiny_steps=80, tiny_warmup=8, tiny_log_every=20,
+                      tiny_checkpoint_every=80, warmup_epochs=recipe['warmup_epochs'])
   if arg.tiny:
-    config.data.name = 'digits' if arg.data == 'in1k' else common.DATASETS[arg.data]
-    config.batch_size = 64
-    config.total_steps = 80
-    config.warmup_steps = 8
-    config.optim.lr = 1e-3
     config.optim.clip_norm = 3.0
-    config.log_every = 20
-    config.checkpoint_every = 80
   else:
     config.batch_size = 2048
-    config.total_epochs = arg.epochs
-    config.warmup_epochs = recipe['warmup_epochs']
-    config.log_every = 100
-    config.checkpoint_every = 2000
 
 
 def parse(arg: str) -> ml_collections.ConfigDict:

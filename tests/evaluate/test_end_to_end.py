@@ -18,12 +18,7 @@ from mimjax.train import checkpoint, trainer
 
 def _small(config, **kw):
   config.unlock()
-  for key, value in kw.items():
-    target = config
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
+  config.update_from_flattened_dict(kw)  # keys may be dotted: 'data.name'
   return config
 
 

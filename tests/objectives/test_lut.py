@@ -20,12 +20,7 @@ def _config(small=True, **overrides):
   if small:
     config.model.depth = 1
     config.model.image_size = 16
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # keys may be dotted: 'lut.alpha'
   return config
 
 

@@ -26,12 +26,7 @@ def _tiny(module, arg='tiny', **overrides):
   config.async_checkpoint = False
   config.mesh.devices = 1
   config.tokenizer.fit_images = 32
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)  # keys may be dotted: 'data.name'
   return config
 
 

@@ -28,12 +28,7 @@ def tiny_config(**overrides):
   config.checkpoint_every = 3
   config.async_checkpoint = False
   config.data.worker_count = 0
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)  # keys may be dotted: 'mesh.devices'
   return config
 
 
