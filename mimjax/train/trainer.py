@@ -217,7 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop:
         _say(f'preemption requested (SIGTERM): saved step {step}, exiting')
         break
-    if step == total_steps:
+    if step == start:
+      _say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
+    elif step == total_steps:
       _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
   finally:
     bar.close()
