@@ -342,8 +342,9 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
   maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
                       process_index=pi, process_count=pc, seed=seed, train=train)
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
-          'global_batch_size': int(global_batch_size), 'process_count': pc,
-          'process_index': pi}
+          'global_batch_size': int(global_batch_size), 'process_count': pc}
+  # No process_index: the batch plan is global (step → every host's slice), so one saved
+  # state (process 0's, in the checkpoint) resumes every host.
   return Loader(maker, worker_count=data_config.worker_count, prefetch=data_config.prefetch,
                 read_threads=data_config.read_threads, meta=meta)
 

@@ -160,9 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start = ckpt.latest_step()
   if start is not None:
     ts, data_state = ckpt.restore(start, abstract)
-    # Only process 0 writes the loader state; the batch plan is global (step → every host's
-    # slice), so each host resumes at the same step with its own process_index.
-    loader.set_state({**data_state, 'process_index': jax.process_index()})
+    loader.set_state(data_state)  # process 0's state; valid on every host
     writer.truncate_after(start)
     _say(f'resuming from step {start} of {total_steps} in {workdir}')
   else:
