@@ -6,16 +6,23 @@ Features: l2-normalised pooled tokens of the eval view of the train and test spl
 score = Σ over the k most cosine-similar train examples of exp(sim / T); reports top-1/top-5.
 `fractions` (e.g. (1.0, 0.1, 0.01)) repeats the vote with a per-class subset of the train
 labels (few-shot; our subsets are seeded random draws, not ImageNet's fixed 1%/10% lists).
+
+Scale: the bank is a jit argument split by rows over every device; each device votes a
+replicated chunk of `query_chunk` test rows against its shard in blocks of `bank_chunk` rows
+(running top-k), and the k·ndev candidates are merged (docs/evaluation.md, "At scale").
 """
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimjax.evaluate import features
+from mimjax.train import sharding
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -24,24 +31,101 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+  """x with `fill` rows appended up to a multiple of `multiple` rows."""
+  pad = -len(x) % multiple
+  if not pad:
+    return x
+  return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
+
+
+def default_mesh():
+  """A ('data', 'fsdp') mesh over every device (data-parallel)."""
+  return sharding.make_mesh(ml_collections.ConfigDict({}))
+
+
+@functools.lru_cache(maxsize=None)
+def knn_vote(mesh, k: int, num_classes: int, temperature: float):
+  """jit(bank (B, chunk, D), labels (B, chunk), queries (q, D)) → (q, classes) DINO votes.
+
+  bank/labels are split over every device of `mesh` on their first axis (`KnnBank` lays them
+  out); each device keeps a running top-k over its chunks, then the k·ndev candidates are
+  merged. Labels < 0 mark rows outside the bank (padding, or not in a label fraction)."""
+  axes = sharding.BATCH_AXES
+
+  def local(bank, labels, queries):
+    # bank (chunks, chunk, D) and labels (chunks, chunk): this device's rows; queries replicated.
+    q = queries.shape[0]
+
+    def merge(carry, block):
+      # Running top-k over the shard: memory q·(k + chunk), whatever the bank size.
+      best_s, best_l = carry
+      rows, lab = block
+      s = jnp.where(lab[None] >= 0, queries @ rows.T, -jnp.inf)
+      s = jnp.concatenate([best_s, s], axis=1)
+      lab = jnp.concatenate([best_l, jnp.broadcast_to(lab[None], (q, lab.shape[0]))], axis=1)
+      s, i = jax.lax.top_k(s, k)
+      return (s, jnp.take_along_axis(lab, i, axis=1)), None
+
+    init = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+    (s, lab), _ = jax.lax.scan(merge, init, (bank, labels))
+    # Merge the k·ndev candidates of all shards (small: q × k per device).
+    s = jax.lax.all_gather(s, axes, axis=1, tiled=True)
+    lab = jax.lax.all_gather(lab, axes, axis=1, tiled=True)
+    s, i = jax.lax.top_k(s, k)
+    lab = jnp.take_along_axis(lab, i, axis=1)
+    onehot = jax.nn.one_hot(lab, num_classes, dtype=jnp.float32)  # label -1 → zero row
+    return jnp.einsum('nk,nkc->nc', jnp.exp(s / temperature), onehot)
+
+  spec = P(axes)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P(),
+                               check_vma=False))
+
+
+class KnnBank:
+  """The l2-normalised train features, row-split over every device of `mesh` and laid out as
+  (ndev · chunks, chunk, D) so that each device walks its shard in `chunk`-row blocks.
+
+  Per-device memory: bank shard ⌈n/ndev⌉·D·4 B + a query chunk's q·(chunk + 2k)·4 B of
+  similarities / candidates (+ q·k·ndev·(C + 2)·4 B for the merge and vote)."""
+
+  def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 65536):
+    self.mesh = mesh or default_mesh()
+    self.n = len(train_features)
+    ndev = self.mesh.size
+    self.chunk = max(1, min(int(bank_chunk), -(-self.n // ndev)))
+    x = pad_rows(l2_normalize(train_features), ndev * self.chunk)
+    self.rows = len(x)
+    self.sharding = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
+    self.features = jax.device_put(x.reshape(-1, self.chunk, x.shape[-1]), self.sharding)
+
+  def scores(self, train_labels: np.ndarray, test_features: np.ndarray, num_classes: int,
+             k: int = 20, temperature: float = 0.07, query_chunk: int = 1024) -> np.ndarray:
+    """DINO's vote (n_test, classes) over the rows whose label is ≥ 0 (−1: left out)."""
+    labels = np.asarray(train_labels, np.int32)
+    if labels.shape != (self.n,):
+      raise ValueError(f'kNN labels: shape {labels.shape}, expected ({self.n},)')
+    k = min(k, int((labels >= 0).sum()))
+    if not len(test_features) or k == 0:
+      return np.zeros((len(test_features), num_classes), np.float32)
+    labels = jax.device_put(pad_rows(labels, self.rows, -1).reshape(-1, self.chunk),
+                            self.sharding)
+    vote = knn_vote(self.mesh, k, num_classes, float(temperature))
+    q = max(1, min(int(query_chunk), len(test_features)))
+    test = pad_rows(l2_normalize(test_features), q)
+    queries = sharding.replicated(self.mesh)
+    out = [np.asarray(vote(self.features, labels, jax.device_put(test[i:i + q], queries)))
+           for i in range(0, len(test), q)]
+    return np.concatenate(out)[:len(test_features)]
+
+
 def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-               num_classes: int, k: int = 20, temperature: float = 0.07,
-               chunk: int = 1024) -> np.ndarray:
+               num_classes: int, k: int = 20, temperature: float = 0.07, *,
+               query_chunk: int = 1024, bank_chunk: int = 65536, mesh=None) -> np.ndarray:
   """DINO's weighted vote: (n_test, classes) scores Σ_{top-k} exp(cos / T) per class."""
-  train = jnp.asarray(l2_normalize(train_features))
-  labels = jnp.asarray(train_labels, jnp.int32)
-  k = min(k, train.shape[0])
-
-  @jax.jit
-  def vote(test):
-    sims, idx = jax.lax.top_k(test @ train.T, k)
-    onehot = jax.nn.one_hot(labels[idx], num_classes, dtype=jnp.float32)
-    return jnp.einsum('nk,nkc->nc', jnp.exp(sims / temperature), onehot)
-
-  test = l2_normalize(test_features)
-  return np.concatenate([np.asarray(vote(jnp.asarray(test[i:i + chunk])))
-                         for i in range(0, len(test), chunk)]) if len(test) else \
-      np.zeros((0, num_classes), np.float32)
+  return KnnBank(train_features, mesh, bank_chunk).scores(train_labels, test_features,
+                                                          num_classes, k, temperature,
+                                                          query_chunk)
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
@@ -91,11 +175,16 @@ class KNN(features.Evaluator):
     test_x, test_y = self.extractor(enc, self.cfg.get('test_split', 'test'),
                                     self.cfg.get('max_test'))
     classes = num_classes_of(self.cfg, train_y, test_y)
+    # The bank goes to the devices once; a label fraction only hides rows (label −1).
+    bank = KnnBank(train_x, self.mesh, int(self.cfg.get('bank_chunk', 65536)))
     out = {}
     for fraction in tuple(self.cfg.get('fractions', (1.0,))):
+      labels = np.full_like(train_y, -1)
       idx = label_subset(train_y, fraction, self.seed)
-      scores = knn_scores(train_x[idx], train_y[idx], test_x, classes,
-                          int(self.cfg.get('k', 20)), float(self.cfg.get('temperature', 0.07)))
+      labels[idx] = train_y[idx]
+      scores = bank.scores(labels, test_x, classes, int(self.cfg.get('k', 20)),
+                           float(self.cfg.get('temperature', 0.07)),
+                           int(self.cfg.get('query_chunk', 1024)))
       out.update({f'{k}{fraction_tag(fraction)}': v
                   for k, v in topk_accuracy(scores, test_y).items()})
     return out

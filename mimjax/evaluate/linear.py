@@ -6,6 +6,10 @@ objective (trained by the shared trainer); this one trains BN + Linear on featur
 once (eval view, no augmentation), vmapped over the lr grid. BatchNorm(affine=False) is
 applied with the train-set mean/variance (what BN's running statistics converge to).
 Features can be cached to `cache_dir` (npz) so a sweep re-uses them.
+
+Scale: the features are a jit argument split by rows over every device; each step every device
+takes its share of the batch from its own rows and the (D, C) gradients are summed
+(docs/evaluation.md, "At scale").
 """
 
 import os
@@ -16,10 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimjax.evaluate import features
 from mimjax.evaluate import knn
 from mimjax.train import optim
+from mimjax.train import sharding
 
 
 def standardize(train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
@@ -29,51 +35,95 @@ def standardize(train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
   return tuple((x - mean) * scale for x in (train,) + others)
 
 
-def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lrs, *, epochs: int = 90,
-                 batch_size: int = 256, warmup_epochs: int = 10, optimizer: str = 'lars',
-                 momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0) -> dict:
-  """Trains one Linear(D, classes) per peak lr (vmapped) with MAE's probe recipe (LARS or SGD,
-  warm-up + cosine per step, trunc-normal(0.01) init); returns {'kernel': (L, D, C), 'bias'}."""
-  x = jnp.asarray(x, jnp.float32)
-  y = jnp.asarray(y, jnp.int32)
-  n, dim = x.shape
-  batch_size = min(batch_size, n)
-  steps_per_epoch = max(n // batch_size, 1)
+def init_head(key: jax.Array, dim: int, num_classes: int) -> dict:
+  """Linear(D, classes) at MAE's probe init: kernel trunc-normal(0.01), bias 0."""
+  return {'kernel': 0.01 * jax.random.truncated_normal(key, -2.0, 2.0, (dim, num_classes)),
+          'bias': jnp.zeros((num_classes,))}
+
+
+def probe_tx(schedule, optimizer: str, momentum: float,
+             weight_decay: float) -> optax.GradientTransformation:
+  """MAE's probe optimizer: LARS (trust 0.001), or SGD with momentum and L2 wd on the kernel."""
+  if optimizer == 'lars':
+    return optim.lars(schedule, weight_decay, 0.001, momentum)
+  if optimizer == 'sgd':
+    return optax.chain(optax.add_decayed_weights(weight_decay, {'kernel': True, 'bias': False}),
+                       optax.sgd(schedule, momentum=momentum or None))
+  raise ValueError(f'probe optimizer={optimizer!r}: expected "lars" or "sgd"')
+
+
+def probe_trainer(mesh, num_classes: int, *, epochs: int, local_batch: int,
+                  steps_per_epoch: int, warmup_epochs: int, optimizer: str, momentum: float,
+                  weight_decay: float):
+  """jit(x (R, D), y (R,), lrs (L,), key) → heads {'kernel': (L, D, C), 'bias': (L, C)}.
+
+  x/y are split by rows over every device of `mesh` (labels < 0: padding). Each epoch every
+  device permutes its own rows and each step takes `local_batch` of them, so a step's global
+  batch is `local_batch`·ndev rows, none of which leaves its device; gradients are summed over
+  the mesh (a (D, C) all-reduce)."""
+  axes = sharding.BATCH_AXES
   total = epochs * steps_per_epoch
   warmup = warmup_epochs * steps_per_epoch
-  key = jax.random.key(seed)
-  init = {'kernel': 0.01 * jax.random.truncated_normal(key, -2.0, 2.0, (dim, num_classes)),
-          'bias': jnp.zeros((num_classes,))}
-  # Every lr sees the same batches (one permutation per epoch).
-  perms = jax.vmap(lambda k: jax.random.permutation(k, n))(
-      jax.random.split(jax.random.fold_in(key, 1), epochs))
-  batches = perms[:, :steps_per_epoch * batch_size].reshape(total, batch_size)
 
-  def run(peak):
-    schedule = optim.warmup_cosine(peak, total, warmup)
-    if optimizer == 'lars':
-      tx = optim.lars(schedule, weight_decay, 0.001, momentum)
-    elif optimizer == 'sgd':
-      tx = optax.chain(optax.add_decayed_weights(weight_decay,
-                                                 {'kernel': True, 'bias': False}),
-                       optax.sgd(schedule, momentum=momentum or None))
-    else:
-      raise ValueError(f'probe optimizer={optimizer!r}: expected "lars" or "sgd"')
+  def local(x, y, lrs, key):
+    n_local, dim = x.shape
+    device_key = jax.random.fold_in(key, jax.lax.axis_index(axes))
+    init = init_head(key, dim, num_classes)
 
-    def loss_fn(p, idx):
-      logits = x[idx] @ p['kernel'] + p['bias']
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+    def run(peak):
+      tx = probe_tx(optim.warmup_cosine(peak, total, warmup), optimizer, momentum, weight_decay)
 
-    def step(carry, idx):
-      p, s = carry
-      grads = jax.grad(loss_fn)(p, idx)
-      updates, s = tx.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), None
+      def loss_fn(p, idx, count):
+        logits = x[idx] @ p['kernel'] + p['bias']
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y[idx], 0))
+        return jnp.sum(jnp.where(y[idx] >= 0, ce, 0.0)) / count
 
-    (p, _), _ = jax.lax.scan(step, (init, tx.init(init)), batches)
-    return p
+      def step(carry, idx):
+        p, s = carry
+        count = jnp.maximum(jax.lax.psum(jnp.sum(y[idx] >= 0), axes), 1).astype(jnp.float32)
+        grads = jax.lax.psum(jax.grad(loss_fn)(p, idx, count), axes)
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
 
-  return jax.jit(jax.vmap(run))(jnp.asarray(lrs, jnp.float32))
+      def epoch(carry, e):
+        order = jax.random.permutation(jax.random.fold_in(device_key, e), n_local)
+        batches = order[:steps_per_epoch * local_batch].reshape(steps_per_epoch, local_batch)
+        return jax.lax.scan(step, carry, batches)[0], None
+
+      (p, _), _ = jax.lax.scan(epoch, (init, tx.init(init)), jnp.arange(epochs))
+      return p
+
+    return jax.vmap(run)(lrs)
+
+  spec = P(axes)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P()),
+                               out_specs=P(), check_vma=False))
+
+
+def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lrs, *, epochs: int = 90,
+                 batch_size: int = 256, warmup_epochs: int = 10, optimizer: str = 'lars',
+                 momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
+                 mesh=None) -> dict:
+  """Trains one Linear(D, classes) per peak lr (vmapped) with MAE's probe recipe (LARS or SGD,
+  warm-up + cosine per step, trunc-normal(0.01) init); returns {'kernel': (L, D, C), 'bias'}.
+
+  Every lr sees the same batches. The features are split by rows over `mesh` (see
+  `probe_trainer`); the global batch is `batch_size` rounded down to a multiple of the device
+  count (at least one row per device), and an epoch is ⌈n/ndev⌉ // (batch/ndev) steps."""
+  mesh = mesh or knn.default_mesh()
+  ndev = mesh.size
+  n = len(x)
+  local_batch = max(min(batch_size, n) // ndev, 1)
+  n_local = -(-n // ndev)
+  x = knn.pad_rows(np.asarray(x, np.float32), ndev)
+  y = knn.pad_rows(np.asarray(y, np.int32), ndev, -1)
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  fn = probe_trainer(mesh, num_classes, epochs=epochs, local_batch=local_batch,
+                     steps_per_epoch=max(n_local // local_batch, 1),
+                     warmup_epochs=warmup_epochs, optimizer=optimizer, momentum=momentum,
+                     weight_decay=weight_decay)
+  return fn(jax.device_put(x, rows), jax.device_put(y, rows), jnp.asarray(lrs, jnp.float32),
+            jax.random.key(seed))
 
 
 def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -130,7 +180,8 @@ class LinearProbe(features.Evaluator):
                         warmup_epochs=int(self.cfg.get('warmup_epochs', 10)),
                         optimizer=self.cfg.get('optimizer', 'lars'),
                         momentum=float(self.cfg.get('momentum', 0.9)),
-                        weight_decay=float(self.cfg.get('weight_decay', 0.0)), seed=self.seed)
+                        weight_decay=float(self.cfg.get('weight_decay', 0.0)), seed=self.seed,
+                        mesh=self.mesh)
       out.update({f'{k}{knn.fraction_tag(fraction)}': v for k, v in res.items()})
     return out
 
