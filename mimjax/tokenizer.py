@@ -11,7 +11,8 @@ target). To plug in a learned tokenizer (BEiT's DALL-E dVAE), wrap it in a class
 members and pass it as `semantic_mim.make(config, tokenizer=...)` (docs/semantic_mim.md).
 """
 
-from typing import Protocol
+import functools
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,11 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from mimjax import targets
+from mimjax.train import sharding
 
 TOKENIZERS = ('kmeans_hog',)
 
@@ -36,9 +39,11 @@ class Tokenizer(Protocol):
 
 
 def default_tokenizer_config() -> ml_collections.ConfigDict:
-  """config.tokenizer: kind, codebook path, and the fitting knobs of `fit`."""
+  """config.tokenizer: kind, codebook path, and the fitting knobs of `fit` (`fit_chunk`: rows
+  per device per assignment block; `fit_seed_sample`: k-means++ subsample, 0 = 3·vocab)."""
   return ml_collections.ConfigDict({'kind': 'kmeans_hog', 'codebook': '', 'vocab_size': 8192,
-                                    'fit_images': 20000, 'fit_iters': 20, 'fit_on_start': False})
+                                    'fit_images': 20000, 'fit_iters': 20, 'fit_on_start': False,
+                                    'fit_chunk': 16384, 'fit_seed_sample': 0})
 
 
 class KMeansHOGTokenizer:
@@ -58,42 +63,89 @@ class KMeansHOGTokenizer:
     return nearest(self.features(images), self.codebook)
 
 
+def _half_distances(x: jnp.ndarray, codebook: jnp.ndarray) -> jnp.ndarray:
+  """||c_k||² − 2 x·c_k (= ||x − c_k||² − ||x||²) over the last axis of x."""
+  return (jnp.sum(codebook * codebook, axis=-1)
+          - 2 * jnp.einsum('...d,kd->...k', x, codebook, precision='highest'))
+
+
 def nearest(x: jnp.ndarray, codebook: jnp.ndarray) -> jnp.ndarray:
   """argmin_k ||x − c_k||² over the last axis of x → int32 ids."""
-  dist = (jnp.sum(codebook * codebook, axis=-1)
-          - 2 * jnp.einsum('...d,kd->...k', x, codebook, precision='highest'))
-  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+  return jnp.argmin(_half_distances(x, codebook), axis=-1).astype(jnp.int32)
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-  """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of x."""
-  centres = [x[rng.integers(len(x))]]
-  d2 = np.sum((x - centres[0]) ** 2, axis=1)
-  for _ in range(1, k):
-    p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
-    centres.append(x[rng.choice(len(x), p=p)])
-    d2 = np.minimum(d2, np.sum((x - centres[-1]) ** 2, axis=1))
-  return np.stack(centres).astype(np.float32)
+@functools.partial(jax.jit, static_argnums=1)
+def kmeans_plus_plus(x: jnp.ndarray, k: int, key: jax.Array) -> jnp.ndarray:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007) on the rows of x: k − 1 passes over x."""
+  first = x[jax.random.randint(jax.random.fold_in(key, 0), (), 0, x.shape[0])]
+  d2 = jnp.sum((x - first) ** 2, axis=1)
+  centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(first)
+
+  def pick(i, carry):
+    centres, d2 = carry
+    # P(row) ∝ D(row)²; all-zero distances (k > distinct rows) fall back to uniform.
+    logits = jnp.where(d2.sum() > 0, jnp.where(d2 > 0, jnp.log(d2), -jnp.inf), 0.0)
+    c = x[jax.random.categorical(jax.random.fold_in(key, i), logits)]
+    return centres.at[i].set(c), jnp.minimum(d2, jnp.sum((x - c) ** 2, axis=1))
+
+  return jax.lax.fori_loop(1, k, pick, (centres, d2))[0]
 
 
-def fit_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
-  """Lloyd's k-means from k-means++ seeds; an emptied cluster keeps its previous centre."""
+@functools.lru_cache(maxsize=None)
+def lloyd_step(mesh) -> Callable:
+  """jit(x (B, chunk, d), weights (B, chunk), centres (K, d)) → (new centres, objective).
+
+  x/weights are split over every device of `mesh` on B (`sharding.shard_rows`; weight 0 marks
+  padding). Each device assigns its rows chunk by chunk — a (chunk, K) distance block at a
+  time, never the full N×K matrix — into running per-centre sums and counts, which are then
+  summed over the mesh. objective = Σ w·min_k ||x − c_k||² for the centres passed in; an
+  emptied cluster keeps its previous centre."""
+  axes = sharding.BATCH_AXES
+
+  def local(x, w, centres):
+    k = centres.shape[0]
+
+    def assign(carry, block):
+      sums, counts, objective = carry
+      xb, wb = block
+      dist = _half_distances(xb, centres)
+      ids = jnp.argmin(dist, axis=-1)
+      best = jnp.take_along_axis(dist, ids[:, None], axis=1)[:, 0] + jnp.sum(xb * xb, -1)
+      return (sums + jax.ops.segment_sum(xb * wb[:, None], ids, num_segments=k),
+              counts + jax.ops.segment_sum(wb, ids, num_segments=k),
+              objective + jnp.sum(wb * best)), None
+
+    init = (jnp.zeros_like(centres), jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
+    sums, counts, objective = jax.lax.psum(jax.lax.scan(assign, init, (x, w))[0], axes)
+    new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centres)
+    return new, objective
+
+  spec = P(axes)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()),
+                               out_specs=(P(), P()), check_vma=False))
+
+
+def fit_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, *, mesh=None,
+               chunk: int = 16384, seed_sample: int = 0) -> np.ndarray:
+  """Lloyd's k-means from k-means++ seeds drawn on a uniform random subsample of
+  `seed_sample` rows (0: 3·k, scikit-learn MiniBatchKMeans' `init_size` rule); the rows are
+  split over `mesh` and assigned `chunk` rows at a time (see `lloyd_step`)."""
   x = np.asarray(x, np.float32)
   if len(x) < k:
     raise ValueError(f'k-means: {len(x)} features < vocab_size {k}; fit on more images '
                      '(config.tokenizer.fit_images) or lower config.tokenizer.vocab_size')
-  centres = jnp.asarray(kmeans_plus_plus(x, k, np.random.default_rng(seed)))
-  xs = jnp.asarray(x)
-
-  @jax.jit
-  def step(c):
-    ids = nearest(xs, c)
-    sums = jax.ops.segment_sum(xs, ids, num_segments=k)
-    counts = jax.ops.segment_sum(jnp.ones(len(x), jnp.float32), ids, num_segments=k)
-    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c)
-
-  for _ in range(iters):
-    centres = step(centres)
+  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({}))
+  rng = np.random.default_rng(seed)
+  sample = x[np.sort(rng.choice(len(x), min(len(x), seed_sample or 3 * k), replace=False))]
+  centres = kmeans_plus_plus(jnp.asarray(sample), k, jax.random.key(seed))
+  chunk = sharding.row_chunk(len(x), mesh, chunk)
+  xs = sharding.shard_rows(x, mesh, chunk)
+  weights = sharding.shard_rows(np.ones(len(x), np.float32), mesh, chunk)
+  centres = jax.device_put(centres, sharding.replicated(mesh))
+  step = lloyd_step(mesh)
+  for i in range(iters):
+    centres, objective = step(xs, weights, centres)
+    logging.info('k-means step %d: objective %.6g', i, float(objective))
   return np.asarray(centres)
 
 
@@ -143,7 +195,10 @@ def fit_codebook(config: ml_collections.ConfigDict, num_images=None, vocab_size=
     seen += f.shape[0]
   x = np.concatenate(out)
   logging.info('k-means: %d HOG features of dim %d → %d tokens', len(x), x.shape[1], vocab_size)
-  return fit_kmeans(x, vocab_size, int(iters or tok.fit_iters), config.seed)
+  mesh = sharding.make_mesh(config.mesh) if config.get('mesh') else None
+  return fit_kmeans(x, vocab_size, int(iters or tok.fit_iters), config.seed, mesh=mesh,
+                    chunk=int(tok.get('fit_chunk', 16384)),
+                    seed_sample=int(tok.get('fit_seed_sample', 0)))
 
 
 def main(argv):

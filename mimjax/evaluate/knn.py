@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from mimjax.evaluate import features
 from mimjax.train import sharding
@@ -29,14 +29,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
   """x / max(‖x‖, eps) row-wise (torch F.normalize)."""
   x = np.asarray(x, np.float32)
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
-  """x with `fill` rows appended up to a multiple of `multiple` rows."""
-  pad = -len(x) % multiple
-  if not pad:
-    return x
-  return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
 
 
 def default_mesh():
@@ -92,12 +84,8 @@ class KnnBank:
   def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 65536):
     self.mesh = mesh or default_mesh()
     self.n = len(train_features)
-    ndev = self.mesh.size
-    self.chunk = max(1, min(int(bank_chunk), -(-self.n // ndev)))
-    x = pad_rows(l2_normalize(train_features), ndev * self.chunk)
-    self.rows = len(x)
-    self.sharding = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
-    self.features = jax.device_put(x.reshape(-1, self.chunk, x.shape[-1]), self.sharding)
+    self.chunk = sharding.row_chunk(self.n, self.mesh, bank_chunk)
+    self.features = sharding.shard_rows(l2_normalize(train_features), self.mesh, self.chunk)
 
   def scores(self, train_labels: np.ndarray, test_features: np.ndarray, num_classes: int,
              k: int = 20, temperature: float = 0.07, query_chunk: int = 1024) -> np.ndarray:
@@ -108,11 +96,10 @@ class KnnBank:
     k = min(k, int((labels >= 0).sum()))
     if not len(test_features) or k == 0:
       return np.zeros((len(test_features), num_classes), np.float32)
-    labels = jax.device_put(pad_rows(labels, self.rows, -1).reshape(-1, self.chunk),
-                            self.sharding)
+    labels = sharding.shard_rows(labels, self.mesh, self.chunk, -1)
     vote = knn_vote(self.mesh, k, num_classes, float(temperature))
     q = max(1, min(int(query_chunk), len(test_features)))
-    test = pad_rows(l2_normalize(test_features), q)
+    test = sharding.pad_rows(l2_normalize(test_features), q)
     queries = sharding.replicated(self.mesh)
     out = [np.asarray(vote(self.features, labels, jax.device_put(test[i:i + q], queries)))
            for i in range(0, len(test), q)]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from mimjax.evaluate import features
 from mimjax.evaluate import knn
@@ -55,7 +55,7 @@ def probe_tx(schedule, optimizer: str, momentum: float,
 def probe_trainer(mesh, num_classes: int, *, epochs: int, local_batch: int,
                   steps_per_epoch: int, warmup_epochs: int, optimizer: str, momentum: float,
                   weight_decay: float):
-  """jit(x (R, D), y (R,), lrs (L,), key) → heads {'kernel': (L, D, C), 'bias': (L, C)}.
+  """jit(x (ndev, n_local, D), y (ndev, n_local), lrs (L,), key) → heads {'kernel': (L, D, C), 'bias': (L, C)}.
 
   x/y are split by rows over every device of `mesh` (labels < 0: padding). Each epoch every
   device permutes its own rows and each step takes `local_batch` of them, so a step's global
@@ -66,6 +66,7 @@ def probe_trainer(mesh, num_classes: int, *, epochs: int, local_batch: int,
   warmup = warmup_epochs * steps_per_epoch
 
   def local(x, y, lrs, key):
+    x, y = x[0], y[0]  # this device's (1, n_local, ...) block
     n_local, dim = x.shape
     device_key = jax.random.fold_in(key, jax.lax.axis_index(axes))
     init = init_head(key, dim, num_classes)
@@ -111,19 +112,16 @@ def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lrs, *, epochs:
   `probe_trainer`); the global batch is `batch_size` rounded down to a multiple of the device
   count (at least one row per device), and an epoch is ⌈n/ndev⌉ // (batch/ndev) steps."""
   mesh = mesh or knn.default_mesh()
-  ndev = mesh.size
   n = len(x)
-  local_batch = max(min(batch_size, n) // ndev, 1)
-  n_local = -(-n // ndev)
-  x = knn.pad_rows(np.asarray(x, np.float32), ndev)
-  y = knn.pad_rows(np.asarray(y, np.int32), ndev, -1)
-  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  local_batch = max(min(batch_size, n) // mesh.size, 1)
+  n_local = sharding.row_chunk(n, mesh, n)  # one block of ⌈n/ndev⌉ rows per device
   fn = probe_trainer(mesh, num_classes, epochs=epochs, local_batch=local_batch,
                      steps_per_epoch=max(n_local // local_batch, 1),
                      warmup_epochs=warmup_epochs, optimizer=optimizer, momentum=momentum,
                      weight_decay=weight_decay)
-  return fn(jax.device_put(x, rows), jax.device_put(y, rows), jnp.asarray(lrs, jnp.float32),
-            jax.random.key(seed))
+  return fn(sharding.shard_rows(np.asarray(x, np.float32), mesh, n_local),
+            sharding.shard_rows(np.asarray(y, np.int32), mesh, n_local, -1),
+            jnp.asarray(lrs, jnp.float32), jax.random.key(seed))
 
 
 def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,

@@ -75,6 +75,27 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
   return out
 
 
+def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+  """x with `fill` rows appended up to a multiple of `multiple` rows."""
+  pad = -len(x) % multiple
+  if not pad:
+    return x
+  return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
+
+
+def row_chunk(n: int, mesh: Mesh, chunk: int) -> int:
+  """Rows per block when n rows are split over the mesh: min(chunk, ⌈n / devices⌉), ≥ 1."""
+  return max(1, min(int(chunk), -(-n // mesh.size)))
+
+
+def shard_rows(x: np.ndarray, mesh: Mesh, chunk: int, fill=0) -> jax.Array:
+  """Host rows (n, ...) → a (blocks, chunk, ...) jax.Array whose blocks are split over every
+  device (padded with `fill` to a multiple of devices × chunk): evaluators and the k-means fit
+  keep a data set on the devices this way and walk each shard block by block."""
+  x = pad_rows(np.asarray(x), mesh.size * chunk, fill)
+  return jax.device_put(x.reshape((-1, chunk) + x.shape[1:]), batch_sharding(mesh))
+
+
 def path_name(path: tuple) -> str:
   """'encoder/blocks_0/attn/qkv/kernel' for a jax tree path."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)

@@ -1,0 +1,38 @@
+"""Reading a compiled program: per-device FLOPs and the shapes its all-gathers produce."""
+
+import math
+import re
+
+import jax
+import ml_collections
+
+from mimjax.train import sharding
+
+_SHAPE = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
+
+
+def mesh_of(devices: int) -> jax.sharding.Mesh:
+  """A data-parallel mesh over the first `devices` (fake CPU) devices."""
+  return sharding.make_mesh(ml_collections.ConfigDict({'devices': devices}))
+
+
+def flops(compiled) -> float:
+  """Per-device FLOPs of a compiled SPMD program (XLA cost analysis)."""
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def all_gather_sizes(compiled) -> list[int]:
+  """Element counts of every array an all-gather in the compiled HLO produces."""
+  sizes = []
+  for line in compiled.as_text().splitlines():
+    if re.search(r'\ball-gather(-start)?\(', line):
+      result = line.split('=', 1)[1].split('all-gather', 1)[0]
+      sizes += [math.prod(int(d) for d in m.split(',') if d) for m in _SHAPE.findall(result)]
+  return sizes
+
+
+def abstract(shape, dtype, mesh, spec=jax.sharding.PartitionSpec()) -> jax.ShapeDtypeStruct:
+  """An input with no data, placed on `mesh` with `spec`."""
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              sharding=jax.sharding.NamedSharding(mesh, spec))
