@@ -50,12 +50,13 @@ def knn_vote(mesh, k: int, num_classes: int, temperature: float):
     q = queries.shape[0]
 
     def merge(carry, block):
-      # Running top-k over the shard: memory q·(k + chunk), whatever the bank size.
+      # Running top-k over the shard: memory q·chunk for one block's similarities.
       best_s, best_l = carry
       rows, lab = block
       s = jnp.where(lab[None] >= 0, queries @ rows.T, -jnp.inf)
+      s, i = jax.lax.top_k(s, min(k, rows.shape[0]))
       s = jnp.concatenate([best_s, s], axis=1)
-      lab = jnp.concatenate([best_l, jnp.broadcast_to(lab[None], (q, lab.shape[0]))], axis=1)
+      lab = jnp.concatenate([best_l, lab[i]], axis=1)
       s, i = jax.lax.top_k(s, k)
       return (s, jnp.take_along_axis(lab, i, axis=1)), None
 
@@ -81,7 +82,7 @@ class KnnBank:
   Per-device memory: bank shard ⌈n/ndev⌉·D·4 B + a query chunk's q·(chunk + 2k)·4 B of
   similarities / candidates (+ q·k·ndev·(C + 2)·4 B for the merge and vote)."""
 
-  def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 65536):
+  def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 16384):
     self.mesh = mesh or default_mesh()
     self.n = len(train_features)
     self.chunk = sharding.row_chunk(self.n, self.mesh, bank_chunk)
@@ -108,7 +109,7 @@ class KnnBank:
 
 def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                num_classes: int, k: int = 20, temperature: float = 0.07, *,
-               query_chunk: int = 1024, bank_chunk: int = 65536, mesh=None) -> np.ndarray:
+               query_chunk: int = 1024, bank_chunk: int = 16384, mesh=None) -> np.ndarray:
   """DINO's weighted vote: (n_test, classes) scores Σ_{top-k} exp(cos / T) per class."""
   return KnnBank(train_features, mesh, bank_chunk).scores(train_labels, test_features,
                                                           num_classes, k, temperature,
@@ -163,7 +164,7 @@ class KNN(features.Evaluator):
                                     self.cfg.get('max_test'))
     classes = num_classes_of(self.cfg, train_y, test_y)
     # The bank goes to the devices once; a label fraction only hides rows (label −1).
-    bank = KnnBank(train_x, self.mesh, int(self.cfg.get('bank_chunk', 65536)))
+    bank = KnnBank(train_x, self.mesh, int(self.cfg.get('bank_chunk', 16384)))
     out = {}
     for fraction in tuple(self.cfg.get('fractions', (1.0,))):
       labels = np.full_like(train_y, -1)

@@ -84,8 +84,11 @@ def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
 
 
 def row_chunk(n: int, mesh: Mesh, chunk: int) -> int:
-  """Rows per block when n rows are split over the mesh: min(chunk, ⌈n / devices⌉), ≥ 1."""
-  return max(1, min(int(chunk), -(-n // mesh.size)))
+  """Rows per block when n rows are split over the mesh in blocks of at most `chunk` rows:
+  each device's ⌈n / devices⌉ rows in equal blocks (so padding stays under one row a block)."""
+  per_device = max(1, -(-n // mesh.size))
+  blocks = -(-per_device // max(1, int(chunk)))
+  return -(-per_device // blocks)
 
 
 def shard_rows(x: np.ndarray, mesh: Mesh, chunk: int, fill=0) -> jax.Array:
