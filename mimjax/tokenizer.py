@@ -9,6 +9,10 @@ NHWC images (one id per patch, patches row-major). We ship `KMeansHOGTokenizer`:
 centre of a k-means codebook fitted on per-patch HOG features (same `config.hog` as the HOG
 target). To plug in a learned tokenizer (BEiT's DALL-E dVAE), wrap it in a class with these two
 members and pass it as `semantic_mim.make(config, tokenizer=...)` (docs/semantic_mim.md).
+
+The fit scales to the documented defaults (3.92M vectors, 8192 centres): the vectors are split
+by rows over the mesh, Lloyd steps assign `fit_chunk` rows at a time with running sums (no
+N × K matrix), and k-means++ seeds on a `fit_seed_sample` subsample (docs/semantic_mim.md).
 """
 
 import functools
