@@ -138,7 +138,7 @@ def fit_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, *, mesh=No
   if len(x) < k:
     raise ValueError(f'k-means: {len(x)} features < vocab_size {k}; fit on more images '
                      '(config.tokenizer.fit_images) or lower config.tokenizer.vocab_size')
-  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({}))
+  mesh = mesh or sharding.default_mesh()
   rng = np.random.default_rng(seed)
   sample = x[np.sort(rng.choice(len(x), min(len(x), seed_sample or 3 * k), replace=False))]
   centres = kmeans_plus_plus(jnp.asarray(sample), k, jax.random.key(seed))

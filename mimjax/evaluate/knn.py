@@ -31,11 +31,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def default_mesh():
-  """A ('data', 'fsdp') mesh over every device (data-parallel)."""
-  return sharding.make_mesh(ml_collections.ConfigDict({}))
-
-
 @functools.lru_cache(maxsize=None)
 def knn_vote(mesh, k: int, num_classes: int, temperature: float):
   """jit(bank (B, chunk, D), labels (B, chunk), queries (q, D)) → (q, classes) DINO votes.
@@ -83,7 +78,7 @@ class KnnBank:
   similarities / candidates (+ q·k·ndev·(C + 2)·4 B for the merge and vote)."""
 
   def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 16384):
-    self.mesh = mesh or default_mesh()
+    self.mesh = mesh or sharding.default_mesh()
     self.n = len(train_features)
     self.chunk = sharding.row_chunk(self.n, self.mesh, bank_chunk)
     self.features = sharding.shard_rows(l2_normalize(train_features), self.mesh, self.chunk)

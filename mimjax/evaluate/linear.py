@@ -55,7 +55,8 @@ def probe_tx(schedule, optimizer: str, momentum: float,
 def probe_trainer(mesh, num_classes: int, *, epochs: int, local_batch: int,
                   steps_per_epoch: int, warmup_epochs: int, optimizer: str, momentum: float,
                   weight_decay: float):
-  """jit(x (ndev, n_local, D), y (ndev, n_local), lrs (L,), key) → heads {'kernel': (L, D, C), 'bias': (L, C)}.
+  """jit(x (ndev, n_local, D), y (ndev, n_local), lrs (L,), key) → heads
+  {'kernel': (L, D, C), 'bias': (L, C)}.
 
   x/y are split by rows over every device of `mesh` (labels < 0: padding). Each epoch every
   device permutes its own rows and each step takes `local_batch` of them, so a step's global
@@ -111,7 +112,7 @@ def train_linear(x: np.ndarray, y: np.ndarray, num_classes: int, lrs, *, epochs:
   Every lr sees the same batches. The features are split by rows over `mesh` (see
   `probe_trainer`); the global batch is `batch_size` rounded down to a multiple of the device
   count (at least one row per device), and an epoch is ⌈n/ndev⌉ // (batch/ndev) steps."""
-  mesh = mesh or knn.default_mesh()
+  mesh = mesh or sharding.default_mesh()
   n = len(x)
   local_batch = max(min(batch_size, n) // mesh.size, 1)
   n_local = sharding.row_chunk(n, mesh, n)  # one block of ⌈n/ndev⌉ rows per device

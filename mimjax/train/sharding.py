@@ -32,6 +32,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
                        devices=devices)
 
 
+def default_mesh() -> Mesh:
+  """A data-parallel mesh over every device (what `make_mesh` gives an empty config)."""
+  return make_mesh(ml_collections.ConfigDict({}))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))
