@@ -114,6 +114,8 @@ def test_knn_bank_matches_numpy_vote_on_a_split_bank_and_label_fraction(devices,
   for lab in (labels, subset):
     scores = bank.scores(lab, test, 5, k=10, temperature=0.07, query_chunk=16)
     np.testing.assert_allclose(scores, _numpy_knn(train, lab, test, 5, 10, 0.07), rtol=2e-5)
+  # One program for every query chunk (37 rows → 3 chunks of 16) and label fraction.
+  assert knn.knn_vote(bank.mesh, 10, 5, 0.07)._cache_size() == 1
 
 
 def _numpy_probe(x, y, classes, lr, init, epochs, optimizer, momentum, wd, warmup):
