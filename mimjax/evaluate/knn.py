@@ -74,8 +74,8 @@ class KnnBank:
   """The l2-normalised train features, row-split over every device of `mesh` and laid out as
   (ndev · chunks, chunk, D) so that each device walks its shard in `chunk`-row blocks.
 
-  Per-device memory: bank shard ⌈n/ndev⌉·D·4 B + a query chunk's q·(chunk + 2k)·4 B of
-  similarities / candidates (+ q·k·ndev·(C + 2)·4 B for the merge and vote)."""
+  Per-device memory: bank shard ⌈n/ndev⌉·(D + 1)·4 B + ≤ 2·q·chunk·4 B of one block's
+  similarities and top-k + q·k·ndev·8 B of candidates + q·C·4 B of votes."""
 
   def __init__(self, train_features: np.ndarray, mesh=None, bank_chunk: int = 16384):
     self.mesh = mesh or sharding.default_mesh()
