@@ -1,4 +1,5 @@
-"""kNN and cached-feature probes vs hand computations and on separable synthetic features."""
+"""kNN and cached-feature probes vs hand computations, numpy references and separable synthetic
+features; and how their programs scale (data as arguments, split over 8 devices)."""
 
 import jax
 import jax.numpy as jnp
