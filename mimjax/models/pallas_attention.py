@@ -52,7 +52,23 @@ class _Static:
   kv_len: int      # real key count; keys at positions ≥ kv_len are padding
   block_q: int
   block_k: int
-  interpret: bool
+  backend: str     # 'cpu' (interpret mode), 'gpu' (Triton) or 'tpu' (Mosaic)
+
+  def call_args(self, name: str) -> dict:
+    """pallas_call keyword arguments for this backend."""
+    if self.backend == 'cpu':
+      return dict(interpret=True, name=name)
+    if self.backend == 'gpu':
+      # jax 0.10 lowers pallas_call to Mosaic GPU unless given Triton parameters; the kernels
+      # are written for Triton (pl.ds slices of refs, fori_loop over tiles).
+      from jax.experimental.pallas import triton as pl_triton
+      return dict(name=name, compiler_params=pl_triton.CompilerParams(num_warps=4,
+                                                                      num_stages=2))
+    if self.backend == 'tpu':
+      from jax.experimental.pallas import tpu as pl_tpu
+      return dict(name=name, compiler_params=pl_tpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel')))
+    raise ValueError(f'pallas attention: unsupported backend {self.backend!r}')
 
 
 def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
@@ -75,7 +91,7 @@ def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
 
 
 def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
-  """One query tile: stream all key tiles, online softmax; writes O and the log-sum-exp."""
+  """One query tile: stream all key tiles, online softmax; writes O (float32) and the lse."""
   if use_bias:
     q_ref, k_ref, v_ref, qid_ref, kid_ref, up_ref, un_ref, o_ref, lse_ref = refs
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
@@ -102,7 +118,7 @@ def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
   init = (jnp.zeros((bq, q.shape[1]), jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
           jnp.zeros((bq, 1), jnp.float32))
   acc, m, l = lax.fori_loop(0, num_k, body, init)
-  o_ref[...] = (acc / l).astype(o_ref.dtype)
+  o_ref[...] = acc / l
   lse_ref[...] = m + jnp.log(l)
 
 
@@ -203,7 +219,11 @@ def _specs(st: _Static, b: int, h: int, tq: int, tk: int, d: int, use_bias: bool
 
 
 def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
-  """Padded kernel layout (B, H, T, D) → O (B, H, T, D), log-sum-exp (B, H, T, 1)."""
+  """Padded kernel layout (B, H, T, D) → O (B, H, T, D) float32, log-sum-exp (B, H, T, 1).
+
+  O stays float32 for the backward's delta = Σ dO·O: with O rounded to bfloat16 the rows of dS
+  no longer sum to 0 and d u (a sum of dS that mostly cancels) lost ~3 % in a bf16 test.
+  """
   b, h, tq, d = q.shape
   tk = k.shape[2]
   use_bias = qid is not None
@@ -217,19 +237,19 @@ def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
       functools.partial(_fwd_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
       grid=(b, h, tq // st.block_q), in_specs=in_specs,
       out_specs=[sp['q_tile'], sp['row_tile']],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                  jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)],
-      interpret=st.interpret, name='mre_flash_fwd')(*args)
+      **st.call_args('mre_flash_fwd'))(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
-  return _forward(st, q, k, v, qid, kid, u_pos, u_neg)[0]
+  return _forward(st, q, k, v, qid, kid, u_pos, u_neg)[0].astype(q.dtype)
 
 
 def _attention_fwd(st, q, k, v, qid, kid, u_pos, u_neg):
   out, lse = _forward(st, q, k, v, qid, kid, u_pos, u_neg)
-  return out, (q, k, v, qid, kid, u_pos, u_neg, out, lse)
+  return out.astype(q.dtype), (q, k, v, qid, kid, u_pos, u_neg, out, lse)
 
 
 def _attention_bwd(st, res, do):
@@ -239,7 +259,7 @@ def _attention_bwd(st, res, do):
   use_bias = qid is not None
   sp = _specs(st, b, h, tq, tk, d, use_bias)
   # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA.
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = jnp.sum(do.astype(jnp.float32) * out, axis=-1, keepdims=True)
   args = [q, k, v, do, lse, delta]
   bias_args = [qid, kid, u_pos, u_neg] if use_bias else []
 
@@ -253,7 +273,7 @@ def _attention_bwd(st, res, do):
   dq_res = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
       grid=(b, h, tq // st.block_q), in_specs=dq_in, out_specs=dq_out, out_shape=dq_shape,
-      interpret=st.interpret, name='mre_flash_dq')(*args, *bias_args)
+      **st.call_args('mre_flash_dq'))(*args, *bias_args)
 
   dkv_in = [sp['q_all'], sp['k_tile'], sp['k_tile'], sp['q_all'], sp['row_all'], sp['row_all']]
   if use_bias:
@@ -262,7 +282,7 @@ def _attention_bwd(st, res, do):
       functools.partial(_dkv_kernel, st=st, num_q=tq // st.block_q, use_bias=use_bias),
       grid=(b, h, tk // st.block_k), in_specs=dkv_in, out_specs=[sp['k_tile']] * 2,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=st.interpret, name='mre_flash_dkv')(*args, *bias_args)
+      **st.call_args('mre_flash_dkv'))(*args, *bias_args)
 
   if not use_bias:
     return dq_res[0], dk, dv, None, None, None, None
@@ -288,21 +308,21 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, scale: fl
                     segments: Optional[SegmentTerms] = None,
                     kv_segment_ids: Optional[jnp.ndarray] = None,
                     block_q: Optional[int] = None, block_k: Optional[int] = None,
-                    interpret: Optional[bool] = None) -> jnp.ndarray:
+                    backend: Optional[str] = None) -> jnp.ndarray:
   """softmax((q·kᵀ + b)·scale)·v on (B, T, H, D) q and (B, S, H, D) k, v → (B, T, H, D).
 
   `segments` (ids (B, T), u_pos / u_neg (H,)) switches the MRE bias on; the query ids are
   `segments.ids` and the key ids `kv_segment_ids` (default: the same ids, self-attention).
-  Block sizes default to `block_size` of each length; `interpret` defaults to True on CPU.
+  Block sizes default to `block_size` of each length. `backend` ('cpu' = interpret mode,
+  'gpu' = Triton, 'tpu' = Mosaic) defaults to jax's default backend; naming one lets a CPU
+  host lower the kernels for another platform.
   """
   bsz, t, h, d = q.shape
   s_len = k.shape[1]
   block_q = block_q or block_size(t)
   block_k = block_k or block_size(s_len)
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
   tq, tk = pl.cdiv(t, block_q) * block_q, pl.cdiv(s_len, block_k) * block_k
-  st = _Static(float(scale), s_len, block_q, block_k, bool(interpret))
+  st = _Static(float(scale), s_len, block_q, block_k, backend or jax.default_backend())
   to_kernel = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), 2, n)  # (B, H, T_pad, D)
   qid = kid = u_pos = u_neg = None
   if segments is not None:
