@@ -91,7 +91,7 @@ def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
 
 
 def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
-  """One query tile: stream all key tiles, online softmax; writes O (float32) and the lse."""
+  """One query tile: stream all key tiles, online softmax; writes O and the log-sum-exp."""
   if use_bias:
     q_ref, k_ref, v_ref, qid_ref, kid_ref, up_ref, un_ref, o_ref, lse_ref = refs
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
@@ -118,7 +118,7 @@ def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
   init = (jnp.zeros((bq, q.shape[1]), jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
           jnp.zeros((bq, 1), jnp.float32))
   acc, m, l = lax.fori_loop(0, num_k, body, init)
-  o_ref[...] = acc / l
+  o_ref[...] = (acc / l).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
 
 
@@ -219,11 +219,7 @@ def _specs(st: _Static, b: int, h: int, tq: int, tk: int, d: int, use_bias: bool
 
 
 def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
-  """Padded kernel layout (B, H, T, D) → O (B, H, T, D) float32, log-sum-exp (B, H, T, 1).
-
-  O stays float32 for the backward's delta = Σ dO·O: with O rounded to bfloat16 the rows of dS
-  no longer sum to 0 and d u (a sum of dS that mostly cancels) lost ~3 % in a bf16 test.
-  """
+  """Padded kernel layout (B, H, T, D) → O (B, H, T, D), log-sum-exp (B, H, T, 1) float32."""
   b, h, tq, d = q.shape
   tk = k.shape[2]
   use_bias = qid is not None
@@ -237,19 +233,19 @@ def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
       functools.partial(_fwd_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
       grid=(b, h, tq // st.block_q), in_specs=in_specs,
       out_specs=[sp['q_tile'], sp['row_tile']],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)],
       **st.call_args('mre_flash_fwd'))(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
-  return _forward(st, q, k, v, qid, kid, u_pos, u_neg)[0].astype(q.dtype)
+  return _forward(st, q, k, v, qid, kid, u_pos, u_neg)[0]
 
 
 def _attention_fwd(st, q, k, v, qid, kid, u_pos, u_neg):
   out, lse = _forward(st, q, k, v, qid, kid, u_pos, u_neg)
-  return out.astype(q.dtype), (q, k, v, qid, kid, u_pos, u_neg, out, lse)
+  return out, (q, k, v, qid, kid, u_pos, u_neg, out, lse)
 
 
 def _attention_bwd(st, res, do):
@@ -258,8 +254,11 @@ def _attention_bwd(st, res, do):
   tk = k.shape[2]
   use_bias = qid is not None
   sp = _specs(st, b, h, tq, tk, d, use_bias)
-  # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA.
-  delta = jnp.sum(do.astype(jnp.float32) * out, axis=-1, keepdims=True)
+  # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA. O is kept in the
+  # input dtype (FlashAttention-2 and cuDNN do the same; a float32 copy would add B·T·H·D·4
+  # bytes per layer): in bf16 its rounding leaves rows of dS summing to ±u·|dO·O| instead of
+  # 0, which d u (a sum of dS that mostly cancels) feels most — see the bf16 test's bound.
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   args = [q, k, v, do, lse, delta]
   bias_args = [qid, kid, u_pos, u_neg] if use_bias else []
 

@@ -29,9 +29,11 @@ F32_TOL = 1e-5
 # normalised P), so each sits about u/2..u from the float32 result on the same rounded inputs
 # (relative L2, measured ≤ 0.0036 at T = 50 and 197); 2u = 2^-7 bounds O, dq, dk, dv with a
 # ×2 margin, and the einsum path is checked against the same bound. d u is a sum of dS terms
-# that nearly cancel (each row of dS sums to 0), so its relative error is that of the terms
-# times the cancellation ratio (~2 % for both paths); it is held to ≤ 2× the einsum path's.
+# that nearly cancel (each row of dS sums to 0), so its relative error is the terms' (~u)
+# times the cancellation ratio; the kernel also forms delta = Σ dO·O from the bf16 O, as
+# FlashAttention-2 does. Measured: 2.7 % (kernel) and 1.8 % (einsum) at T = 50; bound 2^-4.
 BF16_TOL = 2.0 ** -7
+BF16_DU_TOL = 2.0 ** -4
 
 
 def reference(q, k, v, ids, u_pos, u_neg, scale):
@@ -132,8 +134,8 @@ def test_bfloat16_within_two_ulp_of_float32():
   einsum = _value_and_grads(ref, q, k, v, cot, u_pos, u_neg)
   for name, a, e, b in zip(('dq', 'dk', 'dv', 'du_pos', 'du_neg'), got[1:], einsum[1:],
                            truth[1:]):
-    bound = 2 * rel(e, b) if name.startswith('du') else BF16_TOL
-    assert rel(a, b) <= bound, (name, rel(a, b), bound)
+    bound = BF16_DU_TOL if name.startswith('du') else BF16_TOL
+    assert rel(a, b) <= bound and rel(e, b) <= bound, (name, rel(a, b), rel(e, b))
 
 
 @pytest.mark.parametrize('mode', segment_bias.MODES)
@@ -192,7 +194,10 @@ def test_every_mre_mode_equals_einsum_path(mode, sign):
     assert (float(jnp.abs(seg['u_neg']).max()) > 0) == (sign != 'positive')
 
 
+@pytest.mark.slow   # ~40 s alone, minutes on a loaded box (interpret mode in 4 + 1 blocks)
 def test_mre_mae_train_step_equals_einsum_step():
+  # configs/mre_mae.py:tiny (encoder with the bias, decoder without) through the trainer's
+  # step: loss and the AdamW-updated params after one step.
   batch = {'image': np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8),
            'segments': np.random.default_rng(1).integers(0, 6, (4, 32, 32), np.uint8)}
   results = []
@@ -208,8 +213,8 @@ def test_mre_mae_train_step_equals_einsum_step():
     results.append(jax.jit(trainer.make_train_step(objective, tx, lr))(state, batch))
   (s_ref, m_ref), (s_got, m_got) = results
   np.testing.assert_allclose(m_got['loss'], m_ref['loss'], rtol=F32_TOL)
-  flat_ref = dict(jax.tree_util.tree_flatten_with_path(s_ref.params)[0])
-  for path, p in jax.tree_util.tree_flatten_with_path(s_got.params)[0]:
+  flat_ref = dict(jax.tree_util.tree_flatten_with_path(s_ref['params'])[0])
+  for path, p in jax.tree_util.tree_flatten_with_path(s_got['params'])[0]:
     np.testing.assert_allclose(p, flat_ref[path], rtol=1e-5, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
 
