@@ -1,7 +1,8 @@
 """Multi-head attention with an optional additive logit bias and key mask.
 
-This is the only attention implementation in mimjax: plain ViT blocks, MAE decoders,
-MRE (segment bias), proxy cross-attention and probes all go through it.
+Every attention in mimjax goes through this module: plain ViT blocks, MAE decoders,
+MRE (segment bias), proxy cross-attention and probes; `implementation` picks the einsum path,
+jax.nn.dot_product_attention ('fused') or the Pallas kernel (mimjax/models/pallas_attention.py).
 """
 
 from typing import Any, Optional
