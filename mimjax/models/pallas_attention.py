@@ -191,14 +191,13 @@ def _dkv_kernel(*refs, st: _Static, num_q: int, use_bias: bool):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(st: _Static, b: int, h: int, tq: int, tk: int, d: int, use_bias: bool):
+def _specs(st: _Static, tq: int, tk: int, d: int, use_bias: bool):
   """BlockSpecs shared by the three kernels, keyed by what they hold.
 
   'q_tile'/'k_tile' = one tile indexed by the grid's last axis; '*_all' = the whole padded
   sequence of that (batch, head), sliced inside the kernel.
   """
   bq, bk = st.block_q, st.block_k
-  del b, h
   spec = {
       'q_tile': pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
       'q_all': pl.BlockSpec((None, None, tq, d), lambda b, h, i: (b, h, 0, 0)),
@@ -223,7 +222,7 @@ def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
   b, h, tq, d = q.shape
   tk = k.shape[2]
   use_bias = qid is not None
-  sp = _specs(st, b, h, tq, tk, d, use_bias)
+  sp = _specs(st, tq, tk, d, use_bias)
   in_specs = [sp['q_tile'], sp['k_all'], sp['k_all']]
   args = [q, k, v]
   if use_bias:
@@ -253,7 +252,7 @@ def _attention_bwd(st, res, do):
   b, h, tq, d = q.shape
   tk = k.shape[2]
   use_bias = qid is not None
-  sp = _specs(st, b, h, tq, tk, d, use_bias)
+  sp = _specs(st, tq, tk, d, use_bias)
   # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA. O is kept in the
   # input dtype (FlashAttention-2 and cuDNN do the same; a float32 copy would add B·T·H·D·4
   # bytes per layer): in bf16 its rounding leaves rows of dS summing to ±u·|dO·O| instead of
