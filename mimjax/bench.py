@@ -110,8 +110,12 @@ def add_synthetic_segments(example: dict, num_ids: int) -> dict:
 
 
 def attention_backend(model_config) -> str:
-  """What `model.attention` runs as here: 'einsum', or the fused kernel ('cudnn' / 'xla')."""
-  if model_config.get('attention', 'xla') != 'fused':
+  """What `model.attention` runs as here: 'einsum', 'pallas' (the MRE flash kernel; interpret
+  mode on CPU), or the fused kernel ('cudnn' / 'xla')."""
+  attention = model_config.get('attention', 'xla')
+  if attention == 'pallas':
+    return 'pallas'
+  if attention != 'fused':
     return 'einsum'
   from mimjax.models.attention import fused_backend
   from mimjax.models.vit import DTYPES, model_dims
@@ -231,6 +235,8 @@ def main(argv):
   if f.data and f.torch:
     raise app.UsageError('--data times the input pipeline only; drop --torch')
   try:
+    from mimjax.train.validate import validate_config
+    validate_config(config)  # the trainer's start-up checks (e.g. an unknown model.attention)
     if f.data:
       from mimjax.data import pipeline
       result = pipeline.benchmark_loader(config.data, config.batch_size, max(f.steps, 1))

@@ -1,7 +1,8 @@
 """Multi-head attention with an optional additive logit bias and key mask.
 
-This is the only attention implementation in mimjax: plain ViT blocks, MAE decoders,
-MRE (segment bias), proxy cross-attention and probes all go through it.
+Every attention in mimjax goes through this module: plain ViT blocks, MAE decoders,
+MRE (segment bias), proxy cross-attention and probes; `implementation` picks the einsum path,
+jax.nn.dot_product_attention ('fused') or the Pallas kernel (mimjax/models/pallas_attention.py).
 """
 
 from typing import Any, Optional
@@ -10,7 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax.models import pallas_attention
+from mimjax.models.segment_bias import SegmentTerms
+
 Dtype = Any
+# model.attention: 'xla' = einsum + softmax, 'fused' = jax.nn.dot_product_attention (cuDNN on
+# GPU), 'pallas' = mimjax.models.pallas_attention (flash attention, MRE bias in-kernel).
+IMPLEMENTATIONS = ('xla', 'fused', 'pallas')
 # MAE/timm initialise every Linear with xavier-uniform; on the fused qkv matrix this is
 # computed over (D, 3D), which is what a single Dense(3D) gives.
 xavier = nn.initializers.xavier_uniform()
@@ -20,19 +27,24 @@ class Attention(nn.Module):
   """Multi-head (self- or cross-) attention; softmax always in float32.
 
   `logit_bias` is added to q·kᵀ *before* the 1/√d scaling, i.e. logits = (q·kᵀ + b)/√d,
-  as in SAM-helps-SSL Eq. 5. It must broadcast to (B, heads, Nq, Nk).
-  `key_mask` (B, Nk) or (B, Nq, Nk) bool: False keys get no attention.
+  as in SAM-helps-SSL Eq. 5. It must broadcast to (B, heads, Nq, Nk), or be `SegmentTerms`
+  (the MRE bias in factored form): the 'pallas' kernel forms it per tile, the other paths
+  materialise it. `key_mask` (B, Nk) or (B, Nq, Nk) bool: False keys get no attention.
+  With `return_attention` every implementation runs the einsum path (it needs the map).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   qkv_bias: bool = True
-  implementation: str = 'xla'  # 'xla' (einsum) or 'fused' (jax.nn.dot_product_attention)
+  implementation: str = 'xla'  # one of IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, kv: Optional[jnp.ndarray] = None, *,
                logit_bias: Optional[jnp.ndarray] = None,
                key_mask: Optional[jnp.ndarray] = None,
                return_attention: bool = False):
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f'model.attention={self.implementation!r}: expected one of '
+                       f'{IMPLEMENTATIONS}')
     dim = x.shape[-1]
     if dim % self.num_heads:
       raise ValueError(f'width {dim} not divisible by num_heads {self.num_heads}')
@@ -48,7 +60,19 @@ class Attention(nn.Module):
     q, k, v = split(q), split(k), split(v)
     scale = head_dim ** -0.5
 
-    if self.implementation == 'fused' and not return_attention:
+    use_pallas = self.implementation == 'pallas' and not return_attention
+    if isinstance(logit_bias, SegmentTerms) and not use_pallas:
+      logit_bias = logit_bias.dense()  # the einsum and cuDNN paths add a materialised bias
+    if use_pallas:
+      if key_mask is not None:
+        raise ValueError("model.attention='pallas' takes no key_mask (only sequence padding "
+                         "is masked in-kernel); use 'xla' or 'fused'")
+      if logit_bias is not None and not isinstance(logit_bias, SegmentTerms):
+        raise ValueError("model.attention='pallas' takes the MRE bias as SegmentTerms "
+                         "(SegmentBias(factored=True)), not a dense logit_bias")
+      out = pallas_attention.flash_attention(q, k, v, scale=scale, segments=logit_bias)
+      probs = None
+    elif self.implementation == 'fused' and not return_attention:
       bias = None if logit_bias is None else (logit_bias * scale).astype(q.dtype)
       mask = None if key_mask is None else _expand_mask(key_mask)
       out = fused_attention(q, k, v, bias=bias, mask=mask, scale=scale)

@@ -6,6 +6,8 @@ The bias enters as (q·k + b)/√d (paper Eq. 5); `Attention` applies the 1/√d
 
 Memory: the (B, T, T) positive/negative masks are built once per forward and shared by all
 layers; each layer only contributes per-head scalars, which XLA fuses into the logits.
+With `factored=True` (model.attention='pallas') no T×T array is built at all: each layer gets
+`SegmentTerms` (ids and its per-head scalars) and the Pallas kernel forms the bias per tile.
 """
 
 from typing import Any, NamedTuple
@@ -23,6 +25,20 @@ SIGNS = ('both', 'positive', 'negative')
 class Relations(NamedTuple):
   positive: jnp.ndarray  # (B, T, T) bool: same nonzero segment
   negative: jnp.ndarray  # (B, T, T) bool: different nonzero segments
+
+
+class SegmentTerms(NamedTuple):
+  """One layer's MRE bias in factored form: what the Pallas kernel reads instead of (B, H, T, T)."""
+  ids: jnp.ndarray    # (B, T) int: segment id per token, 0 = unknown (cls, prefix, background)
+  u_pos: jnp.ndarray  # (H,) float32: bias of same-segment pairs (0 when the sign drops it)
+  u_neg: jnp.ndarray  # (H,) float32: bias of different-segment pairs
+
+  def dense(self) -> jnp.ndarray:
+    """The (B, H, T, T) float32 bias, for attention paths that add a materialised bias."""
+    rel = relations(self.ids)
+    col = lambda u: u[None, :, None, None]
+    return (rel.positive[:, None].astype(jnp.float32) * col(self.u_pos)
+            + rel.negative[:, None].astype(jnp.float32) * col(self.u_neg))
 
 
 def relations(ids: jnp.ndarray) -> Relations:
@@ -55,17 +71,22 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class SegmentBias(nn.Module):
-  """Holds u_pos/u_neg and returns, per layer, a bias callable for the encoder blocks."""
+  """Holds u_pos/u_neg and returns, per layer, a bias callable for the encoder blocks.
+
+  `factored`: the callable returns `SegmentTerms` (for the Pallas kernel) instead of the
+  dense (B, heads, T, T) bias.
+  """
   config: ml_collections.ConfigDict
   depth: int
   num_heads: int
+  factored: bool = False
 
   @nn.compact
   def __call__(self, token_ids: jnp.ndarray):
-    """token_ids (B, T) int (cls = 0) → function layer → bias (B, heads, T, T) float32."""
+    """token_ids (B, T) int (cls = 0) → function layer → bias (B, heads, T, T) float32
+    (or `SegmentTerms` when factored)."""
     cfg = self.config
     validate(cfg)
-    rel = relations(token_ids)
     if cfg.mode == 'fixed':
       u_pos = jnp.full((1, 1), cfg.fixed_value, jnp.float32)
       u_neg = -u_pos
@@ -76,6 +97,14 @@ class SegmentBias(nn.Module):
       u_neg = self.param('u_neg', nn.initializers.constant(cfg.init_neg), shape)
     use_pos = cfg.sign in ('both', 'positive')
     use_neg = cfg.sign in ('both', 'negative')
+    if self.factored:
+      def layer_terms(i: int) -> SegmentTerms:
+        # A dropped sign gets a constant 0: same logits, and no gradient reaches its table.
+        head = lambda u, on: (jnp.broadcast_to(u[min(i, u.shape[0] - 1)], (self.num_heads,))
+                              if on else jnp.zeros((self.num_heads,), jnp.float32))
+        return SegmentTerms(token_ids, head(u_pos, use_pos), head(u_neg, use_neg))
+      return layer_terms
+    rel = relations(token_ids)
     pos = rel.positive[:, None].astype(jnp.float32)
     neg = rel.negative[:, None].astype(jnp.float32)
 

@@ -204,8 +204,10 @@ class ViT(nn.Module):
       if keep_ids is not None:
         ids = jnp.take_along_axis(ids, keep_ids, axis=1)
       ids = jnp.concatenate([jnp.zeros((ids.shape[0], prefix), jnp.int32), ids], axis=1)
-      logit_bias = segment_bias_lib.SegmentBias(seg_cfg, dims['depth'], dims['num_heads'],
-                                                name='segment_bias')(ids)
+      logit_bias = segment_bias_lib.SegmentBias(
+          seg_cfg, dims['depth'], dims['num_heads'],
+          factored=cfg.get('attention', 'xla') == 'pallas',  # the kernel forms it per tile
+          name='segment_bias')(ids)
 
     block = nn.remat(Block, static_argnums=(5, 6)) if cfg.get('remat') else Block
     drop_path = cfg.get('drop_path', 0.0)

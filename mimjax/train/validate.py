@@ -29,6 +29,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     model_dims(config.model)
   if config.model.get('dtype', 'float32') not in DTYPES:
     raise ValueError(f'config.model.dtype={config.model.dtype!r}: expected one of {list(DTYPES)}')
-  if config.model.get('attention', 'xla') not in ('xla', 'fused'):
-    raise ValueError(f'config.model.attention={config.model.attention!r}: expected "xla" or "fused"')
+  from mimjax.models.attention import IMPLEMENTATIONS
+  if config.model.get('attention', 'xla') not in IMPLEMENTATIONS:
+    raise ValueError(f'config.model.attention={config.model.attention!r}: expected one of '
+                     f'{IMPLEMENTATIONS}')
   pipeline.validate_data_config(config.data)

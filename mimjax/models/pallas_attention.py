@@ -1,0 +1,335 @@
+"""Flash attention in Pallas that forms the MRE segment bias inside the kernel.
+
+`flash_attention(q, k, v, scale=..., segments=SegmentTerms(ids, u_pos, u_neg))` computes
+softmax((q·kᵀ + b)·scale)·v with b_ij = u_pos[h] if ids_i = ids_j ≠ 0, u_neg[h] if
+ids_i ≠ ids_j (both ≠ 0), 0 otherwise (SAM-helps-SSL Eq. 5, as `Attention` adds it), without
+ever holding a T×T array in memory: the grid runs over (batch, head, query tile), each program
+streams the key/value tiles with an online softmax (FlashAttention-2) and builds the bias of
+the (block_q, block_k) tile from the two tiles' ids and the head's two scalars. Without
+`segments` the same kernels run without the bias (plain flash attention).
+
+Backward (custom VJP): P is recomputed from the saved log-sum-exp, never stored. One kernel
+per key tile accumulates dK, dV over the query tiles; one per query tile accumulates dQ and the
+row sums of dS over same-segment and different-segment pairs, which (× scale, summed over
+batch and rows) are d u_pos and d u_neg. Sequences are padded to the tile size; padded keys
+are masked in-kernel and padded query rows are dropped. Details: docs/performance.md.
+
+On CPU the kernels run in Pallas interpret mode (what the tests check); on GPU they lower
+through Triton and on TPU through Mosaic — neither was run on hardware here (see the docs).
+"""
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mimjax.models.segment_bias import SegmentTerms
+
+# Finite "−∞" for padded keys: exp() of it is 0 without inf − inf = NaN in the online softmax.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers for a · bᵀ
+MAX_BLOCK = 128
+
+
+def block_size(n: int) -> int:
+  """Tile length for n tokens: the next power of two ≥ 16 up to 128 (one tile), else 128.
+
+  Powers of two ≥ 16 suit Triton's tl.dot; a tile that is either 128 or the whole padded
+  sequence satisfies Mosaic's (8, 128) block rule for the (1, block_k) key-id tiles.
+  """
+  return min(MAX_BLOCK, max(16, pl.next_power_of_2(n)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Compile-time constants of one kernel call (hashable: a nondiff argument of custom_vjp)."""
+  scale: float
+  kv_len: int      # real key count; keys at positions ≥ kv_len are padding
+  block_q: int
+  block_k: int
+  backend: str     # 'cpu' (interpret mode), 'gpu' (Triton) or 'tpu' (Mosaic)
+
+  def call_args(self, name: str) -> dict:
+    """pallas_call keyword arguments for this backend."""
+    if self.backend == 'cpu':
+      return dict(interpret=True, name=name)
+    if self.backend == 'gpu':
+      # jax 0.10 lowers pallas_call to Mosaic GPU unless given Triton parameters; the kernels
+      # are written for Triton (pl.ds slices of refs, fori_loop over tiles).
+      from jax.experimental.pallas import triton as pl_triton
+      return dict(name=name, compiler_params=pl_triton.CompilerParams(num_warps=4,
+                                                                      num_stages=2))
+    if self.backend == 'tpu':
+      from jax.experimental.pallas import tpu as pl_tpu
+      return dict(name=name, compiler_params=pl_tpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel')))
+    raise ValueError(f'pallas attention: unsupported backend {self.backend!r}')
+
+
+def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
+  """(q·kᵀ + b)·scale of one (block_q, block_k) tile; padded keys → MASK_VALUE.
+
+  Returns the logits and the same-/different-segment masks (None without the bias).
+  """
+  s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
+  pos = neg = None
+  if qid is not None:
+    known = (qid != 0) & (kid != 0)          # (bq, 1) vs (1, bk) → (bq, bk)
+    same = qid == kid
+    pos, neg = known & same, known & ~same
+    s = s + jnp.where(pos, u_pos, jnp.where(neg, u_neg, 0.0))  # u: (1, 1) per head
+  s = s * st.scale
+  if st.kv_len % st.block_k:  # only the last key tile can hold padding
+    col = k_start + lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
+    s = jnp.where(col < st.kv_len, s, MASK_VALUE)
+  return s, pos, neg
+
+
+def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
+  """One query tile: stream all key tiles, online softmax; writes O and the log-sum-exp."""
+  if use_bias:
+    q_ref, k_ref, v_ref, qid_ref, kid_ref, up_ref, un_ref, o_ref, lse_ref = refs
+    qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
+  else:
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    qid = u_pos = u_neg = None
+  q = q_ref[...]
+  bq, bk = q.shape[0], st.block_k
+
+  def body(j, carry):
+    acc, m, l = carry
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    kid = kid_ref[j] if use_bias else None
+    s, _, _ = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = alpha * acc + lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bq, q.shape[1]), jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
+          jnp.zeros((bq, 1), jnp.float32))
+  acc, m, l = lax.fori_loop(0, num_k, body, init)
+  o_ref[...] = (acc / l).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
+  """One query tile: dQ and the per-row sums of dS over same / different pairs (× scale)."""
+  if use_bias:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, up_ref, un_ref,
+     dq_ref, dup_ref, dun_ref) = refs
+    qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    qid = u_pos = u_neg = None
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  bq, bk = q.shape[0], st.block_k
+
+  def body(j, carry):
+    dq, dup, dun = carry
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    kid = kid_ref[j] if use_bias else None
+    s, pos, neg = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
+    p = jnp.exp(s - lse)                       # recomputed, never stored
+    dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta)                      # dL/d(scaled logits)
+    dq = dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    if use_bias:
+      dup = dup + jnp.sum(jnp.where(pos, ds, 0.0), axis=1, keepdims=True)
+      dun = dun + jnp.sum(jnp.where(neg, ds, 0.0), axis=1, keepdims=True)
+    return dq, dup, dun
+
+  zeros = jnp.zeros((bq, 1), jnp.float32)
+  dq, dup, dun = lax.fori_loop(0, num_k, body,
+                               (jnp.zeros(q.shape, jnp.float32), zeros, zeros))
+  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+  if use_bias:  # the bias sits inside the scaling: d b = scale · dS
+    dup_ref[...] = dup * st.scale
+    dun_ref[...] = dun * st.scale
+
+
+def _dkv_kernel(*refs, st: _Static, num_q: int, use_bias: bool):
+  """One key tile: stream all query tiles; dK and dV."""
+  if use_bias:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, up_ref, un_ref,
+     dk_ref, dv_ref) = refs
+    kid, u_pos, u_neg = kid_ref[...], up_ref[...], un_ref[...]
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    kid = u_pos = u_neg = None
+  k, v = k_ref[...], v_ref[...]
+  bq = st.block_q
+  k_start = pl.program_id(2) * st.block_k
+
+  def body(i, carry):
+    dk, dv = carry
+    rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    qid = qid_ref[rows, :] if use_bias else None
+    s, _, _ = _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st)
+    p = jnp.exp(s - lse_ref[rows, :])
+    dv = dv + lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[rows, :])
+    dk = dk + lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, num_q, body, (zeros, zeros))
+  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _specs(st: _Static, tq: int, tk: int, d: int, use_bias: bool):
+  """BlockSpecs shared by the three kernels, keyed by what they hold.
+
+  'q_tile'/'k_tile' = one tile indexed by the grid's last axis; '*_all' = the whole padded
+  sequence of that (batch, head), sliced inside the kernel.
+  """
+  bq, bk = st.block_q, st.block_k
+  spec = {
+      'q_tile': pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
+      'q_all': pl.BlockSpec((None, None, tq, d), lambda b, h, i: (b, h, 0, 0)),
+      'k_tile': pl.BlockSpec((None, None, bk, d), lambda b, h, j: (b, h, j, 0)),
+      'k_all': pl.BlockSpec((None, None, tk, d), lambda b, h, i: (b, h, 0, 0)),
+      'row_tile': pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0)),
+      'row_all': pl.BlockSpec((None, None, tq, 1), lambda b, h, j: (b, h, 0, 0)),
+  }
+  if use_bias:
+    spec.update({
+        'qid_tile': pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0)),
+        'qid_all': pl.BlockSpec((None, tq, 1), lambda b, h, j: (b, 0, 0)),
+        'kid_tile': pl.BlockSpec((None, None, 1, bk), lambda b, h, j: (b, j, 0, 0)),
+        'kid_all': pl.BlockSpec((None, tk // bk, 1, bk), lambda b, h, i: (b, 0, 0, 0)),
+        'u': pl.BlockSpec((None, 1, 1), lambda b, h, i: (h, 0, 0)),
+    })
+  return spec
+
+
+def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
+  """Padded kernel layout (B, H, T, D) → O (B, H, T, D), log-sum-exp (B, H, T, 1) float32."""
+  b, h, tq, d = q.shape
+  tk = k.shape[2]
+  use_bias = qid is not None
+  sp = _specs(st, tq, tk, d, use_bias)
+  in_specs = [sp['q_tile'], sp['k_all'], sp['k_all']]
+  args = [q, k, v]
+  if use_bias:
+    in_specs += [sp['qid_tile'], sp['kid_all'], sp['u'], sp['u']]
+    args += [qid, kid, u_pos, u_neg]
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
+      grid=(b, h, tq // st.block_q), in_specs=in_specs,
+      out_specs=[sp['q_tile'], sp['row_tile']],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)],
+      **st.call_args('mre_flash_fwd'))(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
+  return _forward(st, q, k, v, qid, kid, u_pos, u_neg)[0]
+
+
+def _attention_fwd(st, q, k, v, qid, kid, u_pos, u_neg):
+  out, lse = _forward(st, q, k, v, qid, kid, u_pos, u_neg)
+  return out, (q, k, v, qid, kid, u_pos, u_neg, out, lse)
+
+
+def _attention_bwd(st, res, do):
+  q, k, v, qid, kid, u_pos, u_neg, out, lse = res
+  b, h, tq, d = q.shape
+  tk = k.shape[2]
+  use_bias = qid is not None
+  sp = _specs(st, tq, tk, d, use_bias)
+  # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA. O is kept in the
+  # input dtype (FlashAttention-2 and cuDNN do the same; a float32 copy would add B·T·H·D·4
+  # bytes per layer): in bf16 its rounding leaves rows of dS summing to ±u·|dO·O| instead of
+  # 0, which d u (a sum of dS that mostly cancels) feels most — see the bf16 test's bound.
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  args = [q, k, v, do, lse, delta]
+  bias_args = [qid, kid, u_pos, u_neg] if use_bias else []
+
+  dq_in = [sp['q_tile'], sp['k_all'], sp['k_all'], sp['q_tile'], sp['row_tile'], sp['row_tile']]
+  dq_out = [sp['q_tile']]
+  dq_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if use_bias:
+    dq_in += [sp['qid_tile'], sp['kid_all'], sp['u'], sp['u']]
+    dq_out += [sp['row_tile']] * 2
+    dq_shape += [jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)] * 2
+  dq_res = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
+      grid=(b, h, tq // st.block_q), in_specs=dq_in, out_specs=dq_out, out_shape=dq_shape,
+      **st.call_args('mre_flash_dq'))(*args, *bias_args)
+
+  dkv_in = [sp['q_all'], sp['k_tile'], sp['k_tile'], sp['q_all'], sp['row_all'], sp['row_all']]
+  if use_bias:
+    dkv_in += [sp['qid_all'], sp['kid_tile'], sp['u'], sp['u']]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st, num_q=tq // st.block_q, use_bias=use_bias),
+      grid=(b, h, tk // st.block_k), in_specs=dkv_in, out_specs=[sp['k_tile']] * 2,
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      **st.call_args('mre_flash_dkv'))(*args, *bias_args)
+
+  if not use_bias:
+    return dq_res[0], dk, dv, None, None, None, None
+  dq, dup, dun = dq_res
+  # Per-row partial sums → one number per head (u enters as (H, 1, 1)).
+  du = lambda rows: jnp.sum(rows, axis=(0, 2, 3)).reshape(u_pos.shape).astype(u_pos.dtype)
+  return dq, dk, dv, None, None, du(dup), du(dun)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _pad_to(x: jnp.ndarray, axis: int, size: int) -> jnp.ndarray:
+  """Zero-pads `axis` at the end to `size` (ids pad with 0 = unknown: no bias)."""
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, scale: float,
+                    segments: Optional[SegmentTerms] = None,
+                    kv_segment_ids: Optional[jnp.ndarray] = None,
+                    block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    backend: Optional[str] = None) -> jnp.ndarray:
+  """softmax((q·kᵀ + b)·scale)·v on (B, T, H, D) q and (B, S, H, D) k, v → (B, T, H, D).
+
+  `segments` (ids (B, T), u_pos / u_neg (H,)) switches the MRE bias on; the query ids are
+  `segments.ids` and the key ids `kv_segment_ids` (default: the same ids, self-attention).
+  Block sizes default to `block_size` of each length. `backend` ('cpu' = interpret mode,
+  'gpu' = Triton, 'tpu' = Mosaic) defaults to jax's default backend; naming one lets a CPU
+  host lower the kernels for another platform.
+  """
+  bsz, t, h, d = q.shape
+  s_len = k.shape[1]
+  block_q = block_q or block_size(t)
+  block_k = block_k or block_size(s_len)
+  tq, tk = pl.cdiv(t, block_q) * block_q, pl.cdiv(s_len, block_k) * block_k
+  st = _Static(float(scale), s_len, block_q, block_k, backend or jax.default_backend())
+  to_kernel = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), 2, n)  # (B, H, T_pad, D)
+  qid = kid = u_pos = u_neg = None
+  if segments is not None:
+    ids = segments.ids.astype(jnp.int32)
+    kv_ids = ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    qid = _pad_to(ids, 1, tq)[:, :, None]                                   # (B, Tq, 1)
+    kid = _pad_to(kv_ids, 1, tk).reshape(bsz, tk // block_k, 1, block_k)    # (B, nk, 1, bk)
+    u = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (h,)).reshape(h, 1, 1)
+    u_pos, u_neg = u(segments.u_pos), u(segments.u_neg)
+  out = _attention(st, to_kernel(q, tq), to_kernel(k, tk), to_kernel(v, tk),
+                   qid, kid, u_pos, u_neg)
+  return jnp.swapaxes(out[:, :, :t], 1, 2)
