@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mimjax.models.vit import (DTYPES, Block, ViT, model_dims, num_prefix_tokens,
-                               resize_pos_embed)
+                               pos_embed_frozen, resize_pos_embed)
 
 Params = Any
 
@@ -31,9 +31,9 @@ def _mask_token(module: nn.Module, width: int) -> jnp.ndarray:
 
 def encoder_pos_embed(encoder_params: Params, config: ml_collections.ConfigDict,
                       grid: int) -> jnp.ndarray:
-  """The ViT's (1, prefix + grid², D) pos-embed as its forward uses it (frozen if sincos)."""
+  """The ViT's (1, prefix + grid², D) pos-embed as its forward uses it (`pos_embed_frozen`)."""
   pos = encoder_params['pos_embed']
-  if config.get('pos_embed', 'sincos') == 'sincos':
+  if pos_embed_frozen(config):
     pos = jax.lax.stop_gradient(pos)
   return resize_pos_embed(pos, num_prefix_tokens(config), grid)
 

@@ -46,8 +46,8 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     raise ValueError(f'config.probe.pool={probe.pool!r}: expected one of {features.POOLS}')
   head = heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
   check_frozen(encoder, path, tuple(config.optim.frozen), config.data.image_size)
-  # beyond-cls AbMILP aggregates the last block's tokens without the final LayerNorm.
-  normed = probe.pool != 'abmilp'
+  # MAE global pool and beyond-cls AbMILP read the last block's tokens without the final norm.
+  normed = features.reads_final_norm(probe.pool)
 
   def tokens(params, images):
     enc = jax.lax.stop_gradient(features.subtree(params, path))

@@ -1,7 +1,9 @@
 """SemanticMIM objective + BEiT/MaskFeat baselines: tiny configs train, loss by hand, errors."""
 
 import json
+import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -13,7 +15,8 @@ from configs import semantic_mim as smim_config
 from mimjax import masking, targets
 from mimjax.data.normalize import normalize_images
 from mimjax.objectives import semantic_mim
-from mimjax.train import trainer
+from mimjax.train import optim, trainer
+from mimjax.train.sharding import path_name
 
 
 def _tiny(module, arg='tiny', **overrides):
@@ -114,11 +117,29 @@ def test_paper_rows_and_baselines():
                                                       300, 2048)
   b = smim_config.get_config('vit_b,in1k,300ep,base=beit')
   assert (b.target, b.optim.clip_norm, b.model.drop_path) == ('tokens', 3.0, 0.1)
+  # The paper's reproduced baselines mask random patches (§4.3; SimMIMMaskGeneratorOurs with
+  # 16-px mask patches: ⌈196·0.4⌉ = 79), not the original papers' blocks.
   mf = maskfeat_config.get_config()
   assert (mf.model.proxy, mf.model.num_prefix_tokens, mf.masking, mf.mask_ratio,
-          mf.block_mask.min_patches, mf.optim.clip_norm) == (False, 1, 'block', 0.4, 15, 0.02)
+          mf.optim.clip_norm) == (False, 1, 'random', 0.4, 0.02)
   bt = beit_config.get_config()
-  assert masking.num_masked(bt, 196) == 75 and bt.block_mask.min_patches == 16
+  assert bt.masking == 'random' and bt.mask_ratio == 0.4
+  for cfg in (mf, bt):
+    assert masking.num_masked(cfg, 196) == math.ceil(196 * 0.4) == 79
+    m = masking.make_mask(cfg, jax.random.key(0), 64, 196)
+    np.testing.assert_array_equal(np.asarray(m.mask).sum(1), 79)
+    # Uniform over patches: every patch is masked about 40% of the time (64 samples × 20).
+    freq = np.mean([np.asarray(masking.make_mask(cfg, jax.random.key(i), 64, 196).mask)
+                    for i in range(20)], axis=(0, 1))
+    assert np.abs(freq - 79 / 196).max() < 0.1
+  # The original papers' block masks stay available for the baselines only.
+  mfb = maskfeat_config.get_config('vit_b,in1k,300ep,masking=block')
+  assert (mfb.masking, mfb.block_mask.min_patches, masking.num_masked(mfb, 196)) == (
+      'block', 15, 78)
+  btb = beit_config.get_config('vit_b,in1k,300ep,masking=block')
+  assert masking.num_masked(btb, 196) == 75 and btb.block_mask.min_patches == 16
+  with pytest.raises(ValueError, match='masking=block'):
+    smim_config.get_config('vit_b,masking=block')
 
 
 def test_bad_config_errors_name_the_key(tmp_path):
@@ -134,3 +155,59 @@ def test_bad_config_errors_name_the_key(tmp_path):
   np.save(bad, np.zeros((4, 27), np.float32))
   with pytest.raises(ValueError, match='config.tokenizer.codebook'):
     semantic_mim.make(_tiny(beit_config, **{'tokenizer.codebook': str(bad)}))
+
+
+def mmpretrain_decays(name: str, ndim: int, paramwise_cfg: dict) -> bool:
+  """mmengine DefaultOptimWrapperConstructor: does this param get weight decay? (custom_keys
+  by substring first; then bias / norm / flat (1-D) multipliers)."""
+  for key, value in paramwise_cfg.get('custom_keys', {}).items():
+    if key in name:
+      return value['decay_mult'] != 0
+  is_norm = '.ln' in name  # every norm layer of these backbones is named ln*
+  mult = 1.0
+  if name.endswith('.bias') and not is_norm and 'bias_decay_mult' in paramwise_cfg:
+    mult *= paramwise_cfg['bias_decay_mult']
+  if is_norm and 'norm_decay_mult' in paramwise_cfg:
+    mult *= paramwise_cfg['norm_decay_mult']
+  elif ndim == 1 and 'flat_decay_mult' in paramwise_cfg:
+    mult *= paramwise_cfg['flat_decay_mult']
+  return mult != 0
+
+
+# yyk-wew/SemanticMIM configs/{maskfeat,beit}/*_pretrain.py (same for bottleneck and baseline).
+PARAMWISE = {
+    'maskfeat': dict(bias_decay_mult=0.0, norm_decay_mult=0.0, flat_decay_mult=0.0,
+                     custom_keys={'mask_token': dict(decay_mult=0.)}),
+    'beit': dict(custom_keys={k: dict(decay_mult=0.0) for k in (
+        '.ln', '.bias', 'q_bias', 'v_bias', '.cls_token', '.pos_embed', '.gamma')}),
+}
+
+
+def mm_name(path: str) -> str:
+  """mimjax SemanticMIM param path → the official mmpretrain name."""
+  name = re.sub(r'^backbone/(encoder/)?', 'backbone/', path)
+  name = re.sub(r'(blocks|extra_layers)_(\d+)', lambda m: (
+      'layers' if m.group(1) == 'blocks' else 'extra_layers') + '.' + m.group(2), name)
+  name = name.replace('norm1', 'ln1').replace('norm2', 'ln2').replace('mlp/fc1', 'ffn.0')
+  name = name.replace('mlp/fc2', 'ffn.1').replace('backbone/norm/', 'backbone/ln1/')
+  name = re.sub(r'/(kernel|scale)$', '/weight', name).replace('reg_token', 'cls_token')
+  return name.replace('/', '.')
+
+
+@pytest.mark.parametrize('module,arg,base', [(smim_config, 'tiny', 'maskfeat'),
+                                             (smim_config, 'tiny,base=beit', 'beit'),
+                                             (maskfeat_config, 'tiny', 'maskfeat'),
+                                             (beit_config, 'tiny', 'beit')])
+def test_weight_decay_groups_match_official_paramwise_cfg(module, arg, base):
+  config = _tiny(module, arg)
+  obj = semantic_mim.make(config)
+  params = jax.eval_shape(lambda: obj.init(jax.random.key(0), _batch(1))[0])
+  mask = optim.decay_mask(params, tuple(config.optim.no_decay))
+  got = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  shapes = {path_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {k: mmpretrain_decays(mm_name(k), len(shapes[k]), PARAMWISE[base]) for k in shapes}
+  assert got == want
+  # The cases that differ between the two frameworks.
+  enc = 'backbone/encoder/'
+  assert got[enc + 'pos_embed'] == got[enc + 'cls_token'] == (base == 'maskfeat')
+  assert got['backbone/mask_token'] == (base == 'beit')
