@@ -51,6 +51,7 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
   config.model.proxy = proxy
   config.model.num_prefix_tokens = 8 if proxy else 1  # [PROXY] tokens / the baselines' [CLS]
   config.model.drop_path = recipe['drop_path']
+  config.init_scheme = arg.base               # official backbone init (semantic_mim.official_init)
 
   # Masks: uniform random patches (official `SimMIMMaskGeneratorOurs`, ⌈N·r⌉ patches) for
   # SemanticMIM (paper 60%) and for the paper's reproduced baselines (40%, §4.3: "Our study
@@ -80,7 +81,9 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
     config.tokenizer.update({'vocab_size': 64, 'fit_images': 256, 'fit_iters': 10,
                              'fit_on_start': True})
 
-  # Linear probe read-out (used by the evaluation tools via `encode_for_eval`).
+  # Linear-probe read-out: configs/eval/linear.py uses them when its arg names no layer/pool
+  # (objectives/linear_probe.resolve_probe); also `semantic_mim.encode_for_eval`'s default.
+  # The paper probes block 7, the repo's config the last block (raw: final_norm=False).
   config.probe_layer = 7 if arg.recipe == 'paper' else -1
   config.probe_pool = 'cls'  # mean over the proxy tokens ('mean' = patch tokens)
 

@@ -125,11 +125,12 @@ def encoder_config(model_config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def encode_for_eval(model_config: ml_collections.ConfigDict, encoder_params: Params,
                     images: jnp.ndarray, layer: Optional[int] = None) -> jnp.ndarray:
-  """Tokens (B, P + N, D) of the exported encoder: block `layer` (1-based, raw block output,
-  e.g. 7 for the paper's probe) or, for None/-1, the final-normed output (repo's probe)."""
+  """Tokens (B, P + N, D) of the exported encoder: the raw output of block `layer` (1-based;
+  7 = the paper's probe; -1 = the last block, the repo's probe with `final_norm=False`) or,
+  for None, the final-normed output."""
   depth = model_dims(model_config)['depth']
   if layer is not None and layer != -1 and not 1 <= layer <= depth:
-    raise ValueError(f'probe layer {layer!r}: expected 1..{depth}, -1 or None (last, normed)')
+    raise ValueError(f'probe layer {layer!r}: expected 1..{depth}, -1 (last) or None (normed)')
   tokens, aux = ViT(encoder_config(model_config)).apply(
-      {'params': encoder_params}, images, return_layers=layer not in (None, -1))
-  return tokens if layer in (None, -1) else aux['layers'][layer - 1]
+      {'params': encoder_params}, images, return_layers=layer is not None)
+  return tokens if layer is None else aux['layers'][layer - 1 if layer > 0 else -1]

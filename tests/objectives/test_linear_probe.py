@@ -66,3 +66,41 @@ def probe_ce(feats, head, labels):
   m = logits.max(-1, keepdims=True)
   logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
   return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def test_semanticmim_recipe_reads_probe_keys_and_uses_a_layernorm_readout(tmp_path):
+  # A SemanticMIM-like pretrained encoder: 8 proxies, probe_layer / probe_pool in its config.
+  model_config = common.vit_config('mu/4', 32)
+  model_config.pos_embed = 'learned'
+  model_config.num_prefix_tokens = 8
+  checkpoint.write_config(str(tmp_path), ml_collections.ConfigDict(
+      {'model': model_config, 'probe_layer': 1, 'probe_pool': 'cls'}))
+  full = linear_config.get_config('vit_b,in1k,recipe=semanticmim')
+  assert (full.batch_size, full.total_epochs, full.warmup_epochs, full.optim.name,
+          full.optim.weight_decay, full.optim.b2) == (1024, 100, 0, 'adamw', 1e-4, 0.999)
+  from mimjax.train import optim
+  assert optim.peak_lr(full.optim, full.batch_size) == 4e-3
+  config = linear_config.get_config('tiny,recipe=semanticmim')
+  config.pretrained = str(tmp_path)
+  obj = linear_probe.make(config)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, (16,)).astype(np.int32)}
+  params, state = obj.init(jax.random.key(0), batch)
+  assert state['batch_stats'] == {} and set(params['head']) == {'linear'}  # no BatchNorm
+  params['head']['linear']['kernel'] = rng.normal(0, 1, (64, 10)).astype(np.float32)
+  ce, _ = obj.loss(params, state, batch, jax.random.key(1), 0)
+
+  # Official VisionTransformerOurs._format_output('cls_token') at out_indices=probe_layer:
+  # ln2(mean of the proxy tokens of the raw block output), ln2 frozen at weight 1 / bias 0.
+  from mimjax.models.vit import ViT
+  _, aux = ViT(model_config).apply({'params': params['encoder']},
+                                   normalize_images(batch['image']), return_layers=True)
+  x = np.asarray(aux['layers'][0])[:, :8].mean(1)
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  head = params['head']['linear']
+  logits = x @ np.asarray(head['kernel']) + np.asarray(head['bias'])
+  m = logits.max(-1, keepdims=True)
+  logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  want = -logp[np.arange(16), batch['label']].mean()
+  np.testing.assert_allclose(float(ce), want, rtol=1e-4)

@@ -103,8 +103,10 @@ def test_export_and_encode_for_eval_read_layer_7_or_last():
   last, aux = ViT(vit_cfg).apply({'params': enc}, images, return_layers=True)
   np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images),
                              aux['layers'][6], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images, -1), last,
-                             rtol=1e-6, atol=1e-6)
+  # -1: the repo's probe reads the last block without the final norm (final_norm=False).
+  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images, -1),
+                             aux['layers'][-1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(aux['layers'][-1], last, atol=1e-3)
   assert smim_config.get_config('tiny,recipe=repo').probe_layer == -1
   assert smim_config.get_config('vit_b,recipe=repo').mask_ratio == 0.8
   assert smim_config.get_config('vit_b,recipe=repo,base=beit').mask_ratio == 0.6
@@ -211,3 +213,28 @@ def test_weight_decay_groups_match_official_paramwise_cfg(module, arg, base):
   enc = 'backbone/encoder/'
   assert got[enc + 'pos_embed'] == got[enc + 'cls_token'] == (base == 'maskfeat')
   assert got['backbone/mask_token'] == (base == 'beit')
+
+
+@pytest.mark.parametrize('base', ['maskfeat', 'beit'])
+def test_official_init_matches_the_backbones(base):
+  # Reference (yyk-wew/SemanticMIM): MaskFeatViTOurs._init_weights — Linear/Conv weights
+  # trunc_normal(0.02), Linear bias 0 (conv bias: PyTorch default); BEiTPretrainViTOurs —
+  # TruncNormal(0.02) on Linear and Conv2d with bias 0, then proj / ffn.layers[1] of layers[i]
+  # and extra_layers[i] divided by sqrt(2 (i + 1)).
+  config = _tiny(smim_config, 'tiny' if base == 'maskfeat' else 'tiny,base=beit',
+                 **{'model.width': 256, 'model.mlp_dim': 1024, 'model.depth': 3})
+  assert config.init_scheme == base
+  params, _ = semantic_mim.make(config).init(jax.random.key(0), _batch(1))
+  flat = {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name, x in flat.items():
+    if name.endswith('kernel'):
+      m = re.search(r'(blocks|extra_layers)_(\d+)/(attn/proj|mlp/fc2)/', name)
+      scale = np.sqrt(2.0 * (int(m.group(2)) + 1)) if (m and base == 'beit') else 1.0
+      assert abs(x.std() / (0.02 / scale) - 1) < 0.1, name
+      assert abs(x.mean()) < 0.02 / scale * 0.1, name
+    elif name.endswith('bias') and 'patch_embed' not in name:
+      assert not x.any(), name
+  conv_bias = flat['backbone/encoder/patch_embed/proj/bias']
+  # PyTorch Conv2d default bias: U(±1/√(3·4·4)) for MaskFeat; BEiT's TruncNormal init zeroes it.
+  assert (np.abs(conv_bias).max() > 0.05) == (base == 'maskfeat')
+  assert np.abs(conv_bias).max() <= 1 / np.sqrt(48)
