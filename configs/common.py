@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       'name': 'adamw', 'lr': config_dict.placeholder(float), 'base_lr': 1.5e-4, 'lr_scaling': 'linear', 'min_lr': 0.0,
       'b1': 0.9, 'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.05,
       'clip_norm': config_dict.placeholder(float),
-      'frozen': ('pos_embed$',),   # fixed sincos position embeddings are not trained
+      # Pretraining: the fixed sincos table is not trained (MAE requires_grad=False); configs
+      # with a learned table and configs/eval/finetune.py set () (MAE fine-tuning trains it).
+      'frozen': ('pos_embed$',),
       'no_decay': (),              # regexes; ≤1-D tensors and biases never decay
   })
   return c

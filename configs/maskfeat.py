@@ -1,12 +1,13 @@
-"""MaskFeat baseline (no proxies): full-sequence ViT with mask tokens, HOG target, BEiT blocks 40%.
+"""MaskFeat baseline (no proxies): full-sequence ViT with mask tokens, HOG target, random 40%.
 
   python -m mimjax.main --config configs/maskfeat.py:tiny --workdir /tmp/maskfeat_tiny
   python -m mimjax.main --config configs/maskfeat.py:vit_b,in1k,300ep --workdir W \
       --config.data.data_dir=D --config.model.dtype=bfloat16
   python -m mimjax.bench --config configs/maskfeat.py:vit_b --config.batch_size=8 --steps 1
 
-Recipe: REFERENCE §4 / SemanticMIM Table 2 (78 of 196 patches in blocks of ≥ 15, HOG with
+Recipe: SemanticMIM's reproduced baseline (Table 2; ⌈0.4·196⌉ = 79 random patches, HOG with
 mmpretrain's Gaussian window, lr 2e-4 per 256, clip 0.02, 30 warm-up epochs, RRC (0.5, 1)).
+Arg `masking=block`: MaskFeat's own block-wise masks (REFERENCE §4: 78 patches, blocks ≥ 15).
 SemanticMIM on MaskFeat: configs/semantic_mim.py.
 """
 

@@ -13,7 +13,9 @@
 Arg tokens: model (vit_b, ...), data (in1k, ...), <N>ep, tiny, and
   base=maskfeat|beit  the MIM framework (MaskFeat: HOG target; BEiT: token target);
   recipe=paper|repo   paper: mask 0.6, probe at block 7; repo (yyk-wew/SemanticMIM configs):
-                      MaskFeat mask 0.8, probe on the last layer.
+                      MaskFeat mask 0.8, probe on the last layer;
+  masking=random|block  baselines only: random patches 40% (the paper's reproduced baselines,
+                      default) or the original BEiT/MaskFeat block-wise masks.
 Baselines without proxies: configs/maskfeat.py, configs/beit.py.
 """
 
@@ -49,13 +51,21 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
   config.model.proxy = proxy
   config.model.num_prefix_tokens = 8 if proxy else 1  # [PROXY] tokens / the baselines' [CLS]
   config.model.drop_path = recipe['drop_path']
+  config.init_scheme = arg.base               # official backbone init (semantic_mim.official_init)
 
-  # Masks: SemanticMIM uses uniform random patches (paper 60%); the baselines BEiT blocks 40%.
+  # Masks: uniform random patches (official `SimMIMMaskGeneratorOurs`, ⌈N·r⌉ patches) for
+  # SemanticMIM (paper 60%) and for the paper's reproduced baselines (40%, §4.3: "Our study
+  # employs random patch masking"). `masking=block` = the original BEiT/MaskFeat papers'
+  # block-wise masks (baselines only; beit.py/maskfeat.py set the block sizes).
+  if arg.masking not in ('random', 'block'):
+    raise ValueError(f'config arg masking={arg.masking!r}: expected "random" or "block"')
+  if arg.masking == 'block' and proxy:
+    raise ValueError('config arg masking=block: only for the baselines (configs/beit.py, '
+                     'configs/maskfeat.py); SemanticMIM masks random patches')
+  config.masking = arg.masking
   if proxy:
-    config.masking = 'random'
     config.mask_ratio = 0.8 if (arg.recipe == 'repo' and arg.base == 'maskfeat') else 0.6
   else:
-    config.masking = 'block'
     config.mask_ratio = 0.4
   config.block_mask = ml_collections.ConfigDict(
       {'min_patches': None, 'max_patches': None, 'min_aspect': 0.3})
@@ -71,7 +81,9 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
     config.tokenizer.update({'vocab_size': 64, 'fit_images': 256, 'fit_iters': 10,
                              'fit_on_start': True})
 
-  # Linear probe read-out (used by the evaluation tools via `encode_for_eval`).
+  # Linear-probe read-out: configs/eval/linear.py uses them when its arg names no layer/pool
+  # (objectives/linear_probe.resolve_probe); also `semantic_mim.encode_for_eval`'s default.
+  # The paper probes block 7, the repo's config the last block (raw: final_norm=False).
   config.probe_layer = 7 if arg.recipe == 'paper' else -1
   config.probe_pool = 'cls'  # mean over the proxy tokens ('mean' = patch tokens)
 
@@ -81,7 +93,11 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
   config.optim.weight_decay = 0.05
   config.optim.clip_norm = recipe['clip_norm']
   config.optim.frozen = ()                    # learned pos-embed is trained
-  config.optim.no_decay = ('cls_token$', 'reg_token$', 'pos_embed$', 'mask_token$')
+  # Official paramwise_cfg (biases, norms and ≤1-D tensors never decay): MaskFeat exempts only
+  # mask_token (cls_token/pos_embed decay); BEiT exempts cls_token and pos_embed (mask_token
+  # decays). reg_token = proxies 2..8, one cls_token tensor in the official code.
+  config.optim.no_decay = (('mask_token$',) if arg.base == 'maskfeat'
+                           else ('cls_token$', 'reg_token$', 'pos_embed$'))
 
   config.data.name = common.DATASETS[arg.data]
   config.data.image_size = config.model.image_size
@@ -98,7 +114,7 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
 def parse(arg: str) -> ml_collections.ConfigDict:
   """The arg string of this config family (see the module docstring)."""
   return common.parse_arg(arg, model='vit_b', data='in1k', epochs=300, tiny=False,
-                          base='maskfeat', recipe='paper')
+                          base='maskfeat', recipe='paper', masking='random')
 
 
 def get_config(arg: str = 'vit_b,in1k,300ep') -> ml_collections.ConfigDict:

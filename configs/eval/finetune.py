@@ -28,6 +28,9 @@ def get_config(arg: str = 'vit_b,in1k'):
   config = eval_common.trained_eval_config(arg, 'finetune')
   epochs, blr, ld, dp = RECIPES.get(arg.model, RECIPES['vit_b'])
   config.model = eval_common.model_overrides(drop_path=dp)
+  # MAE fine-tuning trains the loaded pos_embed (sincos or learned): no stop-gradient in the
+  # ViT, nothing frozen; it gets the layer-0 lr scale and no weight decay (util/lr_decay.py).
+  config.model.freeze_pos_embed = False
   config.finetune = ml_collections.ConfigDict({
       'pool': arg.pool, 'num_classes': eval_common.num_classes(arg, config.data.name),
       'mixup': 0.8, 'cutmix': 1.0, 'mix_prob': 1.0, 'switch_prob': 0.5,
@@ -38,7 +41,10 @@ def get_config(arg: str = 'vit_b,in1k'):
   config.optim.base_lr = blr
   config.optim.min_lr = 1e-6
   config.optim.layer_decay = ld
-  config.optim.no_decay = ('pos_embed', 'cls_token')
+  config.optim.frozen = ()
+  # MAE no_weight_decay_list {pos_embed, cls_token, dist_token}; reg_token holds the other
+  # prefix tokens (SemanticMIM proxies: one cls_token tensor officially), treated alike.
+  config.optim.no_decay = ('pos_embed$', 'cls_token$', 'reg_token$')
   config.data.augment = 'finetune'          # RRC → flip → RandAugment (timm create_transform)
   config.data.crop_scale = (0.08, 1.0)
   config.data.randaug_num_ops = 2           # timm 'rand-m9-mstd0.5-inc1'

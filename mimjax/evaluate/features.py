@@ -105,13 +105,27 @@ def select_tokens(model: ViT, params: Any, images: jnp.ndarray, layer: int,
   return aux['layers'][(depth if layer == -1 else layer) - 1], aux
 
 
+def reads_final_norm(how: str) -> bool:
+  """Whether pooling `how` reads the final-LayerNorm output ('cls': MAE `--cls_token`;
+  'attentive': CAE) or the raw last-block tokens ('mean': MAE `--global_pool`, beyond-cls and
+  SemanticMIM `avg_featmap`, whose encoders skip the final norm; 'abmilp': beyond-cls)."""
+  return how not in ('mean', 'abmilp')
+
+
+def global_pool(tokens: jnp.ndarray, num_prefix: int = 1) -> jnp.ndarray:
+  """MAE `forward_features` with global_pool, before `fc_norm`: the mean of the patch tokens
+  (prefix tokens excluded) of the raw last-block output."""
+  return tokens[:, num_prefix:].mean(axis=1)
+
+
 def pool(tokens: jnp.ndarray, how: str, num_prefix: int = 1) -> jnp.ndarray:
   """'cls' → mean of the prefix tokens ([cls] itself for a plain ViT; SemanticMIM's CLS
-  readout averages its proxies); 'mean' → fc_norm(mean of patch tokens)."""
+  readout averages its proxies); 'mean' → fc_norm(global_pool(tokens)) with MAE's untrained
+  fc_norm (weight 1, bias 0). Pass the tokens `reads_final_norm(how)` asks for."""
   if how == 'cls':
     return tokens[:, :num_prefix].mean(axis=1)
   if how == 'mean':
-    return layer_norm(tokens[:, num_prefix:].mean(axis=1))
+    return layer_norm(global_pool(tokens, num_prefix))
   raise ValueError(f'pool={how!r}: expected "cls" or "mean" (abmilp/attentive are trained heads)')
 
 
@@ -129,7 +143,8 @@ class Extractor:
     prefix = num_prefix_tokens(model_config)
 
     def features(params, images):
-      tokens, _ = select_tokens(self.model, params, normalize_images(images), layer)
+      tokens, _ = select_tokens(self.model, params, normalize_images(images), layer,
+                                reads_final_norm(pool_name))
       return pool(tokens, pool_name, prefix).astype(jnp.float32)
 
     self._fn = jax.jit(features)

@@ -46,13 +46,19 @@ class AttentivePooler(nn.Module):
     return out[:, 0], attn[:, :, 0]
 
 
+NORMS = ('bn', 'ln')
+
+
 class ProbeHead(nn.Module):
-  """Pooling ('cls' | 'mean' | 'abmilp' | 'attentive') → BN(affine=False, eps 1e-6) → Linear.
+  """Pooling ('cls' | 'mean' | 'abmilp' | 'attentive') → read-out norm → Linear.
 
   Inputs are frozen tokens (B, T, D) with `num_prefix` [cls]/proxy tokens first. For 'abmilp'
-  only the patch tokens are aggregated; 'attentive' attends to all tokens.
+  only the patch tokens are aggregated; 'attentive' attends to all tokens. Read-out norm
+  (`config.norm`): 'bn' (default) = MAE's BatchNorm1d(affine=False, eps 1e-6); 'ln' =
+  SemanticMIM's frozen `ln2` (parameter-free LayerNorm, eps 1e-6), no BatchNorm. Linear
+  weight init trunc-normal `config.init_std` (MAE 0.01; mmpretrain LinearClsHead 0.02).
   """
-  config: ml_collections.ConfigDict  # pool, num_classes, num_heads (attentive)
+  config: ml_collections.ConfigDict  # pool, num_classes, num_heads, norm, init_std
   num_prefix: int = 1
 
   @nn.compact
@@ -68,10 +74,18 @@ class ProbeHead(nn.Module):
                                           name='attentive')(tokens)
     else:
       raise ValueError(f'config.probe.pool={how!r}: expected one of {features.POOLS}')
-    # torch BatchNorm1d momentum 0.1 ≙ flax momentum 0.9.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
-                     use_scale=False, use_bias=False, name='bn')(x.astype(jnp.float32))
-    logits = nn.Dense(self.config.num_classes, kernel_init=nn.initializers.truncated_normal(0.01),
+    norm = self.config.get('norm', 'bn')
+    x = x.astype(jnp.float32)
+    if norm == 'bn':  # torch BatchNorm1d momentum 0.1 ≙ flax momentum 0.9.
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6,
+                       use_scale=False, use_bias=False, name='bn')(x)
+    elif norm == 'ln':
+      if how != 'mean':  # pool 'mean' already ends in this LayerNorm (MAE's fc_norm)
+        x = features.layer_norm(x)
+    else:
+      raise ValueError(f'config.probe.norm={norm!r}: expected one of {NORMS}')
+    std = float(self.config.get('init_std', 0.01))
+    logits = nn.Dense(self.config.num_classes, kernel_init=nn.initializers.truncated_normal(std),
                       name='linear')(x)
     return logits, aux
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mimjax.models.vit import (DTYPES, Block, ViT, model_dims, num_prefix_tokens,
-                               resize_pos_embed)
+                               pos_embed_frozen, resize_pos_embed)
 
 Params = Any
 
@@ -31,9 +31,9 @@ def _mask_token(module: nn.Module, width: int) -> jnp.ndarray:
 
 def encoder_pos_embed(encoder_params: Params, config: ml_collections.ConfigDict,
                       grid: int) -> jnp.ndarray:
-  """The ViT's (1, prefix + grid², D) pos-embed as its forward uses it (frozen if sincos)."""
+  """The ViT's (1, prefix + grid², D) pos-embed as its forward uses it (`pos_embed_frozen`)."""
   pos = encoder_params['pos_embed']
-  if config.get('pos_embed', 'sincos') == 'sincos':
+  if pos_embed_frozen(config):
     pos = jax.lax.stop_gradient(pos)
   return resize_pos_embed(pos, num_prefix_tokens(config), grid)
 
@@ -125,11 +125,12 @@ def encoder_config(model_config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def encode_for_eval(model_config: ml_collections.ConfigDict, encoder_params: Params,
                     images: jnp.ndarray, layer: Optional[int] = None) -> jnp.ndarray:
-  """Tokens (B, P + N, D) of the exported encoder: block `layer` (1-based, raw block output,
-  e.g. 7 for the paper's probe) or, for None/-1, the final-normed output (repo's probe)."""
+  """Tokens (B, P + N, D) of the exported encoder: the raw output of block `layer` (1-based;
+  7 = the paper's probe; -1 = the last block, the repo's probe with `final_norm=False`) or,
+  for None, the final-normed output."""
   depth = model_dims(model_config)['depth']
   if layer is not None and layer != -1 and not 1 <= layer <= depth:
-    raise ValueError(f'probe layer {layer!r}: expected 1..{depth}, -1 or None (last, normed)')
+    raise ValueError(f'probe layer {layer!r}: expected 1..{depth}, -1 (last) or None (normed)')
   tokens, aux = ViT(encoder_config(model_config)).apply(
-      {'params': encoder_params}, images, return_layers=layer not in (None, -1))
-  return tokens if layer in (None, -1) else aux['layers'][layer - 1]
+      {'params': encoder_params}, images, return_layers=layer is not None)
+  return tokens if layer is None else aux['layers'][layer - 1 if layer > 0 else -1]

@@ -178,10 +178,12 @@ class ViT(nn.Module):
       init = lambda *_: jnp.asarray(np.concatenate(
           [np.zeros((prefix, width), np.float32),
            sincos_pos_embed_2d(width, cfg.image_size // p)]))[None]
-      pos = jax.lax.stop_gradient(self.param('pos_embed', init))  # frozen, as in MAE
+      pos = self.param('pos_embed', init)
     else:
       pos = self.param('pos_embed', nn.initializers.normal(0.02),
                        (1, prefix + num_patches, width))
+    if pos_embed_frozen(cfg):
+      pos = jax.lax.stop_gradient(pos)
     pos = resize_pos_embed(pos, prefix, grid)
     x = x + pos[:, prefix:].astype(dtype)
     if keep_ids is not None:
@@ -224,6 +226,14 @@ class ViT(nn.Module):
         aux['attention'].append(attn)
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='norm')(x)
     return x, {k: v for k, v in aux.items() if v}
+
+
+def pos_embed_frozen(config: ml_collections.ConfigDict) -> bool:
+  """Whether the forward stops gradients through `pos_embed`: `model.freeze_pos_embed`, by
+  default True for the fixed sincos table (MAE pretraining: requires_grad=False) and False for
+  a learned one. Fine-tuning sets it False: MAE trains the loaded table (configs/eval/finetune.py)."""
+  frozen = config.get('freeze_pos_embed')
+  return config.get('pos_embed', 'sincos') == 'sincos' if frozen is None else bool(frozen)
 
 
 def num_prefix_tokens(config: ml_collections.ConfigDict) -> int:

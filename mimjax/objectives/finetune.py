@@ -70,7 +70,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     rngs = {'dropout': rng} if rng is not None else {}
     final, aux = encoder.apply({'params': enc}, images, train=train, return_layers=True, rngs=rngs)
     if ft.pool == 'mean':  # MAE global pool: the encoder's final norm is not used
-      x = aux['layers'][-1][:, prefix:].mean(axis=1)
+      x = features.global_pool(aux['layers'][-1], prefix)
     else:
       x = final[:, :prefix].mean(axis=1)
     return head.apply({'params': params['head']}, x.astype(jnp.float32))

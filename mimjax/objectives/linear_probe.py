@@ -4,9 +4,12 @@ and the CAE attentive-probe poolings.
 The encoder comes from `config.pretrained` (its config.json model + params at the pretraining
 objective's encoder path, loaded by the trainer through `config.init_from`); it is frozen twice
 over: stop_gradient on its params and tokens, and `config.optim.frozen` (checked here) so the
-optimizer never touches it. Trained: the head (pooling → BN(affine=False) → Linear); the BN
-running statistics live in the objective state. `config.probe`: pool ('cls' | 'mean' |
-'abmilp' | 'attentive'), layer (-1 = last; e.g. 7 for SemanticMIM), num_classes, num_heads.
+optimizer never touches it. Trained: the head (pooling → BN(affine=False) or LayerNorm →
+Linear); the BN running statistics live in the objective state. `config.probe`: pool ('cls' |
+'mean' | 'abmilp' | 'attentive'), layer (-1 = last; e.g. 7 for SemanticMIM), num_classes,
+num_heads, norm ('bn' | 'ln'), init_std, final_norm (False: layer -1 reads the raw last block,
+as SemanticMIM's `final_norm=False`). pool / layer None → the pretraining config's
+`probe_pool` / `probe_layer` (SemanticMIM configs set them), else 'cls' / -1.
 """
 
 import jax
@@ -36,18 +39,32 @@ def check_frozen(model: ViT, path: tuple[str, ...], frozen_patterns, image_size:
                      f"'^{'/'.join(path)}/' that freezes the whole encoder")
 
 
+def resolve_probe(probe: ml_collections.ConfigDict,
+                  pre_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.probe` with pool / layer None filled from the pretraining config's `probe_pool` /
+  `probe_layer` (else 'cls' / -1), validated."""
+  out = ml_collections.ConfigDict(probe.to_dict())
+  if out.get('pool') is None:
+    out.pool = pre_config.get('probe_pool') or 'cls'
+  if out.get('layer') is None:
+    out.layer = int(pre_config.get('probe_layer') or -1)
+  if out.pool not in features.POOLS:
+    raise ValueError(f'config.probe.pool={out.pool!r}: expected one of {features.POOLS}')
+  if out.get('norm', 'bn') not in heads.NORMS:
+    raise ValueError(f'config.probe.norm={out.norm!r}: expected one of {heads.NORMS}')
+  return out
+
+
 def make(config: ml_collections.ConfigDict) -> Objective:
   """Probe objective from `config.pretrained`, `config.probe`, `config.model` overrides."""
   pre_config, path = features.load_pretrained_config(config.pretrained)
   model_config = features.merge_model_config(pre_config.model, config.get('model'))
   encoder = ViT(model_config)
-  probe = config.probe
-  if probe.pool not in features.POOLS:
-    raise ValueError(f'config.probe.pool={probe.pool!r}: expected one of {features.POOLS}')
+  probe = resolve_probe(config.probe, pre_config)
   head = heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
   check_frozen(encoder, path, tuple(config.optim.frozen), config.data.image_size)
-  # beyond-cls AbMILP aggregates the last block's tokens without the final LayerNorm.
-  normed = probe.pool != 'abmilp'
+  # MAE global pool and beyond-cls AbMILP read the last block's tokens without the final norm.
+  normed = features.reads_final_norm(probe.pool) and probe.get('final_norm', True)
 
   def tokens(params, images):
     enc = jax.lax.stop_gradient(features.subtree(params, path))
@@ -62,7 +79,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     t, _ = features.select_tokens(encoder, enc, images, int(probe.get('layer', -1)), normed)
     variables = head.init(head_rng, t, train=False)
     params = {**features.nest(path, enc), 'head': variables['params']}
-    return params, {'batch_stats': variables['batch_stats']}
+    return params, {'batch_stats': variables.get('batch_stats', {})}  # {} without BN
 
   def loss(params, state, batch, rng, step):
     del rng, step
@@ -71,7 +88,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
         tokens(params, batch['image']), train=True, mutable=['batch_stats'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label']) * 100.0
-    return ce, ({'batch_stats': new['batch_stats']}, {'ce': ce, 'train_top1': top1})
+    return ce, ({'batch_stats': new.get('batch_stats', {})}, {'ce': ce, 'train_top1': top1})
 
   def logits_fn(params, state, images):
     out, _ = head.apply({'params': params['head'], 'batch_stats': state['batch_stats']},

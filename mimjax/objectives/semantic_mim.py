@@ -7,12 +7,14 @@ HOG (MaskFeat), normalised pixels, or tokens of a frozen tokenizer (BEiT); masks
 (`config.masking`): random or BEiT block-wise, `config.mask_ratio`.
 """
 
+import re
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mimjax import masking
 from mimjax import targets as targets_lib
@@ -20,6 +22,7 @@ from mimjax.data.normalize import normalize_images
 from mimjax.models import proxy as proxy_lib
 from mimjax.models.vit import model_dims, num_prefix_tokens
 from mimjax.objectives.base import Objective
+from mimjax.train.sharding import path_name
 
 
 class SemanticMIM(nn.Module):
@@ -69,10 +72,16 @@ def make(config: ml_collections.ConfigDict, tokenizer=None) -> Objective:
   target = targets_lib.make_target(config, patch, tokenizer)
   model = SemanticMIM(config, target.dim)
 
+  scheme = config.get('init_scheme', 'default')
+  if scheme not in INIT_SCHEMES:
+    raise ValueError(f'config.init_scheme={scheme!r}: expected one of {INIT_SCHEMES}')
+
   def init(rng, batch):
     images = normalize_images(batch['image'][:1])
     m = masking.make_mask(config, jax.random.key(0), 1, n)
-    return model.init({'params': rng}, images, m)['params'], {}
+    init_rng, scheme_rng = jax.random.split(rng)
+    params = model.init({'params': init_rng}, images, m)['params']
+    return official_init(params, scheme_rng, scheme), {}
 
   def loss(params, state, batch, rng, step):
     del step
@@ -96,6 +105,39 @@ def make(config: ml_collections.ConfigDict, tokenizer=None) -> Objective:
   return Objective(init=init, loss=loss, encoder=('backbone', 'encoder'))
 
 
+INIT_SCHEMES = ('default', 'maskfeat', 'beit')
+
+
+def official_init(params, rng: jax.Array, scheme: str):
+  """Re-initialises Linear/Conv weights as the official SemanticMIM backbones do.
+
+  'maskfeat' (`MaskFeatViTOurs._init_weights`, applied last): every Linear and Conv weight
+  trunc-normal(0.02) (±2 absolute: a plain normal), Linear biases 0, the patch-embedding conv
+  bias keeps PyTorch's default. 'beit' (`BEiTPretrainViTOurs`, init_cfg TruncNormal 0.02 on
+  Linear and Conv2d, bias 0, then `rescale_init_weight`): the same with the conv bias 0, and
+  the attention `proj` and MLP `fc2` weights of block i (and of `extra_layers_i`) divided by
+  √(2·(i + 1)). 'default' keeps the modules' own (MAE) init. Tokens, pos-embed and LayerNorms
+  are already as in the official code (normal 0.02; 1 / 0).
+  """
+  if scheme == 'default':
+    return params
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for (path, x), key in zip(leaves, keys):
+    name = path_name(path)
+    if name.endswith('kernel'):  # Dense (in, out) and the patch-embedding conv
+      x = 0.02 * jax.random.normal(key, x.shape, x.dtype)
+      block = re.search(r'(?:blocks|extra_layers)_(\d+)/(?:attn/proj|mlp/fc2)/kernel$', name)
+      if scheme == 'beit' and block:
+        x = x / np.sqrt(2.0 * (int(block.group(1)) + 1))
+    elif name.endswith('bias') and (scheme == 'beit' or 'patch_embed' not in name):
+      if not re.search(r'(^|/)norm\w*/bias$', name):
+        x = jnp.zeros_like(x)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def gather_patches(x: jnp.ndarray, ids: jnp.ndarray) -> jnp.ndarray:
   """x (B, N, ...) → x[b, ids[b]] (B, n, ...)."""
   return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -115,7 +157,8 @@ def export_encoder(config: ml_collections.ConfigDict, params) -> tuple:
 
 def encode_for_eval(config: ml_collections.ConfigDict, params, images: jnp.ndarray,
                     layer: Optional[int] = None) -> jnp.ndarray:
-  """Encoder tokens of normalised `images` at `layer` (default `config.probe_layer`)."""
+  """Raw encoder tokens of normalised `images` after block `layer` (default
+  `config.probe_layer`; -1 = last block, no final norm, as the official probe)."""
   layer = config.get('probe_layer') if layer is None else layer
   model_cfg, enc = export_encoder(config, params)
   return proxy_lib.encode_for_eval(model_cfg, enc, images, layer)

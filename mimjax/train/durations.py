@@ -8,7 +8,8 @@ import ml_collections
 
 def resolve_steps(name: str, config: ml_collections.ConfigDict, num_examples: int,
                   default: Optional[int] = None) -> int:
-  """Steps for duration `name` from exactly one of config.{name}_{steps,epochs,examples}."""
+  """Steps for duration `name` from exactly one of config.{name}_{steps,epochs,examples};
+  epochs count N // batch_size steps each (drop_last), examples / batch_size rounded."""
   set_keys = [k for k in (f'{name}_steps', f'{name}_epochs', f'{name}_examples')
               if config.get(k) is not None]
   if len(set_keys) > 1:
@@ -23,8 +24,15 @@ def resolve_steps(name: str, config: ml_collections.ConfigDict, num_examples: in
     raise ValueError(f'config.{key}={value}: must be >= 0')
   if key.endswith('_steps'):
     return int(value)
-  examples = value * num_examples if key.endswith('_epochs') else value
-  return int(round(examples / config.batch_size))
+  if key.endswith('_epochs'):
+    # MAE/DINO: an epoch is len(DataLoader(drop_last=True)) = N // batch iterations, and the
+    # loader (data/pipeline.py) drops the same remainder.
+    per_epoch = num_examples // config.batch_size
+    if per_epoch < 1:
+      raise ValueError(f'config.{key}={value}: config.batch_size={config.batch_size} exceeds '
+                       f'the {num_examples} training examples (an epoch would have 0 steps)')
+    return int(round(value * per_epoch))
+  return int(round(value / config.batch_size))
 
 
 UNITS = ('steps', 'epochs', 'examples')

@@ -92,11 +92,16 @@ def lars(learning_rate, weight_decay: float = 0.0, trust_coefficient: float = 0.
                      optax.scale_by_learning_rate(learning_rate))
 
 
+EMBEDDING_PARAMS = ('cls_token', 'reg_token', 'pos_embed', 'patch_embed')
+
+
 def layer_id(name: str, num_layers: int) -> int:
   """MAE `get_layer_id_for_vit` on a '/'-joined param path: 0 for cls_token / pos_embed /
-  patch_embed, i + 1 for blocks_i, `num_layers` (= depth + 1) for everything else."""
+  patch_embed (and reg_token: extra prefix tokens such as SemanticMIM's proxies are one
+  `cls_token` tensor in the official code), i + 1 for blocks_i, `num_layers` (= depth + 1)
+  for everything else."""
   parts = name.split('/')
-  if any(p in ('cls_token', 'pos_embed', 'patch_embed') for p in parts):
+  if any(p in EMBEDDING_PARAMS for p in parts):
     return 0
   for p in parts:
     m = re.fullmatch(r'blocks_(\d+)', p)

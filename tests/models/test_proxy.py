@@ -77,7 +77,9 @@ def test_img_and_proxy_stream_ignores_mask_stream_and_exports_to_vit():
   full, full_aux = ViT(vit_cfg).apply({'params': enc}, images, return_layers=True)
   np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images, 1), full_aux['layers'][0],
                              rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images, -1), full, rtol=1e-6,
+  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images, -1),
+                             full_aux['layers'][-1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images), full, rtol=1e-6,
                              atol=1e-6)
   np.testing.assert_allclose(pool_tokens(full, 'cls', 8), full[:, :8].mean(1), rtol=1e-6)
   with pytest.raises(ValueError, match='probe layer'):

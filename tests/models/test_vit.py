@@ -96,10 +96,29 @@ def test_vit_forward_shapes_masking_and_aux():
   keep = jnp.array([[3, 0, 7], [1, 2, 60]])
   vis, _ = model.apply(params, images, keep_ids=keep)
   assert vis.shape == (2, 4, 64)
-  assert pool_tokens(tokens, 'mean').shape == (2, 64)
+  np.testing.assert_allclose(pool_tokens(tokens, 'mean'), np.asarray(tokens)[:, 1:].mean(1),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pool_tokens(tokens, 'cls', num_prefix=3),
+                             np.asarray(tokens)[:, :3].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_keep_ids_select_exactly_the_requested_patches():
   # Encoding only the visible tokens differs from full encoding (attention context), but the
-  # embedding step must pick exactly the requested patches: check via a depth-0 proxy.
-  np.testing.assert_allclose(pool_tokens(tokens, 'cls'), tokens[:, 0])
+  # embedding step must pick exactly the requested patches (with their own pos-embed rows):
+  # with no blocks, each token is LayerNorm(its embedding), so the visible run must equal the
+  # full run's rows at keep_ids, in keep_ids order.
+  cfg = ml_collections.ConfigDict({'variant': 'mu/4', 'image_size': 32, 'depth': 0})
+  model = ViT(cfg)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = model.init(jax.random.key(1), images)
+  full, _ = model.apply(params, images)
+  keep = np.array([[3, 0, 7], [1, 2, 60]])
+  vis, _ = model.apply(params, images, keep_ids=jnp.asarray(keep))
+  full = np.asarray(full)
+  np.testing.assert_allclose(vis[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(vis[:, 1:], full[np.arange(2)[:, None], 1 + keep], rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(vis[0, 1], vis[0, 2])  # distinct patches really are distinct
 
 
 def test_remat_gives_same_output():

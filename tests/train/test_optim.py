@@ -76,6 +76,21 @@ def test_resolve_steps():
   assert resolve_steps('warmup', c, 1000, default=0) == 0
 
 
+def test_resolve_steps_epochs_follow_the_drop_last_loader():
+  # Official MAE/DINO: iterations = epochs · len(DataLoader(drop_last=True)) = epochs · (N // B);
+  # 1281167 // 4096 = 312 (not 1281167 / 4096 = 312.78), so 1600 epochs are 499200 steps.
+  c = ml_collections.ConfigDict({'batch_size': 4096, 'total_steps': None, 'total_epochs': 1600,
+                                 'total_examples': None, 'warmup_steps': None,
+                                 'warmup_epochs': 40.0, 'warmup_examples': None})
+  assert resolve_steps('total', c, 1281167) == 1600 * 312
+  assert resolve_steps('warmup', c, 1281167) == 40 * 312
+  c.warmup_epochs = 0.5                         # fractional epochs: rounded after the floor
+  assert resolve_steps('warmup', c, 1281167) == 156
+  c.batch_size = 2000
+  with pytest.raises(ValueError, match='total_epochs.*exceeds the 1000 training examples'):
+    resolve_steps('total', c, 1000)
+
+
 def test_cli_duration_override_unsets_the_other_units():
   from configs import mae as mae_config
   from mimjax.train.durations import apply_cli_overrides
