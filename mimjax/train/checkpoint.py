@@ -153,7 +153,10 @@ def _quiet_orbax():
 
 def _state_metadata(path: epath.Path) -> Any:
   meta = ocp.PyTreeCheckpointer().metadata(path)
-  return getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None) or meta
+  tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None)
+  if tree is None or not hasattr(tree, 'get') or tree.get('params') is None:
+    raise ValueError(f'{path}: no readable array metadata')
+  return tree
 
 
 def _shapes(tree: Any) -> dict:

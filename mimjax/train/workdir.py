@@ -24,7 +24,7 @@ _HOST = socket.gethostname()
 def check_output_dir(path: str, flag: str = '--workdir') -> None:
   """One clear error when an output directory path names something that is not a directory."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise FileExistsError(f'{flag} {path}: exists and is not a directory; expected a '
+    raise ValueError(f'{flag} {path}: exists and is not a directory; expected a '
                           'directory (new or from an earlier run)')
 
 
@@ -87,7 +87,8 @@ def is_stale_temp(name: str, max_age_s: Optional[float] = None, path: Optional[s
   return False
 
 
-def remove_stale_temp(directory: str, prefix: str = '.', max_age_s: float = 24 * 3600) -> list:
+def remove_stale_temp(directory: str, prefix: str = '.',
+                      max_age_s: Optional[float] = None) -> list:
   """Deletes temp files/dirs in `directory` (names `prefix`...`.tmp-`...) left by dead runs."""
   import shutil
   removed = []
