@@ -166,6 +166,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
 
+  init_params = None
+  if config.get('init_from') and not _has_checkpoints(workdir):
+    # Read before anything is created: a bad init_from leaves no half-made workdir behind.
+    init_params = ckpt_lib.restore_params(config.init_from)
+
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
     if jax.process_index() == 0:  # hosts of one job share the workdir: process 0 locks it
@@ -202,7 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       loader.set_state(initial_data_state)
       ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
       if config.get('init_from'):
-        ts = _init_from(ts, config.init_from, objective, state_shardings)
+        if init_params is None:  # checkpoints were there at start-up but none was intact
+          init_params = ckpt_lib.restore_params(config.init_from)
+        ts = _init_from(ts, init_params, config.init_from, objective)
       if jax.process_index() == 0:  # one writer: hosts share the workdir
         ckpt_lib.write_config(workdir, config)
         workdir_lib.append_history(workdir, 'start', step=0, total_steps=total_steps)
@@ -322,10 +329,14 @@ def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -
         f'skipped); stopping: {where}. Lower the learning rate, use float32, or check the data.')
 
 
-def _init_from(ts: dict, source: str, objective: objectives.Objective, shardings: Any) -> dict:
-  """Replaces the encoder params by those of another workdir or converted model (`init_from`)."""
-  del shardings
-  loaded = ckpt_lib.restore_params(source)
+def _has_checkpoints(workdir: str) -> bool:
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+
+
+def _init_from(ts: dict, loaded: Any, source: str, objective: objectives.Objective) -> dict:
+  """Replaces the encoder params by `loaded`, the params of workdir or converted model
+  `source` (`config.init_from`)."""
   for key in objective.encoder:
     loaded = loaded[key]
   parent = ts['params']

@@ -293,3 +293,16 @@ def test_tiny_mae_loss_falls(tmp_path):
   trainer.train_and_evaluate(config, str(tmp_path))
   losses = [r['loss'] for r in read_metrics(tmp_path)]
   assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
+
+
+def test_linear_probe_on_a_workdir_without_checkpoints_leaves_nothing(tmp_path):
+  from configs.eval import linear
+  pretrained = tmp_path / 'pre'
+  pretrained.mkdir()
+  checkpoint.write_config(str(pretrained), tiny_config())  # config.json only: killed early
+  config = linear.get_config('tiny')
+  config.pretrained = str(pretrained)
+  config.data.worker_count = 0
+  with pytest.raises(FileNotFoundError, match='no checkpoints/<step>/ and no params/'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'E'))
+  assert not (tmp_path / 'E').exists()
