@@ -6,6 +6,9 @@ Layout of a workdir W:
                                data (loader state, JSON), config (JSON)
   W/params/                    (optional) params only: written by `save_params` (e.g. an
                                imported PyTorch model) and read by `restore_params`.
+  W/checkpoints.corrupt/<step>/ unreadable checkpoints set aside on resume (never deleted)
+  W/history.jsonl              starts, resumes (with config changes), set-aside checkpoints
+  W/.lock                      held by the running trainer (mimjax.train.workdir.WorkdirLock)
 Orbax writes each step to a temporary directory and renames it when complete, so a
 kill -9 at any moment leaves the previous checkpoints intact.
 """
