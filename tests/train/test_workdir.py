@@ -96,6 +96,16 @@ def test_output_dir_that_is_a_file(tmp_path):
   workdir.check_output_dir(str(tmp_path / 'new'))  # not there yet: fine
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason='root may write anywhere')
+def test_read_only_parent_is_one_line(tmp_path):
+  os.chmod(tmp_path, 0o555)
+  try:
+    with pytest.raises(PermissionError, match=f'--workdir {tmp_path}/w: {tmp_path} is not '):
+      workdir.check_writable(str(tmp_path / 'w'))
+  finally:
+    os.chmod(tmp_path, 0o755)
+
+
 # --- corrupt checkpoints: a tiny state, no training needed ---
 
 def _state(value):
