@@ -1,6 +1,15 @@
-"""Entry point: `python -m mimjax.main --config configs/X.py:ARG --workdir W [--config.k=v]`."""
+"""Entry point: `python -m mimjax.main --config configs/X.py:ARG --workdir W [--config.k=v]`.
 
+Every user error (bad flag, config key or value, workdir, checkpoint) is one line
+`mimjax: error: ...` and exit status 2. `--allow_config_change` resumes a workdir with a config
+that differs in more than durations, cadences, data paths and layout (see docs/training.md).
+JAX's persistent compilation cache lives in $MIMJAX_COMPILATION_CACHE (default
+$XDG_CACHE_HOME/mimjax/jax, i.e. ~/.cache/mimjax/jax; `MIMJAX_COMPILATION_CACHE=off` disables it).
+"""
+
+import json
 import os
+import re
 import sys
 
 from absl import app
@@ -10,10 +19,15 @@ from ml_collections import config_flags
 
 from mimjax.train import durations
 from mimjax.train import validate
+from mimjax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, logs.')
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume a workdir although the config differs from the one '
+    'it was trained with (the new config is recorded in config.json and history.jsonl).')
 flags.mark_flags_as_required(['config', 'workdir'])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _DropKnownNoise:
@@ -40,14 +54,113 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def run(config, workdir: str):
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache (re-runs and resumes skip XLA compilation);
+  returns its directory, or None when disabled (MIMJAX_COMPILATION_CACHE=off)."""
+  import jax
+  value = os.environ.get('MIMJAX_COMPILATION_CACHE')
+  if value is not None and value.strip().lower() in ('', '0', 'off', 'false', 'none'):
+    return None
+  if value is None and jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR
+    return jax.config.jax_compilation_cache_dir
+  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  path = os.path.expanduser(value) if value else os.path.join(cache_home, 'mimjax', 'jax')
+  jax.config.update('jax_compilation_cache_dir', path)
+  # Cache every program that took noticeably long to compile, not only those > 1 s (JAX's
+  # default): the train step of a small model compiles in well under a second per program.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  return path
+
+
+def check_eval_rerun(config, workdir: str, allow_change: bool) -> None:
+  """An evaluation workdir re-run on another pretrained model would mix two models' results."""
+  path = os.path.join(workdir, 'config.json')
+  if allow_change or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get('pretrained')
+  norm = lambda p: os.path.abspath(os.path.expanduser(p)) if p and '://' not in p else p
+  if norm(old) != norm(config.get('pretrained')):
+    raise ValueError(f'{workdir} holds an evaluation of pretrained={old!r}, not '
+                     f'{config.get("pretrained")!r}; {workdir_lib.OVERRIDE_HINT}')
+
+
+def run(config, workdir: str, allow_config_change: bool = False):
   """Validates the config, then trains (or evaluates, for configs/eval/*)."""
+  workdir_lib.check_output_dir(workdir)
   if config.get('mode') == 'evaluate':  # no training: run config.evals once (knn, analysis)
     from mimjax.evaluate import run as evaluate_run
+    check_eval_rerun(config, workdir, allow_config_change)
     return evaluate_run.evaluate(config, workdir)
   validate.validate_config(config)
   from mimjax.train import trainer
-  return trainer.train_and_evaluate(config, workdir)
+  return trainer.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+
+
+def _config_arg_index(argv: list) -> int:
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      return i + 1
+    if arg.startswith('--config='):
+      return i
+  return -1
+
+
+def prepare_argv(argv: list) -> None:
+  """Makes `--config configs/X.py` work wherever the user stands: a relative path that does not
+  exist here is taken relative to the repository, and the directory holding the `configs`
+  package goes on sys.path (config files import `configs.common`). Edits `argv` in place."""
+  i = _config_arg_index(argv)
+  if i < 0:
+    return
+  prefix = '--config=' if argv[i].startswith('--config=') else ''
+  path, sep, arg = argv[i][len(prefix):].partition(':')
+  if not os.path.exists(path) and not os.path.isabs(path) and \
+      os.path.exists(os.path.join(REPO, path)):
+    path = os.path.join(REPO, path)
+    argv[i] = f'{prefix}{path}{sep}{arg}'
+  if not os.path.isfile(path):
+    print(f'mimjax: error: --config {path}: no such file (expected a config file such as '
+          f'configs/mae.py, relative to here or to {REPO})', file=sys.stderr)
+    sys.exit(2)
+  package_dir = os.path.dirname(os.path.abspath(path))
+  while os.path.exists(os.path.join(package_dir, '__init__.py')):
+    package_dir = os.path.dirname(package_dir)
+  for d in (REPO, package_dir):
+    if d not in sys.path:
+      sys.path.insert(0, d)
+
+
+def _flag_error(e: Exception) -> str:
+  """absl/ml_collections flag errors (often a traceback in a string) → one line."""
+  text = str(e)
+  if isinstance(e, (AttributeError, KeyError)):  # unknown --config.key (ml_collections)
+    key = re.search(r'[A-Za-z_][\w]*', text)
+    key = key.group(0) if key else text
+    given = [a.split('=', 1)[0] for a in sys.argv
+             if re.match(rf'--config\.([\w.]*\.)?{re.escape(key)}(=|$)', a)]
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return (f'{given[0] if given else "--config." + key}: no such config key'
+            + (f'; did you mean {hint.group(1)}?' if hint else ''))
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if 'Traceback' in text and lines:  # a config file's own error: keep its last line
+    return f'--config: {lines[-1]}'
+  errno = next((l for l in lines if l.startswith('[Errno')), None)
+  if errno:
+    return f'--config: {errno}'
+  return lines[0] if lines else type(e).__name__
+
+
+def parse_flags(argv: list) -> list:
+  """absl's parser, with one-line errors instead of a FATAL traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = _flag_error(e.__context__ or e) if 'Traceback' in str(e) else _flag_error(e)
+  except Exception as e:  # pylint: disable=broad-except  (config files and their overrides)
+    message = _flag_error(e)
+  print(f'mimjax: error: {message}', file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
@@ -56,17 +169,27 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress bar
   logging.get_absl_logger().addFilter(_DropKnownNoise())
-  maybe_initialize_distributed()
   try:
-    config = _CONFIG.value
+    config = _CONFIG.value  # the config file is loaded lazily, on first access
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'mimjax: error: {_flag_error(e)}', file=sys.stderr)
+    sys.exit(2)
+  try:
+    maybe_initialize_distributed()
+    enable_compilation_cache()
     with config.unlocked():
       durations.apply_cli_overrides(config, sys.argv)
-    run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    run(config, _WORKDIR.value, _ALLOW_CHANGE.value)
+  except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirLockedError) as e:
     logging.flush()
     print(f'mimjax: error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # during start-up; in the training loop Ctrl-C saves and exits
+    print('mimjax: interrupted (nothing to save yet); re-run the same command to start again',
+          file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  prepare_argv(sys.argv)
+  app.run(main, flags_parser=parse_flags)

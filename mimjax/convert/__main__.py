@@ -97,6 +97,8 @@ def import_(args: argparse.Namespace) -> int:
   """timm / MAE checkpoint → workdir (W/config.json + W/params) via `save_params`."""
   from etils import epath
   from mimjax.train import checkpoint
+  from mimjax.train import workdir
+  workdir.check_output_dir(args.workdir)
   root = epath.Path(args.workdir)
   if (root / 'checkpoints').exists() or ((root / 'params').exists() and not args.overwrite):
     raise ValueError(f'{args.workdir}: already holds checkpoints/ or params/; import into a new '

@@ -34,7 +34,12 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f'{path}: checkpoint not found')
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file
-    raw: Any = load_file(path)
+    try:
+      raw: Any = load_file(path)
+    except Exception as e:  # truncated, or another format under a .safetensors name
+      raise ValueError(f'{path}: cannot read as .safetensors ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0] if str(e) else ""}); expected a complete '
+                       'safetensors file') from e
   else:
     import torch
     try:

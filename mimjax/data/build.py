@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   tfds.disable_progress_bar()  # ours (per split, img/s) is the one that matters
   try:
     path, report = build(args)
-  except tfds_io.BuildError as e:
+  except (tfds_io.BuildError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except KeyboardInterrupt:

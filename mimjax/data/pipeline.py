@@ -10,7 +10,9 @@ next batch index. Batches are built by a picklable map over batch indices, so gr
 worker processes (`worker_count`) build whole batches in parallel and in order.
 """
 
+import functools
 import math
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -264,6 +266,21 @@ class _BatchMaker:
     return batch
 
 
+def exit_with_parent(worker_index: int, worker_count: int, *, parent: int) -> None:
+  """grain worker init: exit when the trainer (pid `parent`) is gone. A parent killed with -9
+  cannot stop its workers, which would otherwise live on, holding memory and the data files.
+  `parent` comes from the trainer: a worker that starts after its parent died sees pid 1."""
+  del worker_index, worker_count
+  import threading
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)  # pylint: disable=protected-access  (no cleanup left to do: the run is gone)
+
+  threading.Thread(target=watch, daemon=True, name='mimjax-exit-with-parent').start()
+
+
 class Loader:
   """Iterator over host-local numpy batches with JSON-able get_state()/set_state()."""
 
@@ -289,7 +306,8 @@ class Loader:
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       ids = ids.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._workers, per_worker_buffer_size=max(1, self._prefetch)))
+          num_workers=self._workers, per_worker_buffer_size=max(1, self._prefetch)),
+          worker_init_fn=functools.partial(exit_with_parent, parent=os.getpid()))
     self._it = iter(ids)
 
   def __iter__(self) -> 'Loader':

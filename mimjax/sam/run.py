@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from typing import Optional
 
 import ml_collections
@@ -26,6 +25,7 @@ import tqdm
 from mimjax.data.builders import folder, tfds_io
 from mimjax.data.builders.tfds_io import BuildError
 from mimjax.sam import generator, inputs, sources
+from mimjax.train import workdir as workdir_lib
 
 DEVICES = ('auto', 'cpu', 'cuda')
 DTYPES = ('auto', 'float32', 'bfloat16')
@@ -124,23 +124,13 @@ def _chunk_path(work: str, chunk: Chunk) -> str:
   return os.path.join(work, f'{chunk.split}-{chunk.index:06d}.npz')
 
 
-def _atomic_write(path: str, write) -> None:
-  tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _check_manifest(work: str, fp: dict) -> None:
-  """Writes the run's fingerprint, or checks a re-run against the one already there."""
+  """Writes the run's fingerprint, or checks a re-run against the one already there. Without
+  any part file there is nothing to mix up: a re-run with another config (say, the fix an
+  earlier error suggested) replaces the manifest."""
   path = os.path.join(work, 'manifest.json')
-  if os.path.exists(path):
+  has_parts = any(n.endswith('.npz') for n in os.listdir(work))
+  if os.path.exists(path) and has_parts:
     with open(path) as f:
       old = json.load(f)
     diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
@@ -148,7 +138,7 @@ def _check_manifest(work: str, fp: dict) -> None:
       raise ValueError(f'{work} holds partial results of a different run (differs in '
                        f'{diff}); use another --workdir or delete {work}')
     return
-  _atomic_write(path, lambda f: f.write(json.dumps(fp, indent=1).encode()))
+  workdir_lib.atomic_write(path, json.dumps(fp, indent=1))
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -194,7 +184,7 @@ def process_chunk(inp: inputs.Input, chunk: Chunk, mask_source, config, work: st
                    else np.zeros(0, np.uint8)),
       'stats': np.asarray(json.dumps(stats)),
   }
-  _atomic_write(_chunk_path(work, chunk), lambda f: np.savez_compressed(f, **arrays))
+  workdir_lib.atomic_write(_chunk_path(work, chunk), lambda f: np.savez_compressed(f, **arrays))
   return stats
 
 
@@ -275,6 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   inp = inputs.open_input(config.source, config.source_data_dir)
   name = config.name or inp.name
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir_lib.check_output_dir(workdir)
   final = os.path.join(workdir, name, tfds_io.VERSION)
   if os.path.abspath(inp.path) == final:
     raise ValueError(f'output {final} would overwrite the source; use another --workdir')
@@ -283,6 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
     return final
   work = os.path.join(workdir, '.sam_work', name)
   os.makedirs(work, exist_ok=True)
+  workdir_lib.remove_stale_temp(work)  # part files a killed process was writing
   fp = fingerprint(config, inp)
   _check_manifest(work, fp)
   chunks = plan(inp, config.chunk_size)
@@ -304,9 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   with tfds_io.file_lock(os.path.join(workdir, '.sam_work', f'{name}.lock')):
     if os.path.exists(os.path.join(final, 'dataset_info.json')):
       return final  # another shard finalised while we waited for the lock
-    for stale in os.listdir(workdir):  # temp dirs of a finalise that was killed
-      if stale.startswith(f'.tmp-{name}-'):
-        shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
+    workdir_lib.remove_stale_temp(workdir, prefix=f'.{name}.')  # a killed finalise's temp dir
     path, summary = finalize(inp, chunks, config, workdir, name, work, fp)
   if not config.keep_parts:
     shutil.rmtree(work, ignore_errors=True)

@@ -6,12 +6,18 @@ Layout of a workdir W:
                                data (loader state, JSON), config (JSON)
   W/params/                    (optional) params only: written by `save_params` (e.g. an
                                imported PyTorch model) and read by `restore_params`.
+  W/checkpoints.corrupt/<step>/ unreadable checkpoints set aside on resume (never deleted)
+  W/history.jsonl              starts, resumes (with config changes), set-aside checkpoints
+  W/.lock                      held by the running trainer (mimjax.train.workdir.WorkdirLock)
 Orbax writes each step to a temporary directory and renames it when complete, so a
 kill -9 at any moment leaves the previous checkpoints intact.
 """
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -19,6 +25,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mimjax.train import workdir as workdir_lib
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -35,11 +43,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes W/config.json atomically (temp file + rename)."""
-  path = epath.Path(workdir) / 'config.json'
-  tmp = path.parent / f'.config.json.tmp{os.getpid()}'
-  tmp.write_text(config_to_json(config))
-  tmp.rename(path)
+  """Writes W/config.json atomically (replacing an existing one)."""
+  workdir_lib.atomic_write(os.path.join(workdir, 'config.json'), config_to_json(config))
 
 
 class Checkpointer:
@@ -69,12 +74,115 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out.state, out.data
 
+  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, data state) of the newest intact checkpoint, or None if there is none.
+
+    A checkpoint that cannot be read (truncated or empty files) is moved to
+    W/checkpoints.corrupt/<step> (kept for inspection, never deleted) with a warning, and the
+    next older one is tried; if none is intact, one error line names every bad one. A
+    checkpoint whose shapes differ from this model is an error (an older one would differ too).
+    """
+    bad = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      path = self.directory / str(step)
+      try:
+        with _quiet_orbax():
+          meta = _state_metadata(path / 'state')
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable file)
+        bad.append((step, _first_line(e)))
+        continue
+      check_shapes(meta, abstract_state, str(path))
+      try:
+        with _quiet_orbax():
+          state, data = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        bad.append((step, _first_line(e)))
+        continue
+      if bad:
+        self._set_aside(bad, step)
+      return step, state, data
+    if bad:
+      raise ValueError(f'{self.directory}: no readable checkpoint: ' + '; '.join(
+          f'step {s}: {why}' for s, why in bad) + ' (delete the workdir or fix the files)')
+    return None
+
+  def _set_aside(self, bad: list, good: int) -> None:
+    """Moves unreadable checkpoints out of orbax's way so they are not overwritten."""
+    aside = self.directory.parent / 'checkpoints.corrupt'
+    for step, why in bad:
+      target = aside / str(step)
+      if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+          target = aside / f'{step}-{os.getpid()}'
+        (self.directory / str(step)).rename(target)
+        workdir_lib.append_history(str(self.directory.parent), 'corrupt_checkpoint', step=step,
+                                   reason=why, moved_to=str(target), resumed_from=good)
+        print(f'mimjax: warning: checkpoint {self.directory / str(step)} is unreadable '
+              f'({why}); moved it to {target} and resuming from step {good}',
+              file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('mimjax_corrupt_checkpoints_moved')
+    self.manager.reload()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return f'{type(e).__name__}: {text[:limit]}'
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """A failing orbax read logs each failed async task (hundreds of asyncio/absl lines);
+  the caller reports the failure in one line instead."""
+  loggers = [logging.getLogger(n) for n in ('asyncio', 'absl')]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def _state_metadata(path: epath.Path) -> Any:
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(meta, 'item_metadata', None) or getattr(meta, 'tree', None)
+  if tree is None or not hasattr(tree, 'get') or tree.get('params') is None:
+    raise ValueError(f'{path}: no readable array metadata')
+  return tree
+
+
+def _shapes(tree: Any) -> dict:
+  """{'params/a/b': shape} for the params and objective state of a train state."""
+  out = {}
+  for part in ('params', 'state'):
+    sub = tree.get(part) if hasattr(tree, 'get') else None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sub or {})[0]:
+      keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+      out['/'.join([part] + keys)] = tuple(getattr(leaf, 'shape', ()) or ())
+  return out
+
+
+def check_shapes(saved: Any, abstract_state: Any, where: str) -> None:
+  """One error line naming the params whose shapes differ between a checkpoint and the model."""
+  a, b = _shapes(saved), _shapes(abstract_state)
+  diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  if diff:
+    shown = ', '.join(f'{k}: checkpoint {a.get(k, "absent")} vs model {b.get(k, "absent")}'
+                      for k in diff[:3])
+    more = f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''
+    raise ValueError(f'{where} does not fit this model: {shown}{more}; the model config '
+                     'differs from the run that wrote it (see config.json)')
 
 
 def _restore_numpy(path: epath.Path) -> Any:

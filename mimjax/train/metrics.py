@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from mimjax.train import workdir as workdir_lib
+
 
 def _scalar(v) -> float:
   v = float(np.asarray(v))
@@ -32,7 +34,7 @@ class MetricWriter:
       return
     keep = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get('step', 0) <= step]
-    self.path.write_text(''.join(line + '\n' for line in keep))
+    workdir_lib.atomic_write(str(self.path), ''.join(line + '\n' for line in keep))
 
   def write(self, step: int, metrics: dict) -> dict:
     record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}

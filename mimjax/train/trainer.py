@@ -1,5 +1,6 @@
 """The training loop shared by every objective: init/restore, jit step, log, checkpoint."""
 
+import contextlib
 import importlib
 import json
 import os
@@ -21,6 +22,7 @@ from mimjax.train import checkpoint as ckpt_lib
 from mimjax.train import metrics as metrics_lib
 from mimjax.train import sharding
 from mimjax.train import optim
+from mimjax.train import workdir as workdir_lib
 from mimjax.train.durations import resolve_steps
 
 
@@ -99,24 +101,30 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
 
 
 class _Preemption:
-  """SIGTERM (TPU/SLURM preemption) → save a checkpoint at the next step and exit cleanly."""
+  """SIGTERM (TPU/SLURM preemption) or Ctrl-C → save a checkpoint after the current step and
+  exit cleanly. A second Ctrl-C interrupts at once (nothing more is saved)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self.requested = None
+    self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+      return bool(self.requested) or multihost_utils.reached_preemption_sync_point(step)
+    return bool(self.requested)
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 def _host_example(batch: dict) -> dict:
@@ -124,11 +132,16 @@ def _host_example(batch: dict) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       objective: Optional[objectives.Objective] = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+                       objective: Optional[objectives.Objective] = None, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest intact checkpoint; returns the last
+  metrics. Resuming with a config that differs beyond `workdir.RESUMABLE_KEYS` is refused
+  unless `allow_config_change`."""
   jax.config.update('jax_threefry_partitionable', True)  # RNG independent of device layout
   if '://' not in workdir:
     workdir = os.path.abspath(workdir)  # orbax wants absolute paths
+    workdir_lib.check_output_dir(workdir)
+    workdir_lib.check_writable(workdir)
   objective = objective or objectives.load(config.objective).make(config)
   mesh = sharding.make_mesh(config.mesh)
   num_train = pipeline.num_examples(config.data, 'train')
@@ -153,38 +166,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
 
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get('keep_checkpoints', 2),
-                               async_save=config.get('async_checkpoint', True))
-  writer = metrics_lib.MetricWriter(workdir)
-  start = ckpt.latest_step()
-  if start is not None:
-    ts, data_state = ckpt.restore(start, abstract)
-    loader.set_state(data_state)  # process 0's state; valid on every host
-    writer.truncate_after(start)
-    _say(f'resuming from step {start} of {total_steps} in {workdir}')
-  else:
-    start = 0
-    loader.set_state(initial_data_state)
-    ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
-    if config.get('init_from'):
-      ts = _init_from(ts, config.init_from, objective, state_shardings)
-    if jax.process_index() == 0:  # one writer: hosts share the workdir
-      ckpt_lib.write_config(workdir, config)
-    _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
-         f'device(s), batch {config.batch_size}, in {workdir}')
+  init_params = None
+  if config.get('init_from') and not _has_checkpoints(workdir):
+    # Read before anything is created: a bad init_from leaves no half-made workdir behind.
+    init_params = ckpt_lib.restore_params(config.init_from)
 
-  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
-  evaluators = make_evaluators(config, objective, mesh)
-  preemption = _Preemption()
-  bar = metrics_lib.progress_bar(total_steps, start)
-  record, step = {}, start
-  last_good = start if ckpt.latest_step() is not None else None
-  t0, images_seen = time.perf_counter(), 0
-  try:
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
+    if jax.process_index() == 0:  # hosts of one job share the workdir: process 0 locks it
+      cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get('keep_checkpoints', 2),
+                                 async_save=config.get('async_checkpoint', True))
+    cleanup.callback(ckpt.close)
+    changes, old_total = {}, None
+    if ckpt.latest_step() is not None:
+      changes, old_total = _resume_config_check(config, workdir, allow_config_change, num_train)
+    restored = ckpt.restore_latest(abstract)
+    writer = metrics_lib.MetricWriter(workdir)
+    cleanup.callback(writer.close)
+    if restored is not None:
+      start, ts, data_state = restored
+      loader.set_state(data_state)  # process 0's state; valid on every host
+      writer.truncate_after(start)
+      _say(f'resuming from step {start} of {total_steps} in {workdir}')
+      if jax.process_index() == 0:
+        if changes:
+          ckpt_lib.write_config(workdir, config)
+        workdir_lib.append_history(workdir, 'resume', step=start, total_steps=total_steps,
+                                   changes=changes, allow_config_change=allow_config_change)
+      if old_total is not None and old_total != total_steps:
+        _say(f'{"extending" if total_steps > old_total else "shortening"} the run from '
+             f'{old_total} to {total_steps} steps: the learning-rate schedule is recomputed for '
+             f'{total_steps} steps, so step {start} continues at lr {float(lr_schedule(start)):.3g}'
+             ' (recorded in config.json and history.jsonl)')
+      if set(changes) - set(workdir_lib.DURATION_KEYS):
+        _say(f'config changes on resume (recorded in config.json and history.jsonl): '
+             f'{workdir_lib.describe_changes(changes)}')
+    else:
+      start = 0
+      loader.set_state(initial_data_state)
+      ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
+      if config.get('init_from'):
+        if init_params is None:  # checkpoints were there at start-up but none was intact
+          init_params = ckpt_lib.restore_params(config.init_from)
+        ts = _init_from(ts, init_params, config.init_from, objective)
+      if jax.process_index() == 0:  # one writer: hosts share the workdir
+        ckpt_lib.write_config(workdir, config)
+        workdir_lib.append_history(workdir, 'start', step=0, total_steps=total_steps)
+      _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
+           f'device(s), batch {config.batch_size}, in {workdir}')
+
+    step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+    evaluators = make_evaluators(config, objective, mesh)
+    preemption = _Preemption()
+    cleanup.callback(preemption.restore)
+    bar = metrics_lib.progress_bar(total_steps, start)
+    cleanup.callback(bar.close)
+    record, step = {}, start
+    last_good = start if ckpt.latest_step() is not None else None
+    t0, images_seen = time.perf_counter(), 0
     while step < total_steps:
       batch = sharding.put_batch(next(loader), mesh)
       ts, metrics = step_fn(ts, batch)
@@ -213,18 +256,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(step, ts, loader.get_state(), config, force=True)
         last_good = step
       if stop:
-        _say(f'preemption requested (SIGTERM): saved step {step}, exiting')
+        _say(f'{preemption.requested or "preemption"} received: saved step {step}, exiting '
+             '(re-run the same command to resume)')
         break
     if step == start:
       _say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
     elif step == total_steps:
       _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
-  finally:
-    bar.close()
-    preemption.restore()
-    ckpt.close()
-    writer.close()
-  return record
+    return record
+
+
+def _resume_config_check(config: ml_collections.ConfigDict, workdir: str,
+                         allow_config_change: bool, num_train: int) -> tuple[dict, Any]:
+  """(changes from W/config.json to `config`, the old total steps); refuses changes that
+  would mix two runs in one workdir."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return {}, None
+  with open(path) as f:
+    old = json.load(f)
+  changes = workdir_lib.config_changes(old, json.loads(ckpt_lib.config_to_json(config)))
+  refused = workdir_lib.refused_changes(changes)
+  if refused and not allow_config_change:
+    listed = workdir_lib.describe_changes(refused)
+    raise ValueError(f'{workdir} was trained with another config ({listed}); '
+                     f'{workdir_lib.OVERRIDE_HINT}')
+  return changes, resolve_steps('total', ml_collections.ConfigDict(old), num_train)
 
 
 class _ObjectiveEvaluator:
@@ -256,11 +313,9 @@ def make_evaluators(config: ml_collections.ConfigDict, objective: objectives.Obj
 
 def write_results(workdir: str, step: int, results: dict) -> None:
   """W/results.json (atomic), the final evaluation numbers."""
-  path = epath.Path(workdir) / 'results.json'
-  tmp = path.parent / '.results.json.tmp'
-  tmp.write_text(json.dumps({'step': step, **{k: float(v) for k, v in results.items()}},
-                            indent=2))
-  tmp.rename(path)
+  workdir_lib.atomic_write(
+      os.path.join(workdir, 'results.json'),
+      json.dumps({'step': step, **{k: float(v) for k, v in results.items()}}, indent=2))
 
 
 def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -> None:
@@ -274,10 +329,14 @@ def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -
         f'skipped); stopping: {where}. Lower the learning rate, use float32, or check the data.')
 
 
-def _init_from(ts: dict, source: str, objective: objectives.Objective, shardings: Any) -> dict:
-  """Replaces the encoder params by those of another workdir or converted model (`init_from`)."""
-  del shardings
-  loaded = ckpt_lib.restore_params(source)
+def _has_checkpoints(workdir: str) -> bool:
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+
+
+def _init_from(ts: dict, loaded: Any, source: str, objective: objectives.Objective) -> dict:
+  """Replaces the encoder params by `loaded`, the params of workdir or converted model
+  `source` (`config.init_from`)."""
   for key in objective.encoder:
     loaded = loaded[key]
   parent = ts['params']

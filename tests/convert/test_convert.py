@@ -215,6 +215,19 @@ def test_load_checkpoint_unwraps_and_strips(tmp_path, mu_sd):
     from_torch.load_torch_checkpoint(str(tmp_path / 'nope.pth'))
 
 
+def test_truncated_or_disguised_safetensors_is_one_line(tmp_path, mu_sd):
+  from safetensors.numpy import save_file
+  good = str(tmp_path / 'good.safetensors')
+  save_file({k: np.ascontiguousarray(v) for k, v in mu_sd.items()}, good)
+  data = open(good, 'rb').read()
+  (tmp_path / 'cut.safetensors').write_bytes(data[:len(data) // 2])
+  torch.save({'model': {}}, str(tmp_path / 'pickle.safetensors'))  # a torch file, renamed
+  for name in ('cut.safetensors', 'pickle.safetensors'):
+    with pytest.raises(ValueError, match=f'{name}: cannot read as .safetensors') as e:
+      from_torch.load_torch_checkpoint(str(tmp_path / name))
+    assert '\n' not in str(e.value)
+
+
 # --- CLI end to end (needs mimjax.train.checkpoint) --------------------------------------------
 
 def test_cli_export_verify_import_round_trip(tmp_path, capsys):
@@ -273,6 +286,10 @@ def test_cli_errors_leave_nothing_behind(tmp_path, capsys):
   assert 'config.json' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'x.safetensors')
   assert not [f for f in os.listdir(tmp_path) if f.startswith('.x.safetensors')]  # no temp file
+
+  (tmp_path / 'file').write_text('x')
+  assert cli.main(['--from', 'timm', '--in', bad, '--workdir', str(tmp_path / 'file')]) == 2
+  assert 'file: exists and is not a directory' in capsys.readouterr().err
 
 
 def test_cli_usage_errors():

@@ -10,6 +10,7 @@ import pytest
 
 from mimjax.data import build, pipeline
 from mimjax.data.builders import embedded, folder, tfds_io
+from mimjax.train import workdir
 
 
 def _read(path, split):
@@ -114,7 +115,24 @@ def test_corrupt_file_clear_error_and_nothing_left(tmp_path, capsys):
   assert 'bad.jpg' in err and 'expected' in err and 'Traceback' not in err
   assert len([l for l in err.splitlines() if 'error' in l.lower()]) == 1
   assert not (out / 'image_folder').exists() or not os.listdir(out / 'image_folder')
-  assert not [d for d in os.listdir(out) if d.startswith('.tmp')]
+  assert not [d for d in os.listdir(out) if '.tmp' in d]
+
+
+def test_stale_temp_of_a_killed_build_is_removed_and_no_misleading_line(tmp_path, capsys):
+  src = _folder(str(tmp_path / 'src'))
+  out = tmp_path / 'out'
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  stale = os.path.basename(workdir.temp_name(str(out / 'image_folder'))).replace(
+      f'-{os.getpid()}-', f'-{dead}-')
+  os.makedirs(out / stale / 'image_folder')  # what a kill -9 mid-build leaves
+  assert _cli('image_folder', '--source', src, '--data_dir', out, '--num_workers', 0) == 0
+  assert sorted(os.listdir(out)) == ['image_folder']
+  captured = capsys.readouterr()
+  assert 'downloaded and prepared' not in captured.out + captured.err  # tfds' temp-dir line
+  (tmp_path / 'file').write_text('x')
+  assert _cli('image_folder', '--source', src, '--data_dir', tmp_path / 'file') == 1
+  assert 'exists and is not a directory' in capsys.readouterr().err
 
 
 def test_skip_corrupt_reports(tmp_path, capsys):

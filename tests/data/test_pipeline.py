@@ -193,3 +193,49 @@ def test_segments_follow_images(tmp_path, augment):
     inner[[0, -1], :] = inner[:, [0, -1]] = False
     err = np.abs(x[inner].astype(int) - colors[s[inner]].astype(int)).max(initial=0)
     assert err <= 40, err
+
+
+def test_worker_processes_exit_when_the_trainer_is_killed():
+  """kill -9 of the process that owns a loader must not leave its grain workers running."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  code = '''
+import os
+from mimjax.data import pipeline
+c = pipeline.default_data_config()
+c.update(name='synthetic', image_size=16, synthetic_size=64, augment='none', worker_count=2)
+loader = pipeline.make_loader(c, global_batch_size=8, seed=0)
+next(loader)
+print('ready', flush=True)
+import time; time.sleep(600)
+'''
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu'))
+  assert proc.stdout.readline().strip() == 'ready'
+
+  def children():
+    out = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+      try:
+        with open(f'/proc/{pid}/stat') as f:
+          if int(f.read().rsplit(')', 1)[1].split()[1]) == proc.pid:
+            out.append(int(pid))
+      except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+  workers = children()
+  assert len(workers) >= 2
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 30
+  alive = workers
+  while alive and time.time() < deadline:
+    time.sleep(0.5)
+    alive = [p for p in alive if os.path.exists(f'/proc/{p}') and
+             open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z']
+  assert not alive, f'workers {alive} outlived their parent'

@@ -97,7 +97,7 @@ def test_resume_skips_finished_chunks(folder, tmp_path, monkeypatch):
   assert len(calls) == 2
   work = tmp_path / '.sam_work' / 'image_folder'
   # A kill -9 mid-chunk leaves only a temp file: it must be ignored and redone.
-  (work / 'train-000001.npz.tmp-deadbeef').write_bytes(b'partial')
+  (work / '.train-000001.npz.tmp-otherhost-1-beef').write_bytes(b'partial')
   # A different config must not mix with these parts.
   with pytest.raises(ValueError, match='max_masks'):
     run.run(_config(folder, 'tiny,superpixel', num_shards=2, shard_index=1, max_masks=3),
@@ -126,6 +126,30 @@ def test_no_mask_and_corrupt_images(folder, tmp_path, monkeypatch, capsys):
   err = capsys.readouterr().err
   assert '2 images, 2 without any mask (all-zero map), 1 corrupt skipped' in err
   assert 'z.png' in open(os.path.join(path, 'skipped_files.txt')).read()
+
+
+def test_failed_start_then_suggested_fix_in_the_same_workdir(folder, tmp_path):
+  """The first chunk fails (a corrupt file): no part exists, so the re-run with the fix the
+  error suggests is not refused as 'partial results of a different run'."""
+  src = tmp_path / 'src'
+  os.makedirs(src / 'a')
+  (src / 'a' / 'a.png').write_bytes(b'\x89PNG not really')
+  Image.open(os.path.join(folder, 'cat', 'chelsea.png')).save(src / 'a' / 'x.png')
+  with pytest.raises(BuildError, match='pass --config.skip_corrupt=True'):
+    run.run(_config(str(src), 'tiny,superpixel'), str(tmp_path / 'out'))
+  path = run.run(_config(str(src), 'tiny,superpixel', skip_corrupt=True), str(tmp_path / 'out'))
+  assert len(_read(path)[1]) == 1
+
+
+def test_workdir_that_is_a_file(folder, tmp_path):
+  (tmp_path / 'f').write_text('x')
+  out = subprocess.run([sys.executable, '-m', 'mimjax.sam', '--config', 'configs/sam.py:tiny',
+                        '--workdir', str(tmp_path / 'f'), f'--config.source={folder}'],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'mimjax.sam: error: --workdir {tmp_path / "f"}: exists and is not a directory; '
+      'expected a directory (new or from an earlier run)')
 
 
 def test_missing_and_wrong_checkpoint(tmp_path, folder):

@@ -146,21 +146,23 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+def test_signal_saves_and_exits_cleanly(tmp_path, sig):
   proc = subprocess.Popen(_main_cmd(tmp_path, '--config.total_steps=100000',
                                     '--config.checkpoint_every=100000'),
                           cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
-  deadline = time.time() + 120
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600  # start-up on a loaded 2-core machine can take minutes
   while time.time() < deadline:
     metrics = tmp_path / 'metrics.jsonl'
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   assert proc.wait(timeout=120) == 0
   steps = os.listdir(tmp_path / 'checkpoints')
   assert len(steps) == 1 and int(steps[0]) >= 3
+  assert f'{sig.name} received: saved step {steps[0]}, exiting' in proc.stderr.read()
 
 
 @pytest.mark.parametrize('flag,message', [
@@ -177,8 +179,130 @@ def test_bad_config_is_one_clear_error_and_no_workdir(tmp_path, flag, message):
   assert not work.exists()
 
 
+def _history(workdir):
+  with open(os.path.join(workdir, 'history.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, capsys):
+  work = str(tmp_path)
+  # A run that died after writing config.json, before its first checkpoint (here: another
+  # batch size, as after a config error) plus a temp file: the next run starts afresh.
+  checkpoint.write_config(work, tiny_config(batch_size=6))
+  (tmp_path / '.config.json.tmp4242').write_text('{}')
+  trainer.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), work)
+  assert json.loads((tmp_path / 'config.json').read_text())['batch_size'] == 16
+  # Keys that change what is trained are refused, naming both values, before anything runs.
+  with pytest.raises(ValueError, match=r"mask_ratio: 0.75 → 0.5, norm_pix: True → False\); "
+                                       r"pass --allow_config_change"):
+    trainer.train_and_evaluate(tiny_config(total_steps=2, mask_ratio=0.5, norm_pix=False), work)
+  with pytest.raises(ValueError, match="model.variant: 'mu/4' → 'Ti/16'"):
+    trainer.train_and_evaluate(tiny_config(**{'model.variant': 'Ti/16'}), work)
+  # Overridden, a width change is still one line naming the param, not orbax's shape error.
+  with pytest.raises(ValueError, match=r'does not fit this model: params/decoder/embed/kernel: '
+                                       r'checkpoint \(64, 32\) vs model \(192, 32\)'):
+    trainer.train_and_evaluate(tiny_config(**{'model.variant': 'Ti/16'}), work,
+                               allow_config_change=True)
+  # Extending a finished run is said in one line and recorded.
+  capsys.readouterr()
+  trainer.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every=2, log_every=2), work)
+  err = capsys.readouterr().err
+  assert 'extending the run from 2 to 4 steps: the learning-rate schedule is recomputed' in err
+  assert json.loads((tmp_path / 'config.json').read_text())['total_steps'] == 4
+  history = _history(work)
+  assert [h['event'] for h in history] == ['start', 'resume']
+  assert history[1]['step'] == 2 and history[1]['changes']['total_steps'] == [2, 4]
+  assert [r['step'] for r in read_metrics(work)] == [1, 2, 4]
+  assert not [n for n in os.listdir(work) if '.tmp' in n and n != '.config.json.tmp4242']
+
+
+def test_second_trainer_on_a_workdir_refuses(tmp_path):
+  code = ('import time; from mimjax.train import workdir; '
+          f'workdir.WorkdirLock({str(tmp_path)!r}).acquire(); print("locked", flush=True); '
+          'time.sleep(600)')
+  holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env=dict(_env(), PYTHONPATH=REPO))
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    out = subprocess.run(_main_cmd(tmp_path, '--config.total_steps=2'), cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert out.returncode == 2
+  assert f'mimjax: error: {tmp_path} is in use by pid {holder.pid}' in out.stderr
+  assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
+
+
+def _kill_at_random_moments(work, steps, kills, seed):
+  """Starts the run `kills` times, SIGKILLs each after a random delay, then lets it finish."""
+  rng = np.random.RandomState(seed)
+  for _ in range(kills):
+    proc = subprocess.Popen(_main_cmd(work, *steps), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = work / 'metrics.jsonl'
+    done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    # Wait for 0-4 new steps (0: before the first step or checkpoint), then a random delay so
+    # the kill lands anywhere: mid-step, mid-save, between saves.
+    target, deadline = done + rng.randint(0, 5), time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= target:
+        break
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.3))
+    proc.kill()
+    proc.wait()
+  subprocess.run(_main_cmd(work, *steps), cwd=REPO, env=_env(), check=True, capture_output=True)
+
+
+def _assert_same_run(ref, work, total):
+  a, b = read_metrics(ref), read_metrics(work)
+  assert [r['step'] for r in b] == list(range(1, total + 1))
+  assert [r['loss'] for r in a] == [r['loss'] for r in b]
+  for x, y in zip(jax.tree.leaves(checkpoint.restore_params(str(ref))),
+                  jax.tree.leaves(checkpoint.restore_params(str(work)))):
+    np.testing.assert_array_equal(x, y)
+
+
+FAULT_STEPS = ['--config.total_steps=12', '--config.checkpoint_every=2']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  ref = tmp_path_factory.mktemp('ref')
+  subprocess.run(_main_cmd(ref, *FAULT_STEPS), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  return ref
+
+
+def test_random_sigkills_then_finish_match_uninterrupted_run(tmp_path, uninterrupted):
+  """Fault injection: kill -9 a few times at random moments; the finished run is identical."""
+  _kill_at_random_moments(tmp_path, FAULT_STEPS, kills=3, seed=0)
+  _assert_same_run(uninterrupted, tmp_path, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', [1, 2])
+def test_many_random_sigkills_then_finish_match_uninterrupted_run(tmp_path, uninterrupted, seed):
+  _kill_at_random_moments(tmp_path, FAULT_STEPS, kills=12, seed=seed)
+  _assert_same_run(uninterrupted, tmp_path, 12)
+
+
 def test_tiny_mae_loss_falls(tmp_path):
   config = tiny_config(total_steps=60, batch_size=32, log_every=5, checkpoint_every=60)
   trainer.train_and_evaluate(config, str(tmp_path))
   losses = [r['loss'] for r in read_metrics(tmp_path)]
   assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
+
+
+def test_linear_probe_on_a_workdir_without_checkpoints_leaves_nothing(tmp_path):
+  from configs.eval import linear
+  pretrained = tmp_path / 'pre'
+  pretrained.mkdir()
+  checkpoint.write_config(str(pretrained), tiny_config())  # config.json only: killed early
+  config = linear.get_config('tiny')
+  config.pretrained = str(pretrained)
+  config.data.worker_count = 0
+  with pytest.raises(FileNotFoundError, match='no checkpoints/<step>/ and no params/'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'E'))
+  assert not (tmp_path / 'E').exists()

@@ -11,12 +11,13 @@ import io
 import os
 import shutil
 import types
-import uuid
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from mimjax.train import workdir as workdir_lib
 
 VERSION = '1.0.0'
 ENV_DATA_DIR = 'MIMJAX_DATA_DIR'
@@ -82,7 +83,13 @@ def _builder_class(name: str, features: tfds.features.FeaturesDict, description:
     def _generate_examples(self, split):
       return split_generators[split]()
 
+    def _quiet(self):
+      """tfds announces the temp dir as 'downloaded and prepared' before our checks ran; the
+      callers print the final path once it is in place."""
+
     ns['_info'] = _info
+    ns['_log_download_done'] = _quiet
+    ns['_log_download_bytes'] = _quiet
     ns['_split_generators'] = _split_generators
     ns['_generate_examples'] = _generate_examples
 
@@ -105,8 +112,10 @@ def write_tfds(data_dir: str, name: str, features: tfds.features.FeaturesDict,
   final = os.path.join(data_dir, name, version)
   if os.path.exists(final) and not overwrite:
     raise BuildError(f'{final} already exists; pass overwrite=True (--overwrite) to rebuild')
+  workdir_lib.check_output_dir(data_dir, '--data_dir')
   os.makedirs(data_dir, exist_ok=True)
-  tmp_root = os.path.join(data_dir, f'.tmp-{name}-{uuid.uuid4().hex[:8]}')
+  workdir_lib.remove_stale_temp(data_dir, prefix=f'.{name}.')  # left by killed builds
+  tmp_root = workdir_lib.temp_name(os.path.join(data_dir, name))
   try:
     cls = _builder_class(name, features, description, split_generators, version)
     builder = cls(data_dir=tmp_root, file_format='array_record')

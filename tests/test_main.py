@@ -1,0 +1,94 @@
+"""mimjax.main: one-line errors, configs found from any directory, evaluation re-runs, the
+persistent compilation cache setting."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import pytest
+
+from mimjax import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, MIMJAX_COMPILATION_CACHE='off')
+  return subprocess.run([sys.executable, '-m', 'mimjax.main', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.bogus=1'], '--config.bogus: no such config key'),
+    (['--config.total_step=10'],
+     '--config.total_step: no such config key; did you mean total_steps?'),
+    (['--config.model.widht=8'], '--config.model.widht: no such config key; did you mean width?'),
+    (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal for int()"),
+])
+def test_bad_override_is_one_line(tmp_path, args, message):
+  out = _main('--config', 'configs/mae.py:tiny', '--workdir', str(tmp_path / 'w'), *args)
+  assert out.returncode == 2
+  assert out.stderr.startswith('mimjax: error: ')
+  assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_config_file_and_bad_config_arg_are_one_line(tmp_path):
+  out = _main('--config', 'configs/nope.py:tiny', '--workdir', str(tmp_path / 'w'))
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+  assert out.stderr.startswith('mimjax: error: --config configs/nope.py: no such file')
+  out = _main('--config', 'configs/mae.py:nope', '--workdir', str(tmp_path / 'w'))
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+  assert "config arg 'nope': cannot parse 'nope'" in out.stderr
+
+
+def test_configs_found_from_outside_the_repository(tmp_path):
+  """Relative to the repository or as an absolute path; `configs.common` imports either way.
+  (A bad batch size stops it right after the config loaded, before any training.)"""
+  for config in ('configs/mae.py:tiny', os.path.join(REPO, 'configs/mae.py') + ':tiny'):
+    out = _main('--config', config, '--workdir', str(tmp_path / 'w'), '--config.batch_size=0',
+                cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == 'mimjax: error: config.batch_size=0: expected a positive integer'
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  (tmp_path / 'f').write_text('x')
+  out = _main('--config', 'configs/mae.py:tiny', '--workdir', str(tmp_path / 'f'))
+  assert out.returncode == 2
+  assert out.stderr.strip() == (f'mimjax: error: --workdir {tmp_path / "f"}: exists and is not '
+                                'a directory; expected a directory (new or from an earlier run)')
+
+
+def test_evaluation_rerun_with_another_pretrained_is_refused(tmp_path):
+  (tmp_path / 'config.json').write_text(json.dumps({'pretrained': str(tmp_path / 'a')}))
+  same = ml_collections.ConfigDict({'pretrained': str(tmp_path / 'a')})
+  main.check_eval_rerun(same, str(tmp_path), allow_change=False)
+  other = ml_collections.ConfigDict({'pretrained': str(tmp_path / 'b')})
+  with pytest.raises(ValueError, match='holds an evaluation of pretrained=.*/a.*--allow_config'):
+    main.check_eval_rerun(other, str(tmp_path), allow_change=False)
+  main.check_eval_rerun(other, str(tmp_path), allow_change=True)
+
+
+@pytest.fixture
+def cache_setting():
+  old = jax.config.jax_compilation_cache_dir
+  yield
+  jax.config.update('jax_compilation_cache_dir', old)
+
+
+@pytest.mark.parametrize('env,expected', [
+    ({'MIMJAX_COMPILATION_CACHE': 'off'}, None),
+    ({'MIMJAX_COMPILATION_CACHE': '/x/jax'}, '/x/jax'),
+    ({'XDG_CACHE_HOME': '/xdg'}, '/xdg/mimjax/jax'),
+])
+def test_compilation_cache_dir(monkeypatch, cache_setting, env, expected):
+  monkeypatch.delenv('MIMJAX_COMPILATION_CACHE', raising=False)
+  jax.config.update('jax_compilation_cache_dir', None)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert main.enable_compilation_cache() == expected
+  assert jax.config.jax_compilation_cache_dir == expected
