@@ -21,13 +21,23 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+def resolve(workdir: str) -> epath.Path:
+  """A user-typed workdir as an absolute path (relative to the cwd, `~` expanded): orbax and
+  tensorstore need absolute paths, and every entry point here goes through this one place.
+  Cloud URLs (gs://...) are returned unchanged."""
+  workdir = os.fspath(workdir)
+  if '://' in workdir:
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
+
+
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """Reads W/config.json (clear error if W is not a mimjax workdir)."""
-  path = epath.Path(workdir) / 'config.json'
+  path = resolve(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; expected a mimjax workdir with config.json '
                             '(written by `python -m mimjax.main` or `python -m mimjax.convert`)')
@@ -36,7 +46,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes W/config.json atomically (temp file + rename)."""
-  path = epath.Path(workdir) / 'config.json'
+  path = resolve(workdir) / 'config.json'
   tmp = path.parent / f'.config.json.tmp{os.getpid()}'
   tmp.write_text(config_to_json(config))
   tmp.rename(path)
@@ -46,7 +56,7 @@ class Checkpointer:
   """A thin wrapper over orbax's CheckpointManager for W/checkpoints."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = resolve(workdir) / 'checkpoints'
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -88,7 +98,7 @@ def _restore_numpy(path: epath.Path) -> Any:
 
 def restore_params(workdir: str, step: Optional[int] = None) -> Any:
   """Params (numpy) of a workdir: the latest (or `step`) train checkpoint, else W/params."""
-  root = epath.Path(workdir)
+  root = resolve(workdir)
   ckpt_dir = root / 'checkpoints'
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
       if ckpt_dir.exists() else []
@@ -105,7 +115,7 @@ def restore_params(workdir: str, step: Optional[int] = None) -> Any:
 
 def save_params(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
   """Writes W/config.json and W/params/ (a params-only checkpoint, e.g. an imported model)."""
-  root = epath.Path(workdir)
+  root = resolve(workdir)
   root.mkdir(parents=True, exist_ok=True)
   ocp.PyTreeCheckpointer().save(root / 'params', args=ocp.args.PyTreeSave(params), force=True)
   write_config(workdir, config)
