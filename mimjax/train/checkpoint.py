@@ -96,8 +96,9 @@ def _restore_numpy(path: epath.Path) -> Any:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def restore_params(workdir: str, step: Optional[int] = None) -> Any:
-  """Params (numpy) of a workdir: the latest (or `step`) train checkpoint, else W/params."""
+def restore_train_state(workdir: str, step: Optional[int] = None) -> dict:
+  """{'params', 'state', ...} (numpy) of a workdir's latest (or `step`) train checkpoint; a
+  params-only workdir (W/params, e.g. an imported model) gives {'params': ..., 'state': {}}."""
   root = resolve(workdir)
   ckpt_dir = root / 'checkpoints'
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
@@ -105,12 +106,16 @@ def restore_params(workdir: str, step: Optional[int] = None) -> Any:
   if step is not None and step not in steps:
     raise FileNotFoundError(f'{ckpt_dir}: no checkpoint for step {step}; found {steps}')
   if steps:
-    state = _restore_numpy(ckpt_dir / str(step if step is not None else steps[-1]) / 'state')
-    return state['params']
+    return _restore_numpy(ckpt_dir / str(step if step is not None else steps[-1]) / 'state')
   if (root / 'params').exists():
-    return _restore_numpy(root / 'params')
+    return {'params': _restore_numpy(root / 'params'), 'state': {}}
   raise FileNotFoundError(f'{root}: no checkpoints/<step>/ and no params/ found; expected a '
                           'mimjax training workdir or a converted model')
+
+
+def restore_params(workdir: str, step: Optional[int] = None) -> Any:
+  """Params (numpy) of a workdir: the latest (or `step`) train checkpoint, else W/params."""
+  return restore_train_state(workdir, step)['params']
 
 
 def save_params(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:

@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     loader.set_state(initial_data_state)
     ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
     if config.get('init_from'):
-      ts = _init_from(ts, config.init_from, objective, state_shardings)
+      ts = _init_from(ts, config.init_from, objective, config.get('checkpoint_key', 'teacher'))
     if jax.process_index() == 0:  # one writer: hosts share the workdir
       ckpt_lib.write_config(workdir, config)
     _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
@@ -274,12 +274,12 @@ def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -
         f'skipped); stopping: {where}. Lower the learning rate, use float32, or check the data.')
 
 
-def _init_from(ts: dict, source: str, objective: objectives.Objective, shardings: Any) -> dict:
-  """Replaces the encoder params by those of another workdir or converted model (`init_from`)."""
-  del shardings
-  loaded = ckpt_lib.restore_params(source)
-  for key in objective.encoder:
-    loaded = loaded[key]
+def _init_from(ts: dict, source: str, objective: objectives.Objective,
+               checkpoint_key: str) -> dict:
+  """Replaces the encoder params by those of another workdir or converted model (`init_from`;
+  a DINO workdir gives its EMA teacher unless `checkpoint_key='student'`)."""
+  from mimjax.evaluate import features  # evaluation helpers; only needed here
+  loaded = features.load_pretrained(source, checkpoint_key).encoder
   parent = ts['params']
   for key in objective.encoder[:-1]:
     parent = parent[key]
