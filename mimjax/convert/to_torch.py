@@ -134,9 +134,9 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
   keys timm does not have).
 
   Fine-tuning 'mean' (MAE global pool) is timm global_pool='avg' with `fc_norm` and no final
-  `norm`; 'cls' is global_pool='token'. The probe's BatchNorm(affine=False) is folded into the
-  Linear: W' = W / s, b' = b − (μ / s)·W with s = √(var + 1e-6), since timm has no such layer;
-  its 'mean' readout is MAE's (`fc_norm` without affine: weight 1, bias 0).
+  `norm`; 'cls' is global_pool='token'. The ([cls]) probe's BatchNorm(affine=False) is folded
+  into the Linear: W' = W / s, b' = b − (μ / s)·W with s = √(var + 1e-6), since timm has no
+  such layer.
   """
   objective = config.objective
   prefix = num_reg_tokens(config.model) + 1
@@ -147,9 +147,11 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
     fc_norm = head.get('fc_norm')
   elif objective == 'linear_probe':
     pool = config.probe.pool
-    if pool not in ('cls', 'mean'):
-      raise ValueError(f'config.probe.pool={pool!r} has no timm counterpart (timm pools by '
-                       '[cls] token or patch mean); export the pretrained encoder instead '
+    if pool != 'cls':
+      # 'mean' is LayerNorm(mean of final-normed patch tokens): timm's avg pool reads the raw
+      # last-block tokens instead; abmilp / attentive are trained poolers timm does not have.
+      raise ValueError(f'config.probe.pool={pool!r} has no timm counterpart (only the [cls] '
+                       'probe does); export the pretrained encoder instead '
                        f'(--workdir {config.pretrained})')
     linear, bn = params['head']['linear'], state['batch_stats']['bn']
     scale = np.sqrt(np.asarray(bn['var'], np.float64) + 1e-6)
@@ -157,9 +159,7 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
     kernel = (k / scale[:, None]).astype(np.float32)
     bias = (np.asarray(linear['bias'], np.float64)
             - (np.asarray(bn['mean'], np.float64) / scale) @ k).astype(np.float32)
-    width = kernel.shape[0]
-    fc_norm = ({'scale': np.ones(width, np.float32), 'bias': np.zeros(width, np.float32)}
-               if pool == 'mean' else None)
+    fc_norm = None
   else:
     raise ValueError(f'objective {objective!r} has no classifier to export')
   if pool == 'cls' and prefix > 1:

@@ -460,6 +460,7 @@ def test_probe_bn_folding_by_hand():
   want = ((x - mean) / np.sqrt(var + 1e-6)) @ kernel + bias  # BatchNorm1d(affine=False) → Linear
   np.testing.assert_allclose(x @ sd['head.weight'].T + sd['head.bias'], want, rtol=1e-5)
   assert kwargs == {'num_classes': 3, 'global_pool': 'token'} and dropped == []
-  config.probe.pool = 'abmilp'
-  with pytest.raises(ValueError, match="pool='abmilp' has no timm counterpart"):
-    to_torch.classifier_to_timm(config, params, state)
+  for pool in ('mean', 'abmilp'):
+    config.probe.pool = pool
+    with pytest.raises(ValueError, match=f"pool='{pool}' has no timm counterpart"):
+      to_torch.classifier_to_timm(config, params, state)
