@@ -9,6 +9,8 @@ Arg tokens: a data set (in1k, in100, digits, ...), tiny, pool=cls|mean|abmilp|at
 layer=N (1-based block; -1 = last, SemanticMIM probes layer 7), num_classes=N,
 optimizer=lars|sgd, heads=N (attentive probe heads). Writes E/results.json
 (eval/top1, eval/top5 on the test split).
+A DINO workdir is read at its EMA teacher, as DINO's own evaluations; add
+`--config.checkpoint_key=student` for the student (docs/evaluation.md).
 """
 
 from configs import common
