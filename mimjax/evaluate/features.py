@@ -116,7 +116,7 @@ class Pretrained:
   objective: Any   # its `encoder` path, `teacher` path, `predict` (an EncoderRef if imported)
   params: Any      # whole params tree of the chosen weights (numpy): student or EMA teacher
   state: Any       # the checkpoint's objective state ({} for imported models)
-  weights: str     # what `params` are: 'teacher' (the EMA teacher) or 'student'
+  weights: str     # 'teacher' (EMA teacher), 'student', or 'trained' (the only weights)
 
   @property
   def path(self) -> tuple[str, ...]:
@@ -149,8 +149,9 @@ def load_pretrained(workdir: str, checkpoint_key: str = 'teacher',
       raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e}); pass '
                        'checkpoint_key=student for the trained params') from None
     return Pretrained(config, objective, params, train_state['state'], 'teacher')
+  weights = 'student' if objective.teacher is not None else 'trained'
   return Pretrained(config, objective, train_state['params'], train_state.get('state', {}),
-                    'student')
+                    weights)
 
 
 def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:

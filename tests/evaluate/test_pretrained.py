@@ -77,7 +77,7 @@ def test_objectives_without_teacher_are_unchanged(tmp_path):
   _save_train_state(str(tmp_path), config, params, {})
   for key in ('teacher', 'student'):
     loaded = features.load_pretrained(str(tmp_path), key)
-    assert loaded.weights == 'student' and _equal(loaded.params, params)
+    assert loaded.weights == 'trained' and _equal(loaded.params, params)
 
 
 def _gardener(workdir, out, **kw):
