@@ -62,7 +62,7 @@ def get_config(arg: str = 'vit_h,in100') -> ml_collections.ConfigDict:
   c.num_shards = 1
   c.chunk_size = 256             # examples per resumable part file
   c.device = 'auto'              # auto | cpu | cuda | cuda:N
-  c.dtype = 'auto'               # auto (bf16 image encoder + TF32 on CUDA, fp32 on CPU) | float32 | bfloat16
+  c.dtype = 'float32'            # as the official generator | bfloat16 (image encoder; + TF32 on CUDA)
   c.num_threads = 0              # torch CPU threads; 0 = torch default
   c.keep_parts = False           # keep W/.sam_work after the merge
   if arg.tiny:

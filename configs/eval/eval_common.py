@@ -33,6 +33,7 @@ def trained_eval_config(arg: ml_collections.ConfigDict,
   config.objective = objective
   config.pretrained = ''                                 # --config.pretrained=W (required)
   config.init_from = config.get_ref('pretrained')        # the trainer loads the encoder from it
+  config.checkpoint_key = 'teacher'  # DINO workdirs: the EMA 'teacher' (DINO's eval) | 'student'
   config.model = model_overrides()
   config.data.name = common.DATASETS[arg.data]
   config.eval_batch_size = config_dict.placeholder(int)  # None → batch_size
@@ -45,6 +46,7 @@ def evaluate_only_config(arg: ml_collections.ConfigDict) -> ml_collections.Confi
   config = ml_collections.ConfigDict()
   config.mode = 'evaluate'
   config.pretrained = ''
+  config.checkpoint_key = 'teacher'  # DINO workdirs: the EMA 'teacher' (DINO's eval) | 'student'
   config.seed = 0
   config.batch_size = 256 if not arg.tiny else 64  # feature-extraction batch
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'devices': -1})

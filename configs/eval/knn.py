@@ -10,6 +10,8 @@ Arg tokens: data set, tiny, pool=cls|mean, layer=N, probe=1 (also a cached-featu
 probe over an lr grid). As an online monitor while pretraining, add to any train config:
 `config.evals.knn = {'module': 'knn', 'every_steps': N}`. Writes E/results.json
 (knn/top1, knn/top5, knn/top1@10%, knn/top1@1%, ...).
+A DINO workdir is read at its EMA teacher, as DINO's own evaluations; add
+`--config.checkpoint_key=student` for the student (docs/evaluation.md).
 """
 
 import ml_collections

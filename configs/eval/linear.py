@@ -20,6 +20,8 @@ num_classes=N, optimizer=lars|sgd, heads=N (attentive probe heads), <N>ep, and
                       100 epochs, cosine to 0 without warm-up; raw block tokens (final_norm
                       False).
 Writes E/results.json (eval/top1, eval/top5 on the test split).
+A DINO workdir is read at its EMA teacher, as DINO's own evaluations; add
+`--config.checkpoint_key=student` for the student (docs/evaluation.md).
 """
 
 from configs import common

@@ -1,14 +1,18 @@
 """Convert between mimjax workdirs and PyTorch checkpoints (see docs/convert.md).
 
 Export:  python -m mimjax.convert --workdir W --format timm --out model.safetensors [--verify]
+             [--checkpoint_key teacher|student]      (DINO: the EMA teacher by default)
          python -m mimjax.convert --workdir W --format mae --out checkpoint.pth [--verify]
 Import:  python -m mimjax.convert --from timm --in model.safetensors --workdir W
-             [--variant B/16 --image_size 224 --num_heads 12]
-         python -m mimjax.convert --from mae --in checkpoint.pth --workdir W
+             [--variant B/16 --image_size 224 --num_heads 12 --checkpoint_key teacher]
+         python -m mimjax.convert --from mae --in checkpoint-799.pth --workdir W
              [--decoder_num_heads 16]
+A fine-tuned or linear-probe workdir exports as a timm classifier (head, fc_norm); --verify
+then compares logits.
 """
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -16,6 +20,7 @@ import ml_collections
 
 from mimjax.convert import from_torch
 from mimjax.convert import to_torch
+from mimjax.models import vit as vit_lib
 
 VERIFY_TOLERANCE = 1e-4  # fp32 max |timm − mimjax| on the final tokens
 
@@ -36,8 +41,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--variant', help='import: e.g. B/16 (default: inferred from shapes)')
   parser.add_argument('--image_size', type=int, help='import: checked against pos_embed')
   parser.add_argument('--num_heads', type=int, help='import: encoder heads (not in the shapes)')
-  parser.add_argument('--decoder_num_heads', type=int, default=from_torch.MAE_DECODER_HEADS,
-                      help='import --from mae: decoder heads (official MAE: 16)')
+  parser.add_argument('--decoder_num_heads', type=int,
+                      help='import --from mae: decoder heads (default: recorded in the file by '
+                           'our export, else 16 for the official 512-wide decoder)')
+  parser.add_argument('--checkpoint_key',
+                      help='export: teacher (default: DINO\'s EMA teacher, as its eval scripts) '
+                           'or student; import: the entry of a training checkpoint (default: '
+                           'teacher, else model, else state_dict)')
   parser.add_argument('--overwrite', action='store_true',
                       help='import: replace an existing W/params')
   args = parser.parse_args(argv)
@@ -50,44 +60,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
-def encoder_path(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Where the exportable ViT lives in the params: the objective's `encoder` path."""
-  if not config.get('objective'):
-    return ('encoder',)  # imported timm models carry no objective
-  from mimjax.objectives import base
-  return tuple(base.load(config.objective).make(config).encoder)
-
-
 def export(args: argparse.Namespace) -> int:
   """Workdir → timm state dict (.safetensors/.pth) or official MAE {'model': sd} (.pth)."""
-  from mimjax.train import checkpoint
-  config = checkpoint.load_config(args.workdir)
-  params = checkpoint.restore_params(args.workdir, args.step)
-  encoder = params
-  for key in encoder_path(config):
-    if key not in encoder:
-      raise ValueError(f'{args.workdir}: params have no {key!r} subtree (keys: {sorted(encoder)})')
-    encoder = encoder[key]
+  from mimjax.evaluate import features
+  pre = features.load_pretrained(args.workdir, args.checkpoint_key or 'teacher', args.step)
+  config, encoder = pre.config, pre.encoder
+  classifier = pre.objective.predict is not None
   for note in to_torch.dropped_params(encoder, config.model):
     print(f'note: {note}')
+  heads = {'num_heads': vit_lib.model_dims(config.model)['num_heads']}
+  name, kwargs = to_torch.timm_model_name_and_kwargs(config.model)
   if args.format == 'timm':
     state_dict = to_torch.vit_to_timm(encoder, config.model)
-    to_torch.save_state_dict(state_dict, args.out)
+    if classifier:
+      head, head_kwargs, unused = to_torch.classifier_to_timm(config, pre.params, pre.state)
+      for key in unused:
+        print(f'note: dropped {key} (the {head_kwargs["global_pool"]}-pool classifier does not '
+              'use the final norm; timm has none)')
+        del state_dict[key]
+      state_dict.update(head)
+      kwargs.update(head_kwargs)
+    to_torch.save_state_dict(state_dict, args.out, metadata=heads)
     timm_sd = state_dict
   else:
+    if classifier:
+      raise ValueError(f'{args.workdir}: a {config.objective} workdir has no MAE decoder; '
+                       'export it with --format timm')
     if not args.out.endswith('.pth'):
       raise ValueError(f'--out {args.out}: the MAE format is a torch pickle; use a .pth name')
-    state_dict = to_torch.mae_to_torch(params, config)
-    to_torch.save_state_dict(state_dict, args.out, wrap_model=True)
+    state_dict = to_torch.mae_to_torch(pre.params, config)
+    heads['decoder_num_heads'] = int(config.model.decoder.num_heads)
+    to_torch.save_state_dict(state_dict, args.out, wrap_model=True, metadata=heads)
     timm_sd = to_torch.timm_state_dict_of_mae(state_dict)
-  name, kwargs = to_torch.timm_model_name_and_kwargs(config.model)
-  print(f'wrote {args.out}: {len(state_dict)} tensors; timm.create_model({name!r}, '
-        + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')')
+  print(f'wrote {args.out} ({pre.weights} weights): {len(state_dict)} tensors; '
+        f'timm.create_model({name!r}, ' + ', '.join(f'{k}={v!r}' for k, v in kwargs.items()) + ')')
   if args.verify:
-    diff = to_torch.verify_timm(encoder, config.model, timm_sd)
+    if classifier:
+      diff = to_torch.verify_classifier(pre.objective.predict, pre.params, pre.state,
+                                        config.model, timm_sd, kwargs)
+      what = 'max |timm logits - mimjax logits| / max(1, max |logits|)'
+    else:
+      diff = to_torch.verify_timm(encoder, config.model, timm_sd)
+      what = 'max |timm forward_features - mimjax tokens|'
     ok = diff < VERIFY_TOLERANCE
-    print(f'verify: max |timm forward_features - mimjax tokens| = {diff:.3e} '
-          f'({"ok" if ok else "FAILED"}, tolerance {VERIFY_TOLERANCE:g})')
+    print(f'verify: {what} = {diff:.3e} ({"ok" if ok else "FAILED"}, tolerance '
+          f'{VERIFY_TOLERANCE:g})')
     if not ok:
       return 1
   return 0
@@ -103,8 +120,12 @@ def import_(args: argparse.Namespace) -> int:
   if (root / 'checkpoints').exists() or ((root / 'params').exists() and not args.overwrite):
     raise ValueError(f'{args.workdir}: already holds checkpoints/ or params/; import into a new '
                      'workdir (or pass --overwrite to replace params/)')
-  state_dict = from_torch.load_torch_checkpoint(args.inp)
-  model_kwargs = dict(variant=args.variant, image_size=args.image_size, num_heads=args.num_heads)
+  ckpt = from_torch.read_checkpoint(args.inp, args.checkpoint_key)
+  for note in ckpt.notes:
+    print(f'note: {note}')
+  state_dict = ckpt.state_dict
+  model_kwargs = dict(variant=args.variant, image_size=args.image_size,
+                      num_heads=from_torch.heads_from('num_heads', args.num_heads, ckpt.heads))
   if args.source == 'timm':
     model = from_torch.infer_model_config(state_dict, **model_kwargs)
     vit, ignored = from_torch.timm_to_vit_with_notes(state_dict, model)
@@ -113,10 +134,11 @@ def import_(args: argparse.Namespace) -> int:
     config = ml_collections.ConfigDict({'model': model})
     params = {'encoder': vit}
   else:
-    config = from_torch.infer_mae_config(state_dict, decoder_num_heads=args.decoder_num_heads,
-                                         **model_kwargs)
+    config = from_torch.infer_mae_config(
+        state_dict, decoder_num_heads=from_torch.heads_from(
+            'decoder_num_heads', args.decoder_num_heads, ckpt.heads), **model_kwargs)
     params = from_torch.torch_to_mae(state_dict, config)
-  config.converted_from = str(args.inp)
+  config.converted_from = os.path.abspath(args.inp)
   checkpoint.save_params(args.workdir, config, params)
   print(f'wrote {args.workdir}: model {config.model.variant} at {config.model.image_size} px '
         f'(pos_embed {config.model.pos_embed}); use it with --config.init_from={args.workdir}')

@@ -6,7 +6,7 @@ and reported in one error; nothing is written unless the whole state dict maps.
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +20,48 @@ from mimjax.models import vit as vit_lib
 
 PREFIXES = ('module.', 'backbone.')  # DDP / DINO-style wrappers
 IGNORED = ('head.weight', 'head.bias')  # a classifier head is not part of the encoder
-# Official MAE decoder heads (not inferable from shapes; MAE uses 16 for B, L and H).
+# Official MAE decoder: 512 wide, 16 heads (models_mae.py, every size). Heads are not in the
+# shapes: a 512-wide decoder without mimjax metadata is taken to be the official one.
 MAE_DECODER_HEADS = 16
+MAE_DECODER_WIDTH = 512
+# Top-level entries of training checkpoints, tried in this order when --checkpoint_key is not
+# given: DINO's EMA teacher (what its eval scripts load), MAE/DeiT 'model', 'state_dict'.
+AUTO_KEYS = ('teacher', 'model', 'state_dict')
+METADATA_KEY = 'mimjax'  # {'num_heads': ..., 'decoder_num_heads': ...} written by our export
 
 
-def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """`.safetensors` or torch pickle (weights_only) → flat {key: float32 array}.
+class TorchCheckpoint(NamedTuple):
+  """A read checkpoint: flat float32 encoder/MAE state dict, head counts it records, notes."""
+  state_dict: dict[str, np.ndarray]
+  heads: dict[str, int]
+  notes: list[str]
 
-  Unwraps a top-level 'model' (MAE/DeiT) or 'state_dict' entry and strips `module.` /
-  `backbone.` prefixes.
+
+def _torch_load(path: str) -> Any:
+  """torch.load with weights_only=True; official training checkpoints (MAE misc.save_model,
+  DINO main_dino) pickle their argparse.Namespace under 'args': that one class is allowed."""
+  import argparse
+  import torch
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pickle errors come in many types; name the file once
+    raise ValueError(f'{path}: cannot read as a torch checkpoint (weights_only=True, '
+                     f'argparse.Namespace allowed): {e}') from e
+
+
+def read_checkpoint(path: str, checkpoint_key: Optional[str] = None) -> TorchCheckpoint:
+  """`.safetensors` or torch pickle → flat {key: float32 array} plus recorded head counts.
+
+  A training checkpoint's entry is `checkpoint_key` if given, else the first of AUTO_KEYS it
+  holds. `module.` prefixes are stripped; a DINO MultiCropWrapper (`backbone.` + `head.`)
+  keeps its backbone only, as DINO's eval scripts do.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: checkpoint not found')
+  heads: dict[str, int] = {}
   if path.endswith('.safetensors'):
+    from safetensors import safe_open
     from safetensors.numpy import load_file
     try:
       raw: Any = load_file(path)
@@ -40,25 +69,45 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
       raise ValueError(f'{path}: cannot read as .safetensors ({type(e).__name__}: '
                        f'{str(e).splitlines()[0] if str(e) else ""}); expected a complete '
                        'safetensors file') from e
+    with safe_open(path, 'np') as f:
+      meta = f.metadata() or {}
+    heads = {k[len(METADATA_KEY) + 1:]: int(v) for k, v in meta.items()
+             if k.startswith(METADATA_KEY + '.')}
   else:
-    import torch
-    try:
-      raw = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle errors come in many types; name the file once
-      raise ValueError(f'{path}: cannot read as a torch checkpoint (weights_only=True): {e}') from e
-  for wrapper in ('model', 'state_dict'):
-    if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
-      raw = raw[wrapper]
-      break
+    raw = _torch_load(path)
+  if isinstance(raw, dict) and isinstance(raw.get(METADATA_KEY), dict):
+    heads = {k: int(v) for k, v in raw[METADATA_KEY].items()}
+  entries = [k for k, v in raw.items() if isinstance(v, dict)] if isinstance(raw, dict) else []
+  if checkpoint_key is not None:
+    if checkpoint_key not in entries:
+      raise ValueError(f'{path}: --checkpoint_key {checkpoint_key!r} not found; the '
+                       f'checkpoint holds the entries {entries}')
+    raw = raw[checkpoint_key]
+  else:
+    for key in AUTO_KEYS:
+      if key in entries:
+        raw = raw[key]
+        break
   if not isinstance(raw, dict):
     raise ValueError(f'{path}: expected a state dict (or {{"model": state_dict}}), '
                      f'got {type(raw).__name__}')
+  notes = []
+  names = {}
+  for key in raw:
+    name = key
+    while name.startswith('module.'):
+      name = name[len('module.'):]
+    names[key] = name
+  if any(n.startswith('backbone.') for n in names.values()):
+    dropped = sorted(n for n in names.values() if not n.startswith('backbone.'))
+    if dropped:
+      notes.append(f'ignored {len(dropped)} keys outside backbone. (e.g. {dropped[0]}: the DINO '
+                   'projection head, not part of the encoder)')
+    names = {k: n[len('backbone.'):] for k, n in names.items() if n.startswith('backbone.')}
   out: dict[str, np.ndarray] = {}
   bad = []
-  for key, value in raw.items():
-    name = key
-    while name.startswith(PREFIXES):
-      name = name.split('.', 1)[1]
+  for key, name in names.items():
+    value = raw[key]
     if name in out:
       raise ValueError(f'{path}: keys collide after stripping {PREFIXES}: {name!r}')
     if hasattr(value, 'detach'):  # torch tensor (bf16 has no numpy dtype → via float32)
@@ -69,7 +118,21 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     out[name] = value.astype(np.float32)
   if bad:
     raise ValueError(f'{path}: entries that are not tensors: {bad}; expected a state dict')
-  return out
+  return TorchCheckpoint(out, heads, notes)
+
+
+def load_torch_checkpoint(path: str, checkpoint_key: Optional[str] = None
+                          ) -> dict[str, np.ndarray]:
+  """The state dict of `read_checkpoint`."""
+  return read_checkpoint(path, checkpoint_key).state_dict
+
+
+def heads_from(name: str, given: Optional[int], recorded: dict[str, int]) -> Optional[int]:
+  """A head count from the flag or the file's metadata; both given and different → error."""
+  if given is not None and name in recorded and int(given) != recorded[name]:
+    raise ValueError(f'--{name} {given} contradicts the checkpoint, which records '
+                     f'{name}={recorded[name]} (written by mimjax.convert)')
+  return given if given is not None else recorded.get(name)
 
 
 def _shape(sd: dict, key: str, path: str = 'checkpoint') -> tuple[int, ...]:
@@ -149,11 +212,21 @@ def infer_model_config(state_dict: dict[str, np.ndarray], *, variant: Optional[s
   return config
 
 
-def infer_mae_config(state_dict: dict[str, np.ndarray], *, decoder_num_heads: int =
-                     MAE_DECODER_HEADS, **model_kwargs) -> ml_collections.ConfigDict:
-  """Config {objective: 'mae', model: {..., decoder}} for an official MAE state dict."""
+def infer_mae_config(state_dict: dict[str, np.ndarray], *,
+                     decoder_num_heads: Optional[int] = None,
+                     **model_kwargs) -> ml_collections.ConfigDict:
+  """Config {objective: 'mae', model: {..., decoder}} for an official MAE state dict.
+
+  decoder_num_heads None: the official 16 for the official 512-wide decoder, else an error
+  asking for it (heads are not in the shapes)."""
   model = infer_model_config(state_dict, **model_kwargs)
   dec_width = _shape(state_dict, 'decoder_embed.weight')[0]
+  if decoder_num_heads is None:
+    if dec_width != MAE_DECODER_WIDTH:
+      raise ValueError(f'the decoder is {dec_width} wide (the official MAE decoder is '
+                       f'{MAE_DECODER_WIDTH} wide, 16 heads) and the checkpoint does not record '
+                       'its head count: pass --decoder_num_heads')
+    decoder_num_heads = MAE_DECODER_HEADS
   model.decoder = ml_collections.ConfigDict({
       'width': dec_width, 'depth': _depth(state_dict, 'decoder_blocks.'),
       'num_heads': int(decoder_num_heads),

@@ -6,7 +6,7 @@ optional forward check (`verify_timm`) are separate so each can be tested alone.
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, Optional
 
 import ml_collections
 import numpy as np
@@ -128,30 +128,100 @@ def _atomic_write(path: str, write) -> None:
     raise
 
 
+def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
+                       state: Any) -> tuple[dict[str, np.ndarray], dict, list[str]]:
+  """A fine-tuned or linear-probe workdir's classifier → (timm head tensors, timm kwargs, encoder
+  keys timm does not have).
+
+  Fine-tuning 'mean' (MAE global pool) is timm global_pool='avg' with `fc_norm` and no final
+  `norm`; 'cls' is global_pool='token'. The ([cls]) probe's BatchNorm(affine=False) is folded
+  into the Linear: W' = W / s, b' = b − (μ / s)·W with s = √(var + 1e-6), since timm has no
+  such layer.
+  """
+  objective = config.objective
+  prefix = num_reg_tokens(config.model) + 1
+  if objective == 'finetune':
+    pool = config.finetune.pool
+    head = params['head']
+    kernel, bias = np.asarray(head['head']['kernel']), np.asarray(head['head']['bias'])
+    fc_norm = head.get('fc_norm')
+  elif objective == 'linear_probe':
+    pool = config.probe.pool
+    if pool != 'cls':
+      # 'mean' is LayerNorm(mean of final-normed patch tokens): timm's avg pool reads the raw
+      # last-block tokens instead; abmilp / attentive are trained poolers timm does not have.
+      raise ValueError(f'config.probe.pool={pool!r} has no timm counterpart (only the [cls] '
+                       'probe does); export the pretrained encoder instead '
+                       f'(--workdir {config.pretrained})')
+    linear, bn = params['head']['linear'], state['batch_stats']['bn']
+    scale = np.sqrt(np.asarray(bn['var'], np.float64) + 1e-6)
+    k = np.asarray(linear['kernel'], np.float64)
+    kernel = (k / scale[:, None]).astype(np.float32)
+    bias = (np.asarray(linear['bias'], np.float64)
+            - (np.asarray(bn['mean'], np.float64) / scale) @ k).astype(np.float32)
+    fc_norm = None
+  else:
+    raise ValueError(f'objective {objective!r} has no classifier to export')
+  if pool == 'cls' and prefix > 1:
+    raise ValueError(f'{objective} pool=cls averages {prefix} prefix tokens; timm reads the '
+                     'first token only, so this classifier has no timm counterpart')
+  out = {'head.weight': keymap.flax_to_torch_array(kernel, 'linear'),
+         'head.bias': keymap.flax_to_torch_array(bias, 'same')}
+  kwargs: dict[str, Any] = {'num_classes': int(kernel.shape[-1])}
+  dropped: list[str] = []
+  if pool == 'mean':
+    kwargs['global_pool'] = 'avg'  # timm then uses fc_norm and no final norm
+    out['fc_norm.weight'] = keymap.flax_to_torch_array(fc_norm['scale'], 'same')
+    out['fc_norm.bias'] = keymap.flax_to_torch_array(fc_norm['bias'], 'same')
+    dropped = ['norm.weight', 'norm.bias']
+  else:
+    kwargs['global_pool'] = 'token'
+  return out, kwargs, dropped
+
+
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str, *,
-                    wrap_model: bool = False) -> None:
-  """Writes `.safetensors` (flat) or a torch pickle (`{'model': sd}` if wrap_model) atomically."""
+                    wrap_model: bool = False, metadata: Optional[dict[str, int]] = None) -> None:
+  """Writes `.safetensors` (flat) or a torch pickle (`{'model': sd}` if wrap_model) atomically.
+
+  `metadata` (head counts, not inferable from shapes) goes into the safetensors header as
+  'mimjax.<key>', or next to 'model' as {'mimjax': {...}}; a flat timm .pth has no room for it.
+  """
+  metadata = metadata or {}
   if path.endswith('.safetensors'):
     if wrap_model:
       raise ValueError(f'{path}: the MAE format is a torch pickle {{"model": ...}}; use .pth')
     from safetensors.numpy import save_file
-    _atomic_write(path, lambda tmp: save_file(state_dict, tmp))
+    header = {f'mimjax.{k}': str(int(v)) for k, v in metadata.items()}
+    _atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata=header))
     return
   import torch
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-  obj = {'model': tensors} if wrap_model else tensors
+  obj = {'model': tensors, 'mimjax': {k: int(v) for k, v in metadata.items()}} \
+      if wrap_model else tensors
   _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def build_timm_model(model_config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray]):
-  """timm model for `model_config` with `state_dict` loaded strictly (eval mode)."""
+def build_timm_model(model_config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray],
+                     **overrides):
+  """timm model for `model_config` (kwargs `overrides` on top, e.g. a classifier's
+  num_classes / global_pool) with `state_dict` loaded strictly (eval mode)."""
   import timm
   import torch
   name, kwargs = timm_model_name_and_kwargs(model_config)
-  model = timm.create_model(name, pretrained=False, **kwargs)
+  model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
   model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                         strict=True)
   return model.eval()
+
+
+def _random_images(model_config: ml_collections.ConfigDict, batch: int, seed: int) -> np.ndarray:
+  size = int(model_config.image_size)
+  return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def _nchw(images: np.ndarray):
+  import torch
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
 def verify_timm(params: Any, model_config: ml_collections.ConfigDict,
@@ -162,10 +232,25 @@ def verify_timm(params: Any, model_config: ml_collections.ConfigDict,
   cfg = ml_collections.ConfigDict(model_config.to_dict())
   cfg.dtype = 'float32'  # the check is defined in fp32, whatever the training dtype
   cfg.attention = 'xla'
-  size = int(cfg.image_size)
-  images = np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
+  images = _random_images(cfg, batch, seed)
   tokens, _ = vit_lib.ViT(cfg).apply({'params': jax.tree.map(np.asarray, params)}, images)
   model = build_timm_model(model_config, state_dict)
   with torch.no_grad():
-    ref = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    ref = model.forward_features(_nchw(images)).numpy()
   return float(np.max(np.abs(np.asarray(tokens, np.float32) - ref)))
+
+
+def verify_classifier(predict: Callable, params: Any, state: Any,
+                      model_config: ml_collections.ConfigDict, state_dict: dict[str, np.ndarray],
+                      timm_kwargs: dict, *, batch: int = 2, seed: int = 0) -> float:
+  """Max |timm logits − the trained objective's logits| / max(1, max |logits|) on random
+  uint8 images (`predict`: the objective's own forward, normalisation included)."""
+  import torch
+  from mimjax.data.normalize import normalize_images
+  size = int(model_config.image_size)
+  images = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), np.uint8)
+  ours = np.asarray(predict(params, state, images), np.float32)
+  model = build_timm_model(model_config, state_dict, **timm_kwargs)
+  with torch.no_grad():
+    ref = model(_nchw(np.asarray(normalize_images(images)))).numpy()
+  return float(np.max(np.abs(ours - ref)) / max(1.0, float(np.max(np.abs(ref)))))

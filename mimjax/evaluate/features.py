@@ -25,22 +25,33 @@ from mimjax.train import sharding
 POOLS = ('cls', 'mean', 'abmilp', 'attentive')
 
 
+CHECKPOINT_KEYS = ('teacher', 'student')
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderRef:
   """What an evaluator needs from an objective: where the encoder sits in the params
   (no `evaluate` of its own: evaluation-only runs have no objective)."""
   encoder: tuple[str, ...] = ('encoder',)
   evaluate: None = None
+  teacher: None = None
+  predict: None = None
+
+
+def pretrained_objective(pretrain_config: ml_collections.ConfigDict) -> Any:
+  """The objective a workdir was trained with (its `encoder` / `teacher` / `predict`), or an
+  EncoderRef for imported models (no objective)."""
+  if pretrain_config.get('encoder_path'):
+    return EncoderRef(tuple(pretrain_config.encoder_path.split('/')))
+  if not pretrain_config.get('objective'):
+    return EncoderRef()
+  from mimjax.objectives import base  # objectives build modules; only needed for the paths
+  return base.load(pretrain_config.objective).make(pretrain_config)
 
 
 def encoder_path(pretrain_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The pretraining objective's `encoder` path; ('encoder',) for imported models."""
-  if pretrain_config.get('encoder_path'):
-    return tuple(pretrain_config.encoder_path.split('/'))
-  if not pretrain_config.get('objective'):
-    return ('encoder',)
-  from mimjax.objectives import base  # objectives build modules; only needed for the path
-  return tuple(base.load(pretrain_config.objective).make(pretrain_config).encoder)
+  return tuple(pretrained_objective(pretrain_config).encoder)
 
 
 def subtree(params: Any, path: tuple[str, ...]) -> Any:
@@ -72,15 +83,75 @@ def merge_model_config(pretrained: ml_collections.ConfigDict,
   return out
 
 
-def load_pretrained_config(workdir: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
-  """(pretraining config, encoder path) of workdir W."""
+def _load_config(workdir: str) -> ml_collections.ConfigDict:
+  """W/config.json with its complete `model` (see `full_model_config`)."""
   if not workdir:
     raise ValueError('config.pretrained is empty: expected a pretraining workdir (or a '
                      'converted model), e.g. --config.pretrained=/tmp/mae_tiny')
   config = checkpoint.load_config(workdir)
   if 'model' not in config:
     raise ValueError(f'{workdir}/config.json has no `model` section')
+  config.model = full_model_config(config)
+  return config
+
+
+def full_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A workdir config's complete `model`: fine-tuning and probe runs store only `model.*`
+  overrides, laid here over the model of their `pretrained` workdir."""
+  if config.model.get('variant') or not config.get('pretrained'):
+    return config.model
+  return merge_model_config(_load_config(config.pretrained).model, config.model)
+
+
+def load_pretrained_config(workdir: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
+  """(pretraining config with its complete model, encoder path) of workdir W."""
+  config = _load_config(workdir)
   return config, encoder_path(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A pretrained workdir, loaded: config (complete model), objective, the chosen weights."""
+  config: ml_collections.ConfigDict
+  objective: Any   # its `encoder` path, `teacher` path, `predict` (an EncoderRef if imported)
+  params: Any      # whole params tree of the chosen weights (numpy): student or EMA teacher
+  state: Any       # the checkpoint's objective state ({} for imported models)
+  weights: str     # 'teacher' (EMA teacher), 'student', or 'trained' (the only weights)
+
+  @property
+  def path(self) -> tuple[str, ...]:
+    return tuple(self.objective.encoder)
+
+  @property
+  def encoder(self) -> Any:
+    return subtree(self.params, self.path)
+
+
+def load_pretrained(workdir: str, checkpoint_key: str = 'teacher',
+                    step: Optional[int] = None) -> Pretrained:
+  """The one loader of a pretrained workdir (evaluation, probes, fine-tuning, export, KD).
+
+  checkpoint_key 'teacher' (default, as DINO's eval_knn.py / eval_linear.py) takes the EMA
+  teacher of objectives that keep one (`Objective.teacher`, DINO); 'student' the trained
+  params. Objectives without a teacher (MAE, ...) and params-only workdirs have one set of
+  weights: both keys give it.
+  """
+  if checkpoint_key not in CHECKPOINT_KEYS:
+    raise ValueError(f'checkpoint_key={checkpoint_key!r}: expected one of {CHECKPOINT_KEYS}')
+  config = _load_config(workdir)
+  objective = pretrained_objective(config)
+  train_state = checkpoint.restore_train_state(workdir, step)
+  # A params-only workdir (W/params: imported or hand-made) holds one set of weights.
+  if checkpoint_key == 'teacher' and objective.teacher is not None and train_state['state']:
+    try:
+      params = subtree(train_state['state'], tuple(objective.teacher))
+    except ValueError as e:
+      raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e}); pass '
+                       'checkpoint_key=student for the trained params') from None
+    return Pretrained(config, objective, params, train_state['state'], 'teacher')
+  weights = 'student' if objective.teacher is not None else 'trained'
+  return Pretrained(config, objective, train_state['params'], train_state.get('state', {}),
+                    weights)
 
 
 def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:

@@ -61,11 +61,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every evaluator once on `config.pretrained`; returns the results dict."""
   jax.config.update('jax_threefry_partitionable', True)
   validate(config)
-  pretrain_config, path = features.load_pretrained_config(config.pretrained)
+  pretrained = features.load_pretrained(config.pretrained,
+                                        config.get('checkpoint_key', 'teacher'))
+  pretrain_config, path = pretrained.config, pretrained.path
+  logging.info('evaluating the %s weights of %s', pretrained.weights, config.pretrained)
   eval_config = evaluation_config(config, pretrain_config)
   mesh = sharding.make_mesh(config.mesh)
-  params = checkpoint.restore_params(config.pretrained)
-  params = features.replicate(params, mesh)
+  params = features.replicate(pretrained.params, mesh)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:  # a re-run overwrites
     f.write(checkpoint.config_to_json(config))

@@ -25,12 +25,19 @@ class Objective:
     (and every `config.eval_every` steps); written to W/results.json (evaluation protocols
     such as linear probing and fine-tuning are objectives that define it).
   encoder: path of the exportable ViT encoder inside params (for eval/convert).
+  teacher: path inside the objective state of an EMA teacher with the same tree as params
+    (DINO); evaluations, export and KD load it by default (`checkpoint_key='teacher'`), as
+    DINO's eval_knn.py / eval_linear.py do. None: the params are the only weights.
+  predict(params, state, uint8 images) -> logits: classifier objectives (fine-tuning, linear
+    probe), for checking an exported classifier against the trained one.
   """
   init: Callable[[jax.Array, dict], tuple[Params, State]]
   loss: Callable[[Params, State, dict, jax.Array, jnp.ndarray], tuple[jnp.ndarray, tuple[State, Metrics]]]
   after_update: Optional[Callable[[Params, State, jnp.ndarray], State]] = None
   evaluate: Optional[Callable[[Params, State], dict]] = None
   encoder: tuple[str, ...] = ('encoder',)
+  teacher: Optional[tuple[str, ...]] = None
+  predict: Optional[Callable[[Params, State, jnp.ndarray], jnp.ndarray]] = None
 
 
 def available() -> list[str]:

@@ -206,4 +206,4 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     momentum = ema.cosine_schedule(cfg.momentum_teacher, 1.0, step, total_steps)
     return {**state, 'teacher': ema.ema_update(state['teacher'], params, momentum)}
 
-  return Objective(init=init, loss=loss, after_update=after_update)
+  return Objective(init=init, loss=loss, after_update=after_update, teacher=('teacher',))

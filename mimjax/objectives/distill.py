@@ -2,7 +2,8 @@
 without the segment bias, so the result needs no SAM masks at inference.
 
 The teacher (`config.teacher`, a workdir of configs/mre_mae.py or configs/mre_dino.py) is
-loaded with `checkpoint.load_config` + `restore_params`, kept frozen in the objective state and
+loaded with `features.load_pretrained` (an MRE-DINO run: its EMA teacher, unless
+`distill.checkpoint_key='student'`), kept frozen in the objective state and
 always run with its segment maps; the student is the same architecture without the bias
 (`config.model`, validated against the teacher's), initialised from the teacher's weights
 (`distill.init='teacher'`, see docs/mre.md) and run without segment maps.
@@ -24,6 +25,7 @@ import numpy as np
 
 from mimjax import masking
 from mimjax.data.normalize import normalize_images
+from mimjax.evaluate import features
 from mimjax.models.vit import model_dims
 from mimjax.objectives import dino as dino_lib
 from mimjax.objectives import mae as mae_lib
@@ -44,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
       'crops': 'global',        # DINO: 'global' (the 2 global crops) or 'all' crops
       'student_temp': 0.1,      # DINO
       'teacher_temp': 0.07,     # DINO: the teacher's final temperature, no centering
+      'checkpoint_key': 'teacher',  # weights of an MRE-DINO workdir: its EMA 'teacher' | 'student'
   })
 
 
@@ -126,9 +129,10 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   if not config.get('teacher'):
     raise ValueError('config.teacher: expected the MRE teacher\'s workdir (a finished run of '
                      'configs/mre_mae.py or configs/mre_dino.py)')
-  teacher_cfg = checkpoint.load_config(config.teacher)
-  _check_teacher(config, teacher_cfg)
-  teacher_params = checkpoint.restore_params(config.teacher)
+  _check_teacher(config, checkpoint.load_config(config.teacher))
+  # The MRE-DINO teacher's EMA teacher by default (distill.checkpoint_key), as DINO evaluates.
+  teacher = features.load_pretrained(config.teacher, config.distill.checkpoint_key)
+  teacher_cfg, teacher_params = teacher.config, teacher.params
   if config.distill.method == 'mae':
     return _make_mae(config, teacher_cfg, teacher_params)
   return _make_dino(config, teacher_cfg, teacher_params)

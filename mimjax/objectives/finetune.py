@@ -103,8 +103,11 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     del step
     return {'ema': ema_update(state['ema'], params, ema_decay)} if ema_decay else state
 
-  test = accuracy.test_accuracy_fn(
-      config, lambda params, state, images: forward(params, normalize_images(images), False))
+  def predict(params, state, images):
+    del state
+    return forward(params, normalize_images(images), False)
+
+  test = accuracy.test_accuracy_fn(config, predict)
 
   def evaluate(params, state):
     out = test(params, state)
@@ -113,4 +116,4 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     return out
 
   return Objective(init=init, loss=loss, after_update=after_update if ema_decay else None,
-                   evaluate=evaluate, encoder=path)
+                   evaluate=evaluate, encoder=path, predict=predict)

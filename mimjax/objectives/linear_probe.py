@@ -96,4 +96,4 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     return out
 
   return Objective(init=init, loss=loss, evaluate=accuracy.test_accuracy_fn(config, logits_fn),
-                   encoder=path)
+                   encoder=path, predict=logits_fn)

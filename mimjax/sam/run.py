@@ -28,7 +28,7 @@ from mimjax.sam import generator, inputs, sources
 from mimjax.train import workdir as workdir_lib
 
 DEVICES = ('auto', 'cpu', 'cuda')
-DTYPES = ('auto', 'float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16')  # float32: as the official generator (docs/sam.md)
 AMG_KEYS = ('pred_iou_thresh', 'stability_score_thresh', 'stability_score_offset',
             'box_nms_thresh', 'crop_n_layers', 'crop_nms_thresh', 'crop_overlap_ratio',
             'crop_n_points_downscale_factor', 'min_mask_region_area')

@@ -29,13 +29,23 @@ from etils import epath
 from mimjax.train import workdir as workdir_lib
 
 
+def resolve(workdir: str) -> epath.Path:
+  """A user-typed workdir as an absolute path (relative to the cwd, `~` expanded): orbax and
+  tensorstore need absolute paths, and every entry point here goes through this one place.
+  Cloud URLs (gs://...) are returned unchanged."""
+  workdir = os.fspath(workdir)
+  if '://' in workdir:
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
+
+
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """Reads W/config.json (clear error if W is not a mimjax workdir)."""
-  path = epath.Path(workdir) / 'config.json'
+  path = resolve(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; expected a mimjax workdir with config.json '
                             '(written by `python -m mimjax.main` or `python -m mimjax.convert`)')
@@ -44,14 +54,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes W/config.json atomically (replacing an existing one)."""
-  workdir_lib.atomic_write(os.path.join(workdir, 'config.json'), config_to_json(config))
+  workdir_lib.atomic_write(os.fspath(resolve(workdir) / 'config.json'), config_to_json(config))
 
 
 class Checkpointer:
   """A thin wrapper over orbax's CheckpointManager for W/checkpoints."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = resolve(workdir) / 'checkpoints'
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -194,26 +204,31 @@ def _restore_numpy(path: epath.Path) -> Any:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def restore_params(workdir: str, step: Optional[int] = None) -> Any:
-  """Params (numpy) of a workdir: the latest (or `step`) train checkpoint, else W/params."""
-  root = epath.Path(workdir)
+def restore_train_state(workdir: str, step: Optional[int] = None) -> dict:
+  """{'params', 'state', ...} (numpy) of a workdir's latest (or `step`) train checkpoint; a
+  params-only workdir (W/params, e.g. an imported model) gives {'params': ..., 'state': {}}."""
+  root = resolve(workdir)
   ckpt_dir = root / 'checkpoints'
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
       if ckpt_dir.exists() else []
   if step is not None and step not in steps:
     raise FileNotFoundError(f'{ckpt_dir}: no checkpoint for step {step}; found {steps}')
   if steps:
-    state = _restore_numpy(ckpt_dir / str(step if step is not None else steps[-1]) / 'state')
-    return state['params']
+    return _restore_numpy(ckpt_dir / str(step if step is not None else steps[-1]) / 'state')
   if (root / 'params').exists():
-    return _restore_numpy(root / 'params')
+    return {'params': _restore_numpy(root / 'params'), 'state': {}}
   raise FileNotFoundError(f'{root}: no checkpoints/<step>/ and no params/ found; expected a '
                           'mimjax training workdir or a converted model')
 
 
+def restore_params(workdir: str, step: Optional[int] = None) -> Any:
+  """Params (numpy) of a workdir: the latest (or `step`) train checkpoint, else W/params."""
+  return restore_train_state(workdir, step)['params']
+
+
 def save_params(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
   """Writes W/config.json and W/params/ (a params-only checkpoint, e.g. an imported model)."""
-  root = epath.Path(workdir)
+  root = resolve(workdir)
   root.mkdir(parents=True, exist_ok=True)
   ocp.PyTreeCheckpointer().save(root / 'params', args=ocp.args.PyTreeSave(params), force=True)
   write_config(workdir, config)

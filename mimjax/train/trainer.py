@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_params = None
   if config.get('init_from') and not _has_checkpoints(workdir):
     # Read before anything is created: a bad init_from leaves no half-made workdir behind.
-    init_params = ckpt_lib.restore_params(config.init_from)
+    init_params = _load_init_from(config)
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as cleanup:  # closed in reverse order, on errors too
@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
       if config.get('init_from'):
         if init_params is None:  # checkpoints were there at start-up but none was intact
-          init_params = ckpt_lib.restore_params(config.init_from)
+          init_params = _load_init_from(config)
         ts = _init_from(ts, init_params, config.init_from, objective)
       if jax.process_index() == 0:  # one writer: hosts share the workdir
         ckpt_lib.write_config(workdir, config)
@@ -334,11 +334,17 @@ def _has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
 
 
+def _load_init_from(config: ml_collections.ConfigDict) -> Any:
+  """The encoder params of `config.init_from` (a DINO workdir gives its EMA teacher unless
+  `config.checkpoint_key='student'`)."""
+  from mimjax.evaluate import features  # evaluation helpers; only needed here
+  return features.load_pretrained(config.init_from,
+                                  config.get('checkpoint_key', 'teacher')).encoder
+
+
 def _init_from(ts: dict, loaded: Any, source: str, objective: objectives.Objective) -> dict:
-  """Replaces the encoder params by `loaded`, the params of workdir or converted model
+  """Replaces the encoder params by `loaded`, the encoder params of workdir or converted model
   `source` (`config.init_from`)."""
-  for key in objective.encoder:
-    loaded = loaded[key]
   parent = ts['params']
   for key in objective.encoder[:-1]:
     parent = parent[key]

@@ -307,3 +307,177 @@ def test_failed_write_leaves_no_file(tmp_path, mu_sd):
   with pytest.raises(Exception):
     to_torch.save_state_dict(bad, str(out))
   assert os.listdir(tmp_path) == []
+
+
+# --- official training checkpoints (weights_only with argparse.Namespace) ---------------------
+
+def _optimizer_state(tensors):
+  params = [torch.nn.Parameter(v.detach().clone()) for v in list(tensors.values())[:2]]
+  opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
+  sum(p.sum() for p in params).backward()
+  opt.step()
+  return opt.state_dict()
+
+
+def test_official_mae_training_checkpoint_imports(tmp_path, mu):
+  import argparse
+  cfg = _mae_config()
+  params = _mae_params(cfg)
+  sd = {k: torch.tensor(v) for k, v in to_torch.mae_to_torch(params, cfg).items()}
+  # As MAE's util/misc.save_model writes checkpoint-<epoch>.pth.
+  path = str(tmp_path / 'checkpoint-799.pth')
+  torch.save({'model': sd, 'optimizer': _optimizer_state(sd), 'epoch': 799,
+              'scaler': {'scale': 65536.0, 'growth_factor': 2.0, 'backoff_factor': 0.5,
+                         'growth_interval': 2000, '_growth_tracker': 17},
+              'args': argparse.Namespace(model='mae_vit_base_patch16', input_size=224,
+                                         mask_ratio=0.75, norm_pix_loss=True, blr=1.5e-4,
+                                         output_dir='./output_dir')}, path)
+  with pytest.raises(Exception, match='Namespace'):  # what plain weights_only refuses
+    torch.load(path, weights_only=True)
+  dst = str(tmp_path / 'mae')
+  assert cli.main(['--from', 'mae', '--in', path, '--workdir', dst,
+                   '--decoder_num_heads', '4']) == 0
+  from mimjax.train import checkpoint
+  assert _same(checkpoint.restore_params(dst), params)
+
+
+class _NotAllowed:
+  pass
+
+
+def test_official_dino_checkpoint_teacher_by_default(tmp_path, mu, mu_sd, capsys):
+  import argparse
+  cfg, _ = mu
+  student_sd = to_torch.vit_to_timm(_vit_params(cfg, seed=1), cfg)
+  head = {'head.mlp.0.weight': np.zeros((8, 64), np.float32),
+          'head.last_layer.weight_g': np.ones((16, 1), np.float32)}
+  t = lambda sd, prefix: {prefix + k: torch.tensor(v) for k, v in sd.items()}
+  # As DINO's main_dino.py saves checkpoint.pth (student under DDP: module.backbone./module.head.).
+  path = str(tmp_path / 'checkpoint.pth')
+  torch.save({'student': {**t(student_sd, 'module.backbone.'), **t(head, 'module.')},
+              'teacher': {**t(mu_sd, 'backbone.'), **t(head, '')},
+              'optimizer': _optimizer_state(t(mu_sd, '')), 'epoch': 100,
+              'args': argparse.Namespace(arch='vit_small', patch_size=16, out_dim=65536,
+                                         local_crops_scale=(0.05, 0.4)),
+              'dino_loss': {'center': torch.zeros(1, 16)}}, path)
+  got = from_torch.read_checkpoint(path)
+  assert got.state_dict.keys() == mu_sd.keys() and _same(got.state_dict, mu_sd)
+  assert 'DINO projection head' in got.notes[0]
+  assert _same(from_torch.load_torch_checkpoint(path, 'student'), student_sd)
+  with pytest.raises(ValueError, match="'ema' not found; the checkpoint holds the entries "
+                                       r"\['student', 'teacher', 'optimizer', 'dino_loss'\]"):
+    from_torch.read_checkpoint(path, 'ema')
+  dst = str(tmp_path / 'dino')
+  assert cli.main(['--from', 'timm', '--in', path, '--workdir', dst]) == 0
+  assert 'projection head' in capsys.readouterr().out
+  from mimjax.train import checkpoint
+  assert _same(checkpoint.restore_params(dst)['encoder'], mu[1])
+  # Only argparse.Namespace is allowed: any other pickled class is still refused.
+  bad = str(tmp_path / 'bad.pth')
+  torch.save({'model': t(mu_sd, ''), 'args': _NotAllowed()}, bad)
+  with pytest.raises(ValueError, match='weights_only=True'):
+    from_torch.read_checkpoint(bad)
+
+
+def test_decoder_heads_recorded_or_refused(tmp_path):
+  cfg = _mae_config()  # a 32-wide decoder with 4 heads
+  sd = to_torch.mae_to_torch(_mae_params(cfg), cfg)
+  with pytest.raises(ValueError, match='does not record its head count: pass --decoder_num_heads'):
+    from_torch.infer_mae_config(sd)
+  from mimjax.train import checkpoint
+  src = str(tmp_path / 'src')
+  checkpoint.save_params(src, cfg, _mae_params(cfg))
+  pth = str(tmp_path / 'mae.pth')
+  assert cli.main(['--workdir', src, '--format', 'mae', '--out', pth]) == 0
+  dst = str(tmp_path / 'back')
+  assert cli.main(['--from', 'mae', '--in', pth, '--workdir', dst]) == 0  # heads from the file
+  assert checkpoint.load_config(dst).model.decoder.num_heads == 4
+  assert cli.main(['--from', 'mae', '--in', pth, '--workdir', str(tmp_path / 'x'),
+                   '--decoder_num_heads', '16']) == 2
+  st = str(tmp_path / 'enc.safetensors')
+  assert cli.main(['--workdir', src, '--format', 'timm', '--out', st]) == 0
+  assert from_torch.read_checkpoint(st).heads == {'num_heads': 4}
+
+
+# --- fine-tuned and linear-probe workdirs → timm classifiers ---------------------------------
+
+@pytest.fixture(scope='module')
+def mae_workdir(tmp_path_factory):
+  from configs import mae as mae_config
+  from mimjax.train import checkpoint
+  config = mae_config.get_config('tiny')
+  workdir = str(tmp_path_factory.mktemp('mae'))
+  checkpoint.save_params(workdir, config, _mae_params(config))
+  return workdir
+
+
+def _classifier_workdir(tmp_path, mae_workdir, name, arg):
+  """A fine-tune / probe train checkpoint with random (not initial) head and BN statistics."""
+  import importlib
+  from mimjax.objectives import base
+  from mimjax.train import checkpoint
+  config = importlib.import_module(f'configs.eval.{name}').get_config(arg)
+  config.pretrained = mae_workdir
+  objective = base.load(config.objective).make(config)
+  shapes = jax.eval_shape(objective.init, jax.random.key(0),
+                          {'image': np.zeros((1, 32, 32, 3), np.uint8)})
+  rng = np.random.default_rng(4)
+  params, state = jax.tree.map(
+      lambda x: (0.5 + np.abs(rng.standard_normal(x.shape))).astype(x.dtype), shapes)
+  params = dict(params, encoder=checkpoint.restore_params(mae_workdir)['encoder'])
+  workdir = str(tmp_path / name)
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(2, {'params': params, 'opt_state': {'count': np.zeros((), np.int32)},
+                'state': state, 'step': np.asarray(2, np.int32)}, {}, config, force=True)
+  ckpt.close()
+  checkpoint.write_config(workdir, config)
+  return workdir, objective, params, state
+
+
+@pytest.mark.parametrize('name,arg,pool', [('finetune', 'tiny,pool=mean', 'avg'),
+                                           ('finetune', 'tiny,pool=cls', 'token'),
+                                           ('linear', 'tiny,pool=cls', 'token')])
+def test_classifier_workdir_exports_to_timm_with_logits(tmp_path, mae_workdir, capsys, name, arg,
+                                                        pool):
+  from mimjax.data.normalize import normalize_images
+  workdir, objective, params, state = _classifier_workdir(tmp_path, mae_workdir, name, arg)
+  out = str(tmp_path / 'ft.safetensors')
+  assert cli.main(['--workdir', workdir, '--format', 'timm', '--out', out, '--verify']) == 0
+  printed = capsys.readouterr().out
+  assert 'verify: max |timm logits - mimjax logits|' in printed and 'ok' in printed
+  from safetensors.torch import load_file
+  sd = load_file(out)
+  assert sd['head.weight'].shape == (10, 64) and ('fc_norm.weight' in sd) == (pool == 'avg')
+  assert ('norm.weight' in sd) == (pool == 'token')
+  # Independently of --verify: timm as a user builds it, against the trained forward.
+  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=10,
+                            global_pool=pool, patch_size=4, img_size=32, embed_dim=64, depth=2,
+                            num_heads=4)
+  model.load_state_dict(sd, strict=True)
+  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  with torch.no_grad():
+    got = model.eval()(torch.from_numpy(np.asarray(normalize_images(images)).transpose(0, 3, 1, 2)
+                                        .copy())).numpy()
+  want = np.asarray(objective.predict(params, state, images))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert cli.main(['--workdir', workdir, '--format', 'mae', '--out', str(tmp_path / 'x.pth')]) == 2
+  assert 'export it with --format timm' in capsys.readouterr().err
+
+
+def test_probe_bn_folding_by_hand():
+  config = ml_collections.ConfigDict({'objective': 'linear_probe', 'model': _model_config(),
+                                      'probe': {'pool': 'cls'}, 'pretrained': 'W'})
+  rng = np.random.default_rng(0)
+  kernel, bias = rng.standard_normal((64, 3)), rng.standard_normal(3)
+  mean, var = rng.standard_normal(64), rng.random(64) + 0.1
+  params = {'head': {'linear': {'kernel': kernel, 'bias': bias}}}
+  state = {'batch_stats': {'bn': {'mean': mean, 'var': var}}}
+  sd, kwargs, dropped = to_torch.classifier_to_timm(config, params, state)
+  x = rng.standard_normal((5, 64))
+  want = ((x - mean) / np.sqrt(var + 1e-6)) @ kernel + bias  # BatchNorm1d(affine=False) → Linear
+  np.testing.assert_allclose(x @ sd['head.weight'].T + sd['head.bias'], want, rtol=1e-5)
+  assert kwargs == {'num_classes': 3, 'global_pool': 'token'} and dropped == []
+  for pool in ('mean', 'abmilp'):
+    config.probe.pool = pool
+    with pytest.raises(ValueError, match=f"pool='{pool}' has no timm counterpart"):
+      to_torch.classifier_to_timm(config, params, state)
