@@ -200,6 +200,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         loss = record['loss']  # a str ('nan') when not finite
         bar.set_postfix(loss=loss if isinstance(loss, str) else f'{loss:.4g}')
         t0, images_seen = time.perf_counter(), 0
+      # Save before evaluating: an evaluator that fails must not cost this step's checkpoint.
+      if step % config.checkpoint_every == 0 or is_last or stop:
+        _check_finite(ts, step, last_good, workdir)
+        ckpt.save(step, ts, loader.get_state(), config, force=True)
+        last_good = step
       due = [e for e in evaluators if is_last or step % e.every_steps == 0]
       if due and not stop:
         results = {}
@@ -208,10 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record.update(writer.write(step, results))
         if is_last:
           write_results(workdir, step, results)
-      if step % config.checkpoint_every == 0 or is_last or stop:
-        _check_finite(ts, step, last_good, workdir)
-        ckpt.save(step, ts, loader.get_state(), config, force=True)
-        last_good = step
       if stop:
         _say(f'preemption requested (SIGTERM): saved step {step}, exiting')
         break
@@ -250,8 +251,25 @@ def make_evaluators(config: ml_collections.ConfigDict, objective: objectives.Obj
     except ModuleNotFoundError as e:
       raise ValueError(f'config.evals.{name}.module={cfg.module!r}: no module '
                        f'mimjax.evaluate.{cfg.module}') from e
-    out.append(module.make(name, cfg, config, objective, mesh))
+    evaluator = module.make(name, cfg, config, objective, mesh)
+    missing = _missing_splits(config.data, getattr(evaluator, 'splits', ()))
+    if missing:  # say so now, not after the whole training run
+      _say(f'warning: config.evals.{name} skipped: data set {config.data.name!r} has no '
+           f'split {missing[0]!r}')
+      continue
+    out.append(evaluator)
   return out
+
+
+def _missing_splits(data_config: ml_collections.ConfigDict, splits) -> list:
+  """The entries of `splits` the configured data set does not have (eval aliases resolved)."""
+  missing = []
+  for split in splits:
+    try:
+      pipeline.num_examples(data_config, split)
+    except ValueError:
+      missing.append(split)
+  return missing
 
 
 def write_results(workdir: str, step: int, results: dict) -> None:

@@ -2,6 +2,7 @@
 the DINO AdamW (per-tensor clip, wd cosine, last-layer freeze) vs torch.optim.AdamW, and
 tiny DINO / MRE-DINO runs through the trainer."""
 
+import dataclasses
 import json
 import os
 
@@ -376,7 +377,7 @@ def _segments_data(root):
 
 
 @pytest.mark.parametrize('which', [pytest.param('dino', marks=pytest.mark.slow), 'mre_dino'])
-def test_tiny_config_trains_through_trainer(tmp_path, which):
+def test_tiny_config_trains_through_trainer(tmp_path, capsys, which):
   module = {'dino': dino_config, 'mre_dino': mre_dino_config}[which]
   config = module.get_config('tiny')
   config.batch_size = 8
@@ -387,11 +388,15 @@ def test_tiny_config_trains_through_trainer(tmp_path, which):
   config.data.worker_count = 0
   config.evals.knn.max_train = 64   # the monitor runs at the last step; keep it small
   config.evals.knn.max_test = 32
-  if which == 'mre_dino':
-    config.evals = {}               # the tiny segments set has no test split
+  if which == 'mre_dino':           # a train-only set: the kNN monitor is skipped at start-up
     config.data.data_dir = _segments_data(tmp_path / 'sam')
   record = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
   assert np.isfinite(record['loss']) and record['step'] == 2
+  assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
+  if which == 'mre_dino':
+    err = capsys.readouterr().err
+    assert "warning: config.evals.knn skipped: data set 'digits' has no split 'test'" in err
+    assert not (tmp_path / 'w' / 'results.json').exists()
   with open(tmp_path / 'w' / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
   losses = [r['dino_loss'] for r in rows if 'dino_loss' in r]
@@ -399,3 +404,15 @@ def test_tiny_config_trains_through_trainer(tmp_path, which):
   if which == 'dino':   # the kNN monitor ran at the last step and wrote W/results.json
     with open(tmp_path / 'w' / 'results.json') as f:
       assert 0 <= json.load(f)['knn/top1'] <= 100
+
+
+def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
+  """Issue 14.9: the step is saved before its evaluators run."""
+  config = _tiny(total_steps=2, log_every=1, checkpoint_every=2, eval_every=2)
+  config.evals = {}
+  def boom(params, state):
+    raise RuntimeError('evaluator failed')
+  objective = dataclasses.replace(dino.make(config), evaluate=boom)
+  with pytest.raises(RuntimeError, match='evaluator failed'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w'), objective)
+  assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
