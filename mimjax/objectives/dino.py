@@ -76,6 +76,25 @@ def dino_loss(student_out: jnp.ndarray, teacher_out: jnp.ndarray, center: jnp.nd
   return jnp.sum(jnp.where(keep, ce, 0.0)) / (num_t * num_s - num_t)
 
 
+def collapse_metrics(student_out: jnp.ndarray, teacher_out: jnp.ndarray, center: jnp.ndarray,
+                     student_temp: float, teacher_temp, loss: jnp.ndarray) -> dict:
+  """What DINO users watch for collapse (natural log units, means over batch and crops):
+  teacher_entropy H(q) of the centred, sharpened teacher; student_entropy H(p) at the student
+  temperature; teacher_student_kl = loss − H(q) (each pair's CE is H(q) + KL(q‖p), and every
+  teacher crop is in S − 1 pairs); output_uniformity = H(p) / ln K (1 = uniform output).
+
+  Collapse to one dimension: both entropies → 0; to the uniform output: both → ln K, KL → 0.
+  """
+  entropy = lambda logits: jnp.mean(-jnp.sum(jax.nn.softmax(logits, -1) *
+                                             jax.nn.log_softmax(logits, -1), -1))
+  h_t = entropy((teacher_out.astype(jnp.float32) - center) / teacher_temp)
+  h_s = entropy(student_out.astype(jnp.float32) / student_temp)
+  h_s, h_t = jax.lax.stop_gradient(h_s), jax.lax.stop_gradient(h_t)
+  return {'teacher_entropy': h_t, 'student_entropy': h_s,
+          'teacher_student_kl': jax.lax.stop_gradient(loss) - h_t,
+          'output_uniformity': h_s / jnp.log(student_out.shape[-1])}
+
+
 def update_center(center: jnp.ndarray, teacher_out: jnp.ndarray, momentum: float) -> jnp.ndarray:
   """center ← m·center + (1 − m)·mean of the raw teacher logits over both globals and the
   whole (global) batch; DINO runs this after the loss, under no_grad."""
@@ -213,12 +232,13 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     teacher = per_example(jax.lax.stop_gradient(teacher), b, counts[:1])
     temp = teacher_temperature(step // steps_per_epoch, cfg.warmup_teacher_temp,
                                cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
-    value = dino_loss(per_example(student, b, counts), teacher, state['center'],
-                      cfg.student_temp, temp)
+    student = per_example(student, b, counts)
+    value = dino_loss(student, teacher, state['center'], cfg.student_temp, temp)
+    metrics = collapse_metrics(student, teacher, state['center'], cfg.student_temp, temp, value)
     center = update_center(state['center'], teacher, cfg.center_momentum)
     return value, ({**state, 'center': center},
                    {'dino_loss': value, 'teacher_temp': temp,
-                    'center_norm': jnp.linalg.norm(center)})
+                    'center_norm': jnp.linalg.norm(center), **metrics})
 
   def after_update(params, state, step):
     momentum = ema.cosine_schedule(cfg.momentum_teacher, 1.0, step, total_steps)

@@ -181,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluators = make_evaluators(config, objective, mesh)
   preemption = _Preemption()
   bar = metrics_lib.progress_bar(total_steps, start)
-  record, step = {}, start
+  record, step, uniform_logs = {}, start, 0
   last_good = start if ckpt.latest_step() is not None else None
   t0, images_seen = time.perf_counter(), 0
   try:
@@ -199,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record = writer.write(step, {**metrics, 'img_per_s': images_seen / elapsed})
         loss = record['loss']  # a str ('nan') when not finite
         bar.set_postfix(loss=loss if isinstance(loss, str) else f'{loss:.4g}')
+        uniform_logs = _warn_uniform(record, uniform_logs)
         t0, images_seen = time.perf_counter(), 0
       # Save before evaluating: an evaluator that fails must not cost this step's checkpoint.
       if step % config.checkpoint_every == 0 or is_last or stop:
@@ -226,6 +227,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     writer.close()
   return record
+
+
+def _warn_uniform(record: dict, count: int) -> int:
+  """One warning line once an objective's `output_uniformity` (DINO: student entropy / ln K)
+  stayed above 0.99 for two logged steps in a row: the output has collapsed to uniform."""
+  value = record.get('output_uniformity')
+  count = count + 1 if isinstance(value, float) and value > 0.99 else 0
+  if count == 2:
+    _say(f'warning: step {record.get("step")}: the student output is uniform (entropy '
+         f'{value:.3f}·ln K): training has collapsed (docs/dino.md)')
+  return count
 
 
 class _ObjectiveEvaluator:

@@ -416,3 +416,32 @@ def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
   with pytest.raises(RuntimeError, match='evaluator failed'):
     trainer.train_and_evaluate(config, str(tmp_path / 'w'), objective)
   assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
+
+
+def test_collapse_metrics_by_hand():
+  rng = np.random.default_rng(5)
+  b, s, k = 3, 4, 7
+  student = jnp.asarray(rng.normal(size=(b, s, k)), jnp.float32)
+  teacher = jnp.asarray(3 * rng.normal(size=(b, 2, k)), jnp.float32)
+  center = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
+  loss = dino.dino_loss(student, teacher, center, 0.1, 0.3)
+  m = dino.collapse_metrics(student, teacher, center, 0.1, 0.3, loss)
+  softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+      x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  q = softmax((np.asarray(teacher) - np.asarray(center)) / 0.3)
+  p = softmax(np.asarray(student) / 0.1)
+  h = lambda x: float(np.mean(-(x * np.log(x)).sum(-1)))
+  kl = np.mean([np.mean((q[:, i] * (np.log(q[:, i]) - np.log(p[:, v]))).sum(-1))
+                for i in range(2) for v in range(s) if v != i])
+  np.testing.assert_allclose(float(m['teacher_entropy']), h(q), rtol=1e-5)
+  np.testing.assert_allclose(float(m['student_entropy']), h(p), rtol=1e-5)
+  np.testing.assert_allclose(float(m['teacher_student_kl']), kl, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(m['output_uniformity']), h(p) / np.log(k), rtol=1e-5)
+
+
+def test_uniform_output_warns_once(capsys):
+  count = 0
+  for step, u in enumerate([0.5, 0.995, 0.3, 0.995, 0.999, 0.998, 'nan']):
+    count = trainer._warn_uniform({'step': step, 'output_uniformity': u}, count)
+  err = capsys.readouterr().err
+  assert err.count('warning') == 1 and 'step 4: the student output is uniform' in err
