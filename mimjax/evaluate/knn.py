@@ -149,6 +149,8 @@ class KNN(features.Evaluator):
                objective: Any, mesh):
     super().__init__(name, cfg, config, objective, mesh)
     self.extractor = self.make_extractor(config)
+    # the trainer checks these exist at start-up
+    self.splits = (cfg.get('train_split', 'train'), cfg.get('test_split', 'test'))
 
   def run(self, params: Any, state: Any) -> dict:
     del state

@@ -70,14 +70,47 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = False) -> np
   return emb.astype(np.float32)
 
 
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """torch `get_cubic_upsample_coefficients`: the 4 Keys-cubic tap weights (a = −0.75) at
+  offsets −1, 0, 1, 2 from floor(src), for fractional positions t (float32, as torch)."""
+  one = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1             # |x| ≤ 1
+  two = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a       # 1 < |x| < 2
+  t = t.astype(np.float32)
+  return np.stack([two(t + 1), one(t), one(1 - t), two(2 - t)], axis=-1).astype(np.float32)
+
+
+def torch_bicubic_matrix(in_size: int, scale_factor: float) -> np.ndarray:
+  """(out, in) matrix of torch `F.interpolate(mode='bicubic', scale_factor=s,
+  align_corners=False)` along one axis (no anti-aliasing, recompute_scale_factor unset).
+
+  out = floor(in·s); the source coordinate uses the given s, not out/in:
+  src = (dst + 0.5)/s − 0.5 in float32, taps floor(src) − 1 … + 2 clamped to the edge.
+  """
+  out_size = int(np.floor(in_size * scale_factor))
+  ratio = np.float32(1.0 / scale_factor)                          # computed in double, as torch
+  src = ratio * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+  idx = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  t = np.clip(src - idx.astype(np.float32), 0, 1)
+  taps = np.clip(idx[:, None] + np.arange(-1, 3)[None, :], 0, in_size - 1)
+  mat = np.zeros((out_size, in_size), np.float32)
+  np.add.at(mat, (np.repeat(np.arange(out_size), 4), taps.ravel()), _cubic_weights(t).ravel())
+  return mat
+
+
 def resize_pos_embed(pos: jnp.ndarray, num_prefix: int, grid: int) -> jnp.ndarray:
-  """Bicubically resizes the patch part of a (1, prefix + g², D) pos-embed to grid² rows."""
+  """The patch part of a (1, prefix + g², D) pos-embed resized to grid² rows as DINO's
+  `interpolate_pos_encoding` does: bicubic (a = −0.75, no anti-aliasing) with
+  scale_factor (grid + 0.1)/g (the +0.1 avoids floating-point error in the output size)."""
   prefix, patch = pos[:, :num_prefix], pos[:, num_prefix:]
   old = int(round(patch.shape[1] ** 0.5))
   if old == grid:
     return pos
-  patch = patch.reshape(1, old, old, -1)
-  patch = jax.image.resize(patch, (1, grid, grid, patch.shape[-1]), 'bicubic')
+  mat = jnp.asarray(torch_bicubic_matrix(old, (grid + 0.1) / old))
+  if mat.shape[0] != grid:
+    raise ValueError(f'pos-embed resize {old}→{grid} gives a {mat.shape[0]}-row grid')
+  patch = patch.reshape(old, old, -1)
+  patch = jnp.einsum('ri,ijd,cj->rcd', mat, patch.astype(jnp.float32), mat,
+                     precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
   return jnp.concatenate([prefix, patch.reshape(1, grid * grid, -1)], axis=1)
 
 

@@ -59,19 +59,40 @@ def teacher_temperature(epoch, warmup_temp: float, temp: float, warmup_epochs: i
 
 def dino_loss(student_out: jnp.ndarray, teacher_out: jnp.ndarray, center: jnp.ndarray,
               student_temp: float, teacher_temp) -> jnp.ndarray:
-  """DINOLoss.forward: student (S, B, K) logits of all crops, teacher (T, B, K) logits of the
+  """DINOLoss.forward: student (B, S, K) logits of all crops, teacher (B, T, K) logits of the
   global crops (the first T student crops are the same views); pairs with v == iq are
-  skipped and the sum of per-pair batch means is divided by the number of pairs."""
-  num_s, num_t = student_out.shape[0], teacher_out.shape[0]
+  skipped and the sum of per-pair batch means is divided by the number of pairs.
+
+  Batch-major (DINO's tensors are crop-major) so the batch axis stays the sharded one."""
+  num_s, num_t = student_out.shape[1], teacher_out.shape[1]
   if num_s <= num_t:
     raise ValueError(f'DINO loss needs more student crops ({num_s}) than teacher crops ({num_t})')
   log_p = jax.nn.log_softmax(student_out.astype(jnp.float32) / student_temp, axis=-1)
   q = jax.nn.softmax((teacher_out.astype(jnp.float32) - center) / teacher_temp, axis=-1)
   q = jax.lax.stop_gradient(q)
   # ce[iq, v] = mean over the batch of Σ_k −q_k log p_k
-  ce = -jnp.einsum('ibk,vbk->iv', q, log_p) / student_out.shape[1]
+  ce = -jnp.einsum('bik,bvk->iv', q, log_p) / student_out.shape[0]
   keep = jnp.arange(num_t)[:, None] != jnp.arange(num_s)[None, :]
   return jnp.sum(jnp.where(keep, ce, 0.0)) / (num_t * num_s - num_t)
+
+
+def collapse_metrics(student_out: jnp.ndarray, teacher_out: jnp.ndarray, center: jnp.ndarray,
+                     student_temp: float, teacher_temp, loss: jnp.ndarray) -> dict:
+  """What DINO users watch for collapse (natural log units, means over batch and crops):
+  teacher_entropy H(q) of the centred, sharpened teacher; student_entropy H(p) at the student
+  temperature; teacher_student_kl = loss − H(q) (each pair's CE is H(q) + KL(q‖p), and every
+  teacher crop is in S − 1 pairs); output_uniformity = H(p) / ln K (1 = uniform output).
+
+  Collapse to one dimension: both entropies → 0; to the uniform output: both → ln K, KL → 0.
+  """
+  entropy = lambda logits: jnp.mean(-jnp.sum(jax.nn.softmax(logits, -1) *
+                                             jax.nn.log_softmax(logits, -1), -1))
+  h_t = entropy((teacher_out.astype(jnp.float32) - center) / teacher_temp)
+  h_s = entropy(student_out.astype(jnp.float32) / student_temp)
+  h_s, h_t = jax.lax.stop_gradient(h_s), jax.lax.stop_gradient(h_t)
+  return {'teacher_entropy': h_t, 'student_entropy': h_s,
+          'teacher_student_kl': jax.lax.stop_gradient(loss) - h_t,
+          'output_uniformity': h_s / jnp.log(student_out.shape[-1])}
 
 
 def update_center(center: jnp.ndarray, teacher_out: jnp.ndarray, momentum: float) -> jnp.ndarray:
@@ -119,9 +140,24 @@ class DINOModel(nn.Module):
     return self.head(jnp.concatenate(cls, axis=0))
 
 
-def crop_major(x: jnp.ndarray) -> jnp.ndarray:
-  """(B, n, ...) → (n·B, ...) ordered [crop 0 batch; crop 1 batch; ...] as in DINO."""
-  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+def batch_major(x: jnp.ndarray) -> jnp.ndarray:
+  """(B, n, ...) → (B·n, ...), row b·n + c = crop c of example b.
+
+  DINO stacks crop-major ([crop 0 batch; crop 1 batch; ...]); merging with the batch outer
+  instead keeps a data-axis sharding of B on the merged axis (a crop-major merge of a sharded
+  B cannot stay split, and XLA gathers every crop onto every device). The loss only pairs
+  crops of the same example, so the order changes no value.
+  """
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def per_example(logits: jnp.ndarray, batch_size: int, counts: Sequence[int]) -> jnp.ndarray:
+  """Head logits of batch-major crop runs (B·n_0 rows, then B·n_1, ...) → (B, Σ n_i, K)."""
+  runs, start = [], 0
+  for n in counts:
+    runs.append(logits[start:start + batch_size * n].reshape(batch_size, n, -1))
+    start += batch_size * n
+  return jnp.concatenate(runs, axis=1)
 
 
 def multicrop_views(config: ml_collections.ConfigDict, batch: dict):
@@ -129,9 +165,9 @@ def multicrop_views(config: ml_collections.ConfigDict, batch: dict):
 
   Segment ids (MRE) are the majority id of each patch of each crop's own segment map.
   """
-  crops, seg_keys = [crop_major(normalize_images(batch['global']))], ['segments_global']
+  crops, seg_keys = [batch_major(normalize_images(batch['global']))], ['segments_global']
   if batch.get('local') is not None and batch['local'].shape[1] > 0:
-    crops.append(crop_major(normalize_images(batch['local'])))
+    crops.append(batch_major(normalize_images(batch['local'])))
     seg_keys.append('segments_local')
   seg_cfg = config.model.get('segment_bias')
   if seg_cfg is None or not seg_cfg.enabled:
@@ -142,7 +178,7 @@ def multicrop_views(config: ml_collections.ConfigDict, batch: dict):
                      '(train on the SAM stage output, `python -m mimjax.sam`, with '
                      'data.augment="dino")')
   p = model_dims(config.model)['patch_size']
-  ids = [segment_bias.patch_segment_ids(crop_major(batch[k]), p, seg_cfg.num_ids)
+  ids = [segment_bias.patch_segment_ids(batch_major(batch[k]), p, seg_cfg.num_ids)
          for k in seg_keys]
   return crops, ids
 
@@ -190,17 +226,19 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   def loss(params, state, batch, rng, step):
     crops, ids = multicrop_views(config, batch)
     b = batch['global'].shape[0]
+    counts = [c.shape[0] // b for c in crops]
     student = model.apply({'params': params}, crops, ids, train=True, rngs={'dropout': rng})
     teacher = model.apply({'params': state['teacher']}, crops[:1], ids and ids[:1])
-    teacher = jax.lax.stop_gradient(teacher).reshape(-1, b, teacher.shape[-1])
+    teacher = per_example(jax.lax.stop_gradient(teacher), b, counts[:1])
     temp = teacher_temperature(step // steps_per_epoch, cfg.warmup_teacher_temp,
                                cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
-    value = dino_loss(student.reshape(-1, b, student.shape[-1]), teacher, state['center'],
-                      cfg.student_temp, temp)
+    student = per_example(student, b, counts)
+    value = dino_loss(student, teacher, state['center'], cfg.student_temp, temp)
+    metrics = collapse_metrics(student, teacher, state['center'], cfg.student_temp, temp, value)
     center = update_center(state['center'], teacher, cfg.center_momentum)
     return value, ({**state, 'center': center},
                    {'dino_loss': value, 'teacher_temp': temp,
-                    'center_norm': jnp.linalg.norm(center)})
+                    'center_norm': jnp.linalg.norm(center), **metrics})
 
   def after_update(params, state, step):
     momentum = ema.cosine_schedule(cfg.momentum_teacher, 1.0, step, total_steps)

@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(preemption.restore)
     bar = metrics_lib.progress_bar(total_steps, start)
     cleanup.callback(bar.close)
-    record, step = {}, start
+    record, step, uniform_logs = {}, start, 0
     last_good = start if ckpt.latest_step() is not None else None
     t0, images_seen = time.perf_counter(), 0
     while step < total_steps:
@@ -242,7 +242,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record = writer.write(step, {**metrics, 'img_per_s': images_seen / elapsed})
         loss = record['loss']  # a str ('nan') when not finite
         bar.set_postfix(loss=loss if isinstance(loss, str) else f'{loss:.4g}')
+        uniform_logs = _warn_uniform(record, uniform_logs)
         t0, images_seen = time.perf_counter(), 0
+      # Save before evaluating: an evaluator that fails must not cost this step's checkpoint.
+      if step % config.checkpoint_every == 0 or is_last or stop:
+        _check_finite(ts, step, last_good, workdir)
+        ckpt.save(step, ts, loader.get_state(), config, force=True)
+        last_good = step
       due = [e for e in evaluators if is_last or step % e.every_steps == 0]
       if due and not stop:
         results = {}
@@ -251,10 +257,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record.update(writer.write(step, results))
         if is_last:
           write_results(workdir, step, results)
-      if step % config.checkpoint_every == 0 or is_last or stop:
-        _check_finite(ts, step, last_good, workdir)
-        ckpt.save(step, ts, loader.get_state(), config, force=True)
-        last_good = step
       if stop:
         _say(f'{preemption.requested or "preemption"} received: saved step {step}, exiting '
              '(re-run the same command to resume)')
@@ -284,6 +286,17 @@ def _resume_config_check(config: ml_collections.ConfigDict, workdir: str,
   return changes, resolve_steps('total', ml_collections.ConfigDict(old), num_train)
 
 
+def _warn_uniform(record: dict, count: int) -> int:
+  """One warning line once an objective's `output_uniformity` (DINO: student entropy / ln K)
+  stayed above 0.99 for two logged steps in a row: the output has collapsed to uniform."""
+  value = record.get('output_uniformity')
+  count = count + 1 if isinstance(value, float) and value > 0.99 else 0
+  if count == 2:
+    _say(f'warning: step {record.get("step")}: the student output is uniform (entropy '
+         f'{value:.3f}·ln K): training has collapsed (docs/dino.md)')
+  return count
+
+
 class _ObjectiveEvaluator:
   """The objective's own `evaluate` (probes, fine-tuning) as an evaluator."""
 
@@ -307,8 +320,25 @@ def make_evaluators(config: ml_collections.ConfigDict, objective: objectives.Obj
     except ModuleNotFoundError as e:
       raise ValueError(f'config.evals.{name}.module={cfg.module!r}: no module '
                        f'mimjax.evaluate.{cfg.module}') from e
-    out.append(module.make(name, cfg, config, objective, mesh))
+    evaluator = module.make(name, cfg, config, objective, mesh)
+    missing = _missing_splits(config.data, getattr(evaluator, 'splits', ()))
+    if missing:  # say so now, not after the whole training run
+      _say(f'warning: config.evals.{name} skipped: data set {config.data.name!r} has no '
+           f'split {missing[0]!r}')
+      continue
+    out.append(evaluator)
   return out
+
+
+def _missing_splits(data_config: ml_collections.ConfigDict, splits) -> list:
+  """The entries of `splits` the configured data set does not have (eval aliases resolved)."""
+  missing = []
+  for split in splits:
+    try:
+      pipeline.num_examples(data_config, split)
+    except ValueError:
+      missing.append(split)
+  return missing
 
 
 def write_results(workdir: str, step: int, results: dict) -> None:

@@ -113,7 +113,8 @@ def test_probe_init_from_takes_the_teacher(dino_workdir):
                              {'image': np.zeros((1, 32, 32, 3), np.uint8)})
   for key, want in (('teacher', teacher), ('student', student)):
     ts = {'params': jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)), shapes)}
-    ts = trainer._init_from(ts, config.init_from, objective, key)
+    config.checkpoint_key = key
+    ts = trainer._init_from(ts, trainer._load_init_from(config), config.init_from, objective)
     assert _equal(jax.device_get(ts['params']['encoder']), want['encoder'])
 
 

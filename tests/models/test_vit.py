@@ -1,4 +1,5 @@
-"""ViT: parameter counts vs timm, sincos pos-embed vs MAE's formula, attention numerics."""
+"""ViT: parameter counts vs timm, sincos pos-embed vs MAE's formula, pos-embed resize vs DINO's
+F.interpolate, attention numerics."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from mimjax.models.attention import Attention
-from mimjax.models.vit import ViT, decode_variant, pool_tokens, sincos_pos_embed_2d
+from mimjax.models.vit import (ViT, decode_variant, pool_tokens, resize_pos_embed,
+                               sincos_pos_embed_2d)
 
 
 def _count(variant, image_size=224):
@@ -55,6 +58,28 @@ def test_sincos_matches_mae_reference():
   # token at (row 0, col 1): first half encodes the column → sin(1) at dim 0.
   np.testing.assert_allclose(ours[2, 0], np.sin(1.0), atol=1e-6)
   np.testing.assert_allclose(ours[1 + 5, 32], np.sin(1.0), atol=1e-6)  # row 1, col 0
+
+
+def _dino_interpolate_pos_encoding(pos, w, h, patch):
+  """DINO vision_transformer.py `interpolate_pos_encoding` (cls + patch rows, torch)."""
+  n, dim = pos.shape[1] - 1, pos.shape[-1]
+  w0, h0 = w // patch + 0.1, h // patch + 0.1
+  patch_pos = F.interpolate(
+      pos[:, 1:].reshape(1, int(np.sqrt(n)), int(np.sqrt(n)), dim).permute(0, 3, 1, 2),
+      scale_factor=(w0 / np.sqrt(n), h0 / np.sqrt(n)), mode='bicubic')
+  assert int(w0) == patch_pos.shape[-2] and int(h0) == patch_pos.shape[-1]
+  return torch.cat((pos[:, :1], patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)), dim=1)
+
+
+@pytest.mark.parametrize('old,image,patch', [(14, 96, 16), (28, 96, 8), (14, 256, 16),
+                                             (7, 80, 16), (5, 48, 16), (9, 52, 4), (4, 20, 2)])
+def test_pos_embed_resize_matches_dino_interpolate(old, image, patch):
+  """DINO's 96-px local crops: 14→6 (224/16), 28→12 (224/8), upsampling and odd grids."""
+  pos = np.random.default_rng(old).normal(0, 0.02, (1, 1 + old * old, 32)).astype(np.float32)
+  expected = _dino_interpolate_pos_encoding(torch.from_numpy(pos), image, image, patch).numpy()
+  ours = np.asarray(resize_pos_embed(jnp.asarray(pos), 1, image // patch))
+  assert ours.shape == expected.shape
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-7 * np.abs(pos).max() * 10)
 
 
 def test_attention_matches_manual_with_bias_before_scaling():

@@ -2,6 +2,7 @@
 the DINO AdamW (per-tensor clip, wd cosine, last-layer freeze) vs torch.optim.AdamW, and
 tiny DINO / MRE-DINO runs through the trainer."""
 
+import dataclasses
 import json
 import os
 
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
 from mimjax.data.builders import tfds_io
-from mimjax.objectives import dino
-from mimjax.train import ema, optim, trainer
+from mimjax.data.normalize import normalize_images
+from mimjax.objectives import dino, distill
+from mimjax.train import ema, optim, sharding, trainer
 
 
 class TorchDINOLoss(torch.nn.Module):
@@ -87,19 +89,21 @@ def test_dino_loss_and_center_update_match_official():
     teacher = 3 * rng.normal(size=(2 * b, k)).astype(np.float32)
     expected = float(ref(torch.from_numpy(student), torch.from_numpy(teacher), epoch))
     temp = dino.teacher_temperature(epoch, 0.04, 0.07, 4)
-    ours = dino.dino_loss(jnp.asarray(student).reshape(ncrops, b, k),
-                          jnp.asarray(teacher).reshape(2, b, k), center, 0.1, temp)
+    # torch chunks crop-major (crop, batch); mimjax takes (batch, crop)
+    s_bm = jnp.swapaxes(jnp.asarray(student).reshape(ncrops, b, k), 0, 1)
+    t_bm = jnp.swapaxes(jnp.asarray(teacher).reshape(2, b, k), 0, 1)
+    ours = dino.dino_loss(s_bm, t_bm, center, 0.1, temp)
     np.testing.assert_allclose(float(ours), expected, rtol=1e-5)
-    center = dino.update_center(center, jnp.asarray(teacher).reshape(2, b, k), 0.9)
+    center = dino.update_center(center, t_bm, 0.9)
     np.testing.assert_allclose(np.asarray(center), ref.center.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_dino_loss_pair_exclusion_by_hand():
   # 2 teacher crops, 3 student crops, batch 1, K = 2: pairs (0,1),(0,2),(1,0),(1,2) → / 4.
-  s = jnp.array([[[0.0, 0.0]], [[0.1, 0.0]], [[0.0, 0.2]]])
-  t = jnp.array([[[0.0, 0.0]], [[0.0, 0.04 * np.log(3.0)]]])
+  s = jnp.array([[[0.0, 0.0], [0.1, 0.0], [0.0, 0.2]]])           # (B=1, S=3, K=2)
+  t = jnp.array([[[0.0, 0.0], [0.0, 0.04 * np.log(3.0)]]])         # (B=1, T=2, K=2)
   q = [np.array([0.5, 0.5]), np.array([0.25, 0.75])]
-  logp = [np.log(np.exp(x / 0.1) / np.exp(x / 0.1).sum()) for x in np.asarray(s)[:, 0]]
+  logp = [np.log(np.exp(x / 0.1) / np.exp(x / 0.1).sum()) for x in np.asarray(s)[0]]
   pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
   expected = sum(-(q[i] * logp[v]).sum() for i, v in pairs) / 4
   ours = dino.dino_loss(s, t, jnp.zeros((1, 2)), 0.1, 0.04)
@@ -258,16 +262,102 @@ def test_loss_updates_center_from_teacher_outputs(tiny_dino):
   assert float(metrics['teacher_temp']) == pytest.approx(0.04) and np.isfinite(float(value))
 
 
+def _crop_major_loss(config, params, state, batch):
+  """The layout DINO itself uses (and mimjax did before): crops stacked crop-major, loss over
+  (crop, batch, K) tensors; an independent transcription to check the batch-major path."""
+  model = dino.DINOModel(config)
+  cm = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+  crops = [cm(normalize_images(batch['global'])), cm(normalize_images(batch['local']))]
+  b, k = batch['global'].shape[0], config.dino.head.out_dim
+  s = model.apply({'params': params}, crops, train=True).reshape(-1, b, k)
+  t = jax.lax.stop_gradient(model.apply({'params': state['teacher']}, crops[:1]))
+  t = t.reshape(2, b, k)
+  log_p = jax.nn.log_softmax(s / config.dino.student_temp, axis=-1)
+  q = jax.nn.softmax((t - state['center']) / config.dino.warmup_teacher_temp, axis=-1)
+  ce = -jnp.einsum('ibk,vbk->iv', q, log_p) / b
+  keep = jnp.arange(2)[:, None] != jnp.arange(s.shape[0])[None, :]
+  return jnp.sum(jnp.where(keep, ce, 0.0)) / (2 * s.shape[0] - 2), t
+
+
+def test_batch_major_layout_gives_the_crop_major_loss_grads_and_center():
+  config = _tiny()
+  config.model.drop_path = 0.0      # drop-path masks follow the row order; compare without
+  obj = dino.make(config)
+  batch = _batch(config, b=3, seed=4)
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)
+  state = {**state, 'center': 0.1 * jax.random.normal(jax.random.key(2), state['center'].shape)}
+  ours_fn = lambda p: obj.loss(p, state, batch, jax.random.key(1), 0)
+  (value, (new_state, _)), grads = jax.jit(jax.value_and_grad(ours_fn, has_aux=True))(params)
+  ref_fn = lambda p: _crop_major_loss(config, p, state, batch)
+  (ref, t), ref_grads = jax.jit(jax.value_and_grad(ref_fn, has_aux=True))(params)
+  np.testing.assert_allclose(float(value), float(ref), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads,
+               ref_grads)
+  np.testing.assert_allclose(np.asarray(new_state['center']),
+                             0.9 * np.asarray(state['center']) + 0.1 * np.asarray(t).reshape(
+                                 -1, t.shape[-1]).mean(0, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def _per_device_flops(config, objective, batch, devices):
+  """XLA's cost analysis (per device program) of the compiled train step on `devices` CPU
+  devices, with abstract state and batch sharded as the trainer shards them."""
+  config.mesh.devices = devices
+  mesh = sharding.make_mesh(config.mesh)
+  example = {k: v[:1] for k, v in batch.items()}
+  key = jax.random.key(0)
+  shapes = jax.eval_shape(lambda r: objective.init(r, example)[0], key)
+  tx, lr = optim.make_optimizer(config.optim, shapes, total_steps=40, warmup_steps=5,
+                                batch_size=config.batch_size, num_examples=1500)
+  init_fn = lambda r: trainer.init_train_state(objective, tx, r, example)
+  state_sh = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, key))
+  batch_sh = sharding.batch_sharding(mesh)
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  state = jax.tree.map(with_sharding, jax.eval_shape(init_fn, key), state_sh)
+  batch = {k: with_sharding(v, batch_sh) for k, v in batch.items()}
+  step = jax.jit(trainer.make_train_step(objective, tx, lr), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  cost = step.lower(state, batch).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def _kd_objective(config, batch):
+  """The DINO KD objective (distill method=dino) with a freshly initialised MRE-DINO teacher."""
+  teacher_cfg = mre_dino_config.get_config('tiny')
+  example = {k: v[:1] for k, v in batch.items()}
+  teacher_params, _ = dino.make(teacher_cfg).init(jax.random.key(3), example)
+  config.distill = distill.default_config()
+  config.distill.method = 'dino'
+  config.distill.crops = 'all'
+  return distill._make_dino(config, teacher_cfg, teacher_params)
+
+
+@pytest.mark.parametrize('which', ['dino', pytest.param('mre_dino', marks=pytest.mark.slow),
+                                   pytest.param('kd', marks=pytest.mark.slow)])
+def test_multicrop_step_splits_over_the_data_axis(which):
+  """Issue 13.1: the crop-major merge made every device run the whole global batch (tiny
+  DINO: 10.19 GFLOP per device on 1 device and 10.18 on 8); per-device work must fall to 1/8."""
+  module = mre_dino_config if which == 'mre_dino' else dino_config
+  make = lambda c, b: (_kd_objective(c, b) if which == 'kd' else dino.make(c))
+  batch = _batch(module.get_config('tiny'), b=64, segments=which != 'dino')
+  flops = []
+  for devices in (1, 8):
+    config = module.get_config('tiny')
+    flops.append(_per_device_flops(config, make(config, batch), batch, devices))
+  assert flops[1] / flops[0] == pytest.approx(1 / 8, rel=0.15), flops
+
+
 def test_mre_dino_gives_every_crop_its_own_segment_ids():
   config = mre_dino_config.get_config('tiny')
   batch = _batch(config, segments=True)
   crops, ids = dino.multicrop_views(config, batch)
   assert [c.shape for c in crops] == [(8, 32, 32, 3), (8, 16, 16, 3)]
   assert [i.shape for i in ids] == [(8, 64), (8, 16)]
-  # crop-major: row 1 of the stacked globals is example 1's first crop; patch (0, 0) is the
+  # batch-major: row 3 of the stacked globals is example 1's second crop; patch (0, 0) is the
   # majority id of its 4×4 pixels.
-  patch = batch['segments_global'][1, 0, :4, :4].ravel()
-  assert int(ids[0][1, 0]) == int(np.bincount(patch).argmax())
+  patch = batch['segments_global'][1, 1, :4, :4].ravel()
+  assert int(ids[0][3, 0]) == int(np.bincount(patch).argmax())
+  np.testing.assert_array_equal(np.asarray(crops[1][5]),
+                                np.asarray(normalize_images(batch['local'][2, 1])))
   with pytest.raises(ValueError, match='segments_global'):
     dino.multicrop_views(config, _batch(config))
 
@@ -287,7 +377,7 @@ def _segments_data(root):
 
 
 @pytest.mark.parametrize('which', [pytest.param('dino', marks=pytest.mark.slow), 'mre_dino'])
-def test_tiny_config_trains_through_trainer(tmp_path, which):
+def test_tiny_config_trains_through_trainer(tmp_path, capsys, which):
   module = {'dino': dino_config, 'mre_dino': mre_dino_config}[which]
   config = module.get_config('tiny')
   config.batch_size = 8
@@ -298,11 +388,15 @@ def test_tiny_config_trains_through_trainer(tmp_path, which):
   config.data.worker_count = 0
   config.evals.knn.max_train = 64   # the monitor runs at the last step; keep it small
   config.evals.knn.max_test = 32
-  if which == 'mre_dino':
-    config.evals = {}               # the tiny segments set has no test split
+  if which == 'mre_dino':           # a train-only set: the kNN monitor is skipped at start-up
     config.data.data_dir = _segments_data(tmp_path / 'sam')
   record = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
   assert np.isfinite(record['loss']) and record['step'] == 2
+  assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
+  if which == 'mre_dino':
+    err = capsys.readouterr().err
+    assert "warning: config.evals.knn skipped: data set 'digits' has no split 'test'" in err
+    assert not (tmp_path / 'w' / 'results.json').exists()
   with open(tmp_path / 'w' / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
   losses = [r['dino_loss'] for r in rows if 'dino_loss' in r]
@@ -310,3 +404,44 @@ def test_tiny_config_trains_through_trainer(tmp_path, which):
   if which == 'dino':   # the kNN monitor ran at the last step and wrote W/results.json
     with open(tmp_path / 'w' / 'results.json') as f:
       assert 0 <= json.load(f)['knn/top1'] <= 100
+
+
+def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
+  """Issue 14.9: the step is saved before its evaluators run."""
+  config = _tiny(total_steps=2, log_every=1, checkpoint_every=2, eval_every=2)
+  config.evals = {}
+  def boom(params, state):
+    raise RuntimeError('evaluator failed')
+  objective = dataclasses.replace(dino.make(config), evaluate=boom)
+  with pytest.raises(RuntimeError, match='evaluator failed'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w'), objective)
+  assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
+
+
+def test_collapse_metrics_by_hand():
+  rng = np.random.default_rng(5)
+  b, s, k = 3, 4, 7
+  student = jnp.asarray(rng.normal(size=(b, s, k)), jnp.float32)
+  teacher = jnp.asarray(3 * rng.normal(size=(b, 2, k)), jnp.float32)
+  center = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
+  loss = dino.dino_loss(student, teacher, center, 0.1, 0.3)
+  m = dino.collapse_metrics(student, teacher, center, 0.1, 0.3, loss)
+  softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+      x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  q = softmax((np.asarray(teacher) - np.asarray(center)) / 0.3)
+  p = softmax(np.asarray(student) / 0.1)
+  h = lambda x: float(np.mean(-(x * np.log(x)).sum(-1)))
+  kl = np.mean([np.mean((q[:, i] * (np.log(q[:, i]) - np.log(p[:, v]))).sum(-1))
+                for i in range(2) for v in range(s) if v != i])
+  np.testing.assert_allclose(float(m['teacher_entropy']), h(q), rtol=1e-5)
+  np.testing.assert_allclose(float(m['student_entropy']), h(p), rtol=1e-5)
+  np.testing.assert_allclose(float(m['teacher_student_kl']), kl, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(m['output_uniformity']), h(p) / np.log(k), rtol=1e-5)
+
+
+def test_uniform_output_warns_once(capsys):
+  count = 0
+  for step, u in enumerate([0.5, 0.995, 0.3, 0.995, 0.999, 0.998, 'nan']):
+    count = trainer._warn_uniform({'step': step, 'output_uniformity': u}, count)
+  err = capsys.readouterr().err
+  assert err.count('warning') == 1 and 'step 4: the student output is uniform' in err
