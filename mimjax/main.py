@@ -8,21 +8,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimjax import logs
 from mimjax.train import durations
 from mimjax.train import validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-class _DropKnownNoise:
-  """Harmless library warnings: tfds's OpenCV hint (we decode with PIL) and orbax's note that
-  a composite checkpoint's item directory has no metadata file of its own."""
-  NOISE = ('OpenCV is not installed', 'Metadata file does not exist')
-
-  def filter(self, record) -> bool:
-    return not any(n in record.getMessage() for n in self.NOISE)
 
 
 def maybe_initialize_distributed() -> None:
@@ -53,9 +45,7 @@ def run(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress bar
-  logging.get_absl_logger().addFilter(_DropKnownNoise())
+  logs.quiet_library_logs()
   maybe_initialize_distributed()
   try:
     config = _CONFIG.value

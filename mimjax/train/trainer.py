@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from mimjax import logs
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
 from mimjax.train import checkpoint as ckpt_lib
@@ -171,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ts = _init_from(ts, config.init_from, objective, state_shardings)
     if jax.process_index() == 0:  # one writer: hosts share the workdir
       ckpt_lib.write_config(workdir, config)
-    _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
+    _say(f'training {_method_name(config)} for {total_steps} steps on {jax.device_count()} '
          f'device(s), batch {config.batch_size}, in {workdir}')
 
   step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
@@ -181,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluators = make_evaluators(config, objective, mesh)
   preemption = _Preemption()
   bar = metrics_lib.progress_bar(total_steps, start)
-  record, step = {}, start
+  record, step, final_results = {}, start, {}
   last_good = start if ckpt.latest_step() is not None else None
   t0, images_seen = time.perf_counter(), 0
   try:
@@ -208,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record.update(writer.write(step, results))
         if is_last:
           write_results(workdir, step, results)
+          final_results = results
       if step % config.checkpoint_every == 0 or is_last or stop:
         _check_finite(ts, step, last_good, workdir)
         ckpt.save(step, ts, loader.get_state(), config, force=True)
@@ -215,16 +217,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop:
         _say(f'preemption requested (SIGTERM): saved step {step}, exiting')
         break
+    bar.close()  # the lines below start on a fresh line, not on the bar's
     if step == start:
       _say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
     elif step == total_steps:
       _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
+      if final_results and jax.process_index() == 0:
+        logs.print_results(final_results, [os.path.join(workdir, 'results.json')],
+                           title=f'evaluation at step {step}')
   finally:
     bar.close()
     preemption.restore()
     ckpt.close()
     writer.close()
   return record
+
+
+def _method_name(config: ml_collections.ConfigDict) -> str:
+  """The method a config trains: the MaskFeat/BEiT baselines run the semantic_mim objective
+  without proxies, and are announced by their own names."""
+  if config.objective == 'semantic_mim' and not config.model.get('proxy', True):
+    return {'hog': 'maskfeat', 'tokens': 'beit'}.get(config.get('target'), config.objective)
+  return config.objective
 
 
 class _ObjectiveEvaluator:
