@@ -7,7 +7,7 @@
   python -m mimjax.bench --config configs/beit.py:vit_b --config.batch_size=8 --steps 1 \
       --config.tokenizer.fit_on_start=True --config.tokenizer.fit_images=64
 
-Recipe: REFERENCE §5 / SemanticMIM Table 2 (75 of 196 patches in blocks of ≥ 16, cross-entropy
+Recipe: SemanticMIM Table 2 / unilm BEiT (docs/semantic_mim.md) (75 of 196 patches in blocks of ≥ 16, cross-entropy
 over a 8192-token vocabulary, lr 1.5e-3 at batch 2048, clip 3.0, drop path 0.1, RRC (0.08, 1)).
 The shipped tokenizer is a k-means codebook on HOG features (`python -m mimjax.tokenizer fit`);
 BEiT's DALL-E dVAE plugs in through `semantic_mim.make(config, tokenizer=...)`.

@@ -5,7 +5,7 @@
       --config.data.data_dir=D --config.model.dtype=bfloat16
   python -m mimjax.bench --config configs/maskfeat.py:vit_b --config.batch_size=8 --steps 1
 
-Recipe: REFERENCE §4 / SemanticMIM Table 2 (78 of 196 patches in blocks of ≥ 15, HOG with
+Recipe: SemanticMIM Table 2 / mmpretrain's MaskFeat config (docs/semantic_mim.md) (78 of 196 patches in blocks of ≥ 15, HOG with
 mmpretrain's Gaussian window, lr 2e-4 per 256, clip 0.02, 30 warm-up epochs, RRC (0.5, 1)).
 SemanticMIM on MaskFeat: configs/semantic_mim.py.
 """
