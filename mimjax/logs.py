@@ -47,8 +47,8 @@ def _format_value(value) -> str:
 def results_table(results: Mapping[str, object], title: str = 'results') -> str:
   """Two aligned columns, one `name  value` row per result (sorted by name)."""
   rows = [(str(k), _format_value(v)) for k, v in sorted(results.items())]
-  width = max([len(k) for k, _ in rows] + [len(title)])
-  lines = [title, '-' * (width + 2 + max([len(v) for _, v in rows], default=0))]
+  width = max((len(k) for k, _ in rows), default=0)
+  lines = [title, '-' * (width + 2 + max((len(v) for _, v in rows), default=0))]
   lines += [f'{k:<{width}}  {v}' for k, v in rows]
   return '\n'.join(lines)
 
