@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -44,7 +45,7 @@ def test_knn_and_cached_probe_write_results(pretrained, tmp_path, capsys):
   main.run(config, str(tmp_path / 'knn'))
   res = _results(tmp_path / 'knn')
   shown = capsys.readouterr().out  # the run ends with its results table and files
-  assert f"knn/top1      {res['knn/top1']:.4g}" in shown
+  assert re.search(rf"^knn/top1 +{res['knn/top1']:.4g}$", shown, re.M), shown
   assert f"wrote {tmp_path / 'knn' / 'results.json'}" in shown
   assert res['step'] == 20
   for key in ('knn/top1', 'knn/top5', 'knn/top1@10%', 'linear/top1', 'linear/top1@10%'):
@@ -73,7 +74,8 @@ def test_linear_probe_objective_trains_head_only(pretrained, tmp_path, capsys):
   res = _results(workdir)
   assert res['step'] == 6 and 0.0 <= res['eval/top1'] <= 100.0
   shown = capsys.readouterr().out  # the accuracy, not only the loss, ends the run
-  assert f"eval/top1  {res['eval/top1']:.4g}" in shown and 'results.json' in shown
+  assert re.search(rf"^eval/top1 +{res['eval/top1']:.4g}$", shown, re.M), shown
+  assert f"wrote {os.path.join(workdir, 'results.json')}" in shown
   before = checkpoint.restore_params(pretrained)['encoder']
   after = checkpoint.restore_params(workdir)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after['encoder'])):
