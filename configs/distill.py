@@ -1,8 +1,9 @@
 """KD post-processing of an MRE teacher (SAM helps SSL §3.3): the result is a plain ViT.
 
-  # teacher T = a finished configs/mre_mae.py (or mre_dino.py) workdir
+  # teacher T = a finished configs/mre_mae.py (or mre_dino.py) workdir, e.g. its tiny row
   python -m mimjax.main --config configs/distill.py:tiny --workdir /tmp/kd_tiny \
-      --config.teacher=/tmp/mre_mae_tiny --config.data.data_dir=S_DATASET_DIR
+      --config.teacher=/tmp/mre_mae_tiny --config.data.name=photos \
+      --config.data.data_dir=/tmp/sp_tiny --config.batch_size=16
   python -m mimjax.main --config configs/distill.py:vit_b,in100,100ep --workdir W \
       --config.teacher=T --config.data.data_dir=S_DATASET_DIR
   python -m mimjax.main --config configs/distill.py:vit_s,in100,100ep,method=dino \

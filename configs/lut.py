@@ -5,7 +5,8 @@
       --config.data.data_dir=D --config.model.dtype=bfloat16
   python -m mimjax.main --config configs/lut.py:vit_s,in1k,1600ep --workdir W --config.data.data_dir=D
   python -m mimjax.main --config configs/lut.py:vit_b,in1k,400ep --workdir W --config.data.data_dir=D
-  python -m mimjax.main --config configs/lut.py:vit_b,in1k,1600ep,variant=paper --workdir W ...
+  python -m mimjax.main --config configs/lut.py:vit_b,in1k,1600ep,variant=paper --workdir W \
+      --config.data.data_dir=D
 
 Rows: vit_s (α = 1.0) / vit_b (α = 0.25) × in1k/in100 × <N>ep (paper: 1600 ep; ablations:
 400 ep). `variant=paper` follows the paper's text instead of the code (docs/lut.md):

@@ -1,10 +1,11 @@
 """MRE-DINO: DINO with the mask-guided attention bias (SAM helps SSL, Eq. 6).
 
 Every crop (2 global + N local) carries its own SAM segment map; the student gets the patch
-ids of each crop it encodes, the teacher those of the 2 global crops. Needs the SAM output:
-  python -m mimjax.sam --config configs/sam.py:ARG --workdir S
+ids of each crop it encodes, the teacher those of the 2 global crops. Needs the SAM output
+(here its CPU-sized superpixel row on the 18 embedded photos, hence batch 16):
+  python -m mimjax.sam --config configs/sam.py:tiny,superpixel --workdir /tmp/sp_tiny
   python -m mimjax.main --config configs/mre_dino.py:tiny --workdir /tmp/mre_dino_tiny \
-      --config.data.data_dir=S_DATASET_DIR
+      --config.data.name=photos --config.data.data_dir=/tmp/sp_tiny --config.batch_size=16
   python -m mimjax.main --config configs/mre_dino.py:vit_s,in100,300ep --workdir W \
       --config.data.data_dir=S_DATASET_DIR
 

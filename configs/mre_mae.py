@@ -1,9 +1,10 @@
 """MRE-MAE: MAE with the mask-guided attention bias (SAM helps SSL, Taguchi et al.).
 
-Needs data with SAM segment maps (`segments`), written by the SAM stage:
-  python -m mimjax.sam --config configs/sam.py:ARG --workdir S        # → a TFDS set under S
+Needs data with SAM segment maps (`segments`), written by the SAM stage (here its CPU-sized
+superpixel row on the 18 embedded photos, hence batch 16; configs/sam.py:tiny runs SAM itself):
+  python -m mimjax.sam --config configs/sam.py:tiny,superpixel --workdir /tmp/sp_tiny
   python -m mimjax.main --config configs/mre_mae.py:tiny --workdir /tmp/mre_mae_tiny \
-      --config.data.data_dir=S_DATASET_DIR
+      --config.data.name=photos --config.data.data_dir=/tmp/sp_tiny --config.batch_size=16
   python -m mimjax.main --config configs/mre_mae.py:vit_b,in100,1600ep --workdir W \
       --config.data.data_dir=S_DATASET_DIR --config.model.dtype=bfloat16
 

@@ -230,6 +230,8 @@ def print_table(result: dict, indent: str = '') -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from mimjax import logs
+  logs.quiet_library_logs()
   f = flags.FLAGS
   config = f.config
   if f.data and f.torch:

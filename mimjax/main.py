@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimjax import logs
 from mimjax.train import durations
 from mimjax.train import validate
 from mimjax.train import workdir as workdir_lib
@@ -28,15 +29,6 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'it was trained with (the new config is recorded in config.json and history.jsonl).')
 flags.mark_flags_as_required(['config', 'workdir'])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _DropKnownNoise:
-  """Harmless library warnings: tfds's OpenCV hint (we decode with PIL) and orbax's note that
-  a composite checkpoint's item directory has no metadata file of its own."""
-  NOISE = ('OpenCV is not installed', 'Metadata file does not exist')
-
-  def filter(self, record) -> bool:
-    return not any(n in record.getMessage() for n in self.NOISE)
 
 
 def maybe_initialize_distributed() -> None:
@@ -166,9 +158,7 @@ def parse_flags(argv: list) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines drown the progress bar
-  logging.get_absl_logger().addFilter(_DropKnownNoise())
+  logs.quiet_library_logs()
   try:
     config = _CONFIG.value  # the config file is loaded lazily, on first access
   except Exception as e:  # pylint: disable=broad-except

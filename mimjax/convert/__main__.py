@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from mimjax import logs
 from mimjax.convert import from_torch
 from mimjax.convert import to_torch
 from mimjax.models import vit as vit_lib
@@ -148,6 +149,7 @@ def import_(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the CLI; bad input → one line on stderr and exit status 2."""
   args = parse_args(argv)
+  logs.quiet_library_logs()
   try:
     return export(args) if args.format else import_(args)
   except (ValueError, FileNotFoundError, KeyError) as e:

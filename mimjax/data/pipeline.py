@@ -355,8 +355,11 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
                      f'the process count {pc}')
   source, has_segments = open_source(data_config, split)
   if train and len(source) < global_batch_size:
-    raise ValueError(f'data set {data_config.name!r} split {split!r} has {len(source)} '
-                     f'examples, fewer than one global batch of {global_batch_size}')
+    # Name what was read: data_dir may point at another set than data.name (a SAM output).
+    path = '' if data_config.name == 'synthetic' else _dataset_dir(data_config)
+    read = f'{os.path.basename(os.path.dirname(path))!r} ({path})' if path else "'synthetic'"
+    raise ValueError(f'data set {read} split {split!r} has {len(source)} examples, fewer than '
+                     f'one global batch of {global_batch_size}; lower --config.batch_size')
   maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
                       process_index=pi, process_count=pc, seed=seed, train=train)
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mimjax import logs
 from mimjax.evaluate import features
 from mimjax.train import checkpoint
 from mimjax.train import metrics as metrics_lib
@@ -87,8 +88,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.write(step, results)
   writer.close()
   write_results(workdir, step, results)
+  files = [os.path.join(workdir, 'results.json')]
   if config.get('plots'):
-    write_plots(eval_config, pretrain_config, path, jax.device_get(params), evaluators, workdir)
+    files += write_plots(eval_config, pretrain_config, path, jax.device_get(params), evaluators,
+                         workdir)
+  if jax.process_index() == 0:
+    logs.print_results(results, files, title=f'evaluation of {config.pretrained} (step {step})')
   return results
 
 

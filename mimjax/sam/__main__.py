@@ -14,6 +14,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from mimjax import logs
+  logs.quiet_library_logs()  # our one progress bar, not tfds's nested ones
   from mimjax.data.builders.tfds_io import BuildError
   from mimjax.sam import run, sources
   try:

@@ -89,6 +89,8 @@ def load_examples(data_dir: str, name: str, split: str, n: int) -> list:
 
 def main(argv):
   del argv
+  from mimjax import logs
+  logs.quiet_library_logs()
   draw_grid(load_examples(_DATA_DIR.value, _NAME.value, _SPLIT.value, _N.value), _OUT.value)
   print(f'wrote {_OUT.value}')
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from mimjax import logs
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
 from mimjax.train import checkpoint as ckpt_lib
@@ -213,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if jax.process_index() == 0:  # one writer: hosts share the workdir
         ckpt_lib.write_config(workdir, config)
         workdir_lib.append_history(workdir, 'start', step=0, total_steps=total_steps)
-      _say(f'training {config.objective} for {total_steps} steps on {jax.device_count()} '
+      _say(f'training {_method_name(config)} for {total_steps} steps on {jax.device_count()} '
            f'device(s), batch {config.batch_size}, in {workdir}')
 
     step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
@@ -225,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(preemption.restore)
     bar = metrics_lib.progress_bar(total_steps, start)
     cleanup.callback(bar.close)
-    record, step, uniform_logs = {}, start, 0
+    record, step, uniform_logs, final_results = {}, start, 0, {}
     last_good = start if ckpt.latest_step() is not None else None
     t0, images_seen = time.perf_counter(), 0
     while step < total_steps:
@@ -257,14 +258,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         record.update(writer.write(step, results))
         if is_last:
           write_results(workdir, step, results)
+          final_results = results
       if stop:
         _say(f'{preemption.requested or "preemption"} received: saved step {step}, exiting '
              '(re-run the same command to resume)')
         break
+    bar.close()  # the lines below start on a fresh line, not on the bar's
     if step == start:
       _say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
     elif step == total_steps:
       _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
+    if final_results and jax.process_index() == 0:
+      logs.print_results(final_results, [os.path.join(workdir, 'results.json')],
+                         title=f'evaluation at step {step}')
     return record
 
 
@@ -295,6 +301,14 @@ def _warn_uniform(record: dict, count: int) -> int:
     _say(f'warning: step {record.get("step")}: the student output is uniform (entropy '
          f'{value:.3f}·ln K): training has collapsed (docs/dino.md)')
   return count
+
+
+def _method_name(config: ml_collections.ConfigDict) -> str:
+  """The method a config trains: the MaskFeat/BEiT baselines run the semantic_mim objective
+  without proxies, and are announced by their own names."""
+  if config.objective == 'semantic_mim' and not config.model.get('proxy', True):
+    return {'hog': 'maskfeat', 'tokens': 'beit'}.get(config.get('target'), config.objective)
+  return config.objective
 
 
 class _ObjectiveEvaluator:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -37,12 +38,15 @@ def _results(workdir):
     return json.load(f)
 
 
-def test_knn_and_cached_probe_write_results(pretrained, tmp_path):
+def test_knn_and_cached_probe_write_results(pretrained, tmp_path, capsys):
   config = _small(knn_config.get_config('tiny,probe=1'), pretrained=pretrained,
                   **{'evals.linear.epochs': 5, 'evals.linear.lrs': (0.1,),
                      'evals.knn.fractions': (1.0, 0.1)})
   main.run(config, str(tmp_path / 'knn'))
   res = _results(tmp_path / 'knn')
+  shown = capsys.readouterr().out  # the run ends with its results table and files
+  assert re.search(rf"^knn/top1 +{res['knn/top1']:.4g}$", shown, re.M), shown
+  assert f"wrote {tmp_path / 'knn' / 'results.json'}" in shown
   assert res['step'] == 20
   for key in ('knn/top1', 'knn/top5', 'knn/top1@10%', 'linear/top1', 'linear/top1@10%'):
     assert 0.0 <= res[key] <= 100.0
@@ -61,7 +65,7 @@ def test_knn_and_cached_probe_write_results(pretrained, tmp_path):
   assert _results(tmp_path / 'knn_imported')['knn/top1'] == pytest.approx(res['knn/top1'])
 
 
-def test_linear_probe_objective_trains_head_only(pretrained, tmp_path):
+def test_linear_probe_objective_trains_head_only(pretrained, tmp_path, capsys):
   workdir = str(tmp_path / 'lin')
   config = _small(linear_config.get_config('tiny,pool=abmilp'), pretrained=pretrained,
                   total_steps=6, warmup_steps=1, batch_size=32, log_every=3,
@@ -69,6 +73,9 @@ def test_linear_probe_objective_trains_head_only(pretrained, tmp_path):
   main.run(config, workdir)
   res = _results(workdir)
   assert res['step'] == 6 and 0.0 <= res['eval/top1'] <= 100.0
+  shown = capsys.readouterr().out  # the accuracy, not only the loss, ends the run
+  assert re.search(rf"^eval/top1 +{res['eval/top1']:.4g}$", shown, re.M), shown
+  assert f"wrote {os.path.join(workdir, 'results.json')}" in shown
   before = checkpoint.restore_params(pretrained)['encoder']
   after = checkpoint.restore_params(workdir)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after['encoder'])):
