@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
+from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.objectives import dino
 from mimjax.train import ema, optim, trainer
@@ -260,16 +261,19 @@ def test_loss_updates_center_from_teacher_outputs(tiny_dino):
 
 def test_mre_dino_gives_every_crop_its_own_segment_ids():
   config = mre_dino_config.get_config('tiny')
-  batch = _batch(config, segments=True)
+  maps = _batch(config, segments=True)
+  batch = pipeline.to_patch_ids(maps, config.data)  # what the loader ships: (B, crops, N) ids
   crops, ids = dino.multicrop_views(config, batch)
   assert [c.shape for c in crops] == [(8, 32, 32, 3), (8, 16, 16, 3)]
   assert [i.shape for i in ids] == [(8, 64), (8, 16)]
   # crop-major: row 1 of the stacked globals is example 1's first crop; patch (0, 0) is the
   # majority id of its 4×4 pixels.
-  patch = batch['segments_global'][1, 0, :4, :4].ravel()
+  patch = maps['segments_global'][1, 0, :4, :4].ravel()
   assert int(ids[0][1, 0]) == int(np.bincount(patch).argmax())
-  with pytest.raises(ValueError, match='segments_global'):
+  with pytest.raises(ValueError, match='segment_ids_global'):
     dino.multicrop_views(config, _batch(config))
+  with pytest.raises(ValueError, match='segment_patch_size=4'):  # raw maps, not patch ids
+    dino.multicrop_views(config, maps | {'segment_ids_global': maps['segments_global']})
 
 
 def _segments_data(root):
