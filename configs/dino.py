@@ -74,6 +74,7 @@ def get_config(arg: str = 'vit_s,in100,300ep') -> ml_collections.ConfigDict:
     config.log_every = 10
     config.checkpoint_every = 40
   else:
+    common.paper_speed(config)
     config.evals.knn.every_steps = 10000
     config.batch_size = 1024      # official: 64 per GPU × 16 GPUs
     config.total_epochs = arg.epochs

@@ -37,7 +37,8 @@ def get_config(arg: str = 'vit_b,in100,100ep') -> ml_collections.ConfigDict:
   config.teacher = ''                       # required: the MRE teacher's workdir
   config.distill = distill.default_config()
   config.distill.method = parsed.method
-  config.data.use_segments = True           # the teacher needs its masks
+  config.data.use_segments = True           # the teacher needs its masks ...
+  common.ship_segment_ids(config)           # ... as patch ids (same patch size as the student)
   if parsed.method == 'dino':
     # No EMA, no centering: a frozen teacher; the last-layer freeze/temperature warm-up of
     # DINO do not apply to a student that starts from the teacher's weights.

@@ -31,6 +31,7 @@ def mre_fields(config: ml_collections.ConfigDict) -> None:
   seg.init_neg = 0.0
   seg.num_ids = 8           # c = 5 masks (+ background 0) fit
   config.data.use_segments = True
+  common.ship_segment_ids(config)  # patch ids computed by the loader, not on the device
   # u_pos/u_neg are (depth, heads) 2-D tensors: timm's rule would decay them toward 0; the paper
   # is silent, we keep them out of weight decay (docs/mre.md).
   config.optim.no_decay = tuple(config.optim.no_decay) + ('segment_bias/',)

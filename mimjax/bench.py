@@ -148,7 +148,8 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
                                 seed=0, train=True)
   example = jax.tree.map(lambda x: np.asarray(x[:1]), next(loader))
   if needs_segments(config):
-    example = add_synthetic_segments(example, config.model.segment_bias.num_ids)
+    example = pipeline.to_patch_ids(
+        add_synthetic_segments(example, config.model.segment_bias.num_ids), config.data)
   batch = sharding.put_batch(synthetic_batch(example, config.batch_size), mesh)
   rng = jax.random.key(0)
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)

@@ -267,11 +267,12 @@ def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array]
   return out
 
 
-def patch_segment_ids(segments: Array, patch_size: int) -> Array:
+def patch_segment_ids(segments: Array, patch_size: int, num_ids: int = 256) -> Array:
   """(..., H, W) uint8 id map → (..., H/p, W/p): the most frequent id in each p×p patch.
 
   Ties go to the lower id; background 0 counts like any other id (a patch that is half
-  background, half id 3 gets 0). H and W must be multiples of `patch_size`.
+  background, half id 3 gets 0). Ids ≥ `num_ids` do not vote (a patch made only of them gets
+  0), as in a one-hot over `num_ids` classes. H and W must be multiples of `patch_size`.
   """
   segments = np.asarray(segments)
   *lead, h, w = segments.shape
@@ -280,8 +281,10 @@ def patch_segment_ids(segments: Array, patch_size: int) -> Array:
     raise ValueError(f'segment map {h}x{w} is not a multiple of patch_size {p}')
   x = segments.reshape(*lead, h // p, p, w // p, p)
   x = np.moveaxis(x, -3, -2).reshape(*lead, h // p, w // p, p * p)
-  ids = np.arange(int(segments.max(initial=0)) + 1, dtype=segments.dtype)
+  ids = np.arange(min(int(segments.max(initial=0)) + 1, int(num_ids)), dtype=segments.dtype)
   counts = (x[..., None] == ids).sum(axis=-2)  # (..., h/p, w/p, K+1)
+  if counts.shape[-1] == 0:  # num_ids = 0: nothing votes
+    return np.zeros(counts.shape[:-1], np.uint8)
   # argmax returns the first maximum → the lowest id among tied ones.
   return counts.argmax(axis=-1).astype(np.uint8)
 

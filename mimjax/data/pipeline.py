@@ -42,6 +42,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       'prefetch': 2,               # batches buffered ahead (per worker)
       'read_threads': 2,           # threads building batches in each process
       'use_segments': True,        # yield `segments` when the records have them
+      # > 0: replace every segment map by its patch ids (majority id per p×p patch, computed
+      # here on the host) so the device gets (…, N) ids, not (…, H, W) maps; MRE configs set
+      # it to the model's patch size (configs/common.py: ship_segment_ids).
+      'segment_patch_size': 0,
+      'segment_num_ids': 256,      # ids ≥ this do not vote (model.segment_bias.num_ids)
       'crop_scale': (0.2, 1.0),    # RandomResizedCrop area range ('mae')
       'crop_ratio': (3 / 4, 4 / 3),
       'crop_padding': 4,           # reflect padding of the simple random crop ('simple', 'lut')
@@ -82,7 +87,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f'data.{key} must be a positive int, got {cfg[key]!r}')
   for key in ('worker_count', 'prefetch', 'read_threads', 'local_crops_number',
-              'crop_padding'):
+              'crop_padding', 'segment_patch_size', 'segment_num_ids'):
     if not isinstance(cfg[key], int) or cfg[key] < 0:
       raise ValueError(f'data.{key} must be a non-negative int, got {cfg[key]!r}')
   if not isinstance(cfg.randaug_num_ops, int) or cfg.randaug_num_ops < 0:
@@ -199,6 +204,51 @@ def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
   return out
 
 
+def segment_ids_key(segments_key: str) -> str:
+  """'segments' → 'segment_ids', 'segments_global' → 'segment_ids_global', ..."""
+  return 'segment_ids' + segments_key[len('segments'):]
+
+
+def to_patch_ids(batch: dict, cfg) -> dict:
+  """Every `segments*` map (..., H, W) → `segment_ids*` (..., N) uint8 patch ids when
+  cfg.segment_patch_size > 0 (the maps are dropped: the device only needs the ids)."""
+  p = cfg.get('segment_patch_size', 0)
+  if not p:
+    return batch
+  out = {}
+  for key, value in batch.items():
+    if key.startswith('segments'):
+      ids = aug_lib.patch_segment_ids(value, p, cfg.get('segment_num_ids', 256))
+      out[segment_ids_key(key)] = ids.reshape(ids.shape[:-2] + (-1,))
+    else:
+      out[key] = value
+  return out
+
+
+def collate(outs: list, cfg) -> dict:
+  """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids."""
+  batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  batch['label'] = batch['label'].astype(np.int32)
+  for k, v in batch.items():
+    if k != 'label':
+      batch[k] = v.astype(np.uint8)
+  return to_patch_ids(batch, cfg)
+
+
+def blank_example(data_config: ml_collections.ConfigDict, *, segments: bool,
+                  train: bool = True) -> dict:
+  """A batch of one built from a blank image (and blank segment map when `segments`): the
+  keys, shapes and dtypes the loader yields, without opening any data set (for planning)."""
+  s = data_config.image_size
+  seg = np.zeros((s, s), np.uint8) if segments else None
+  out = augment_example(data_config, np.random.default_rng(0), np.zeros((s, s, 3), np.uint8),
+                        seg, data_config.augment if train else 'eval')
+  batch = collate([dict(out, label=np.int32(0))], data_config)
+  if not train:
+    batch['mask'] = np.ones(1, bool)
+  return batch
+
+
 class _BatchMaker:
   """Host batch index → batch dict. Picklable so grain worker processes can run it."""
 
@@ -256,11 +306,7 @@ class _BatchMaker:
       out = augment_example(self.cfg, rng, image, segs, self.augment)
       out['label'] = np.int32(ex['label'])
       outs.append(out)
-    batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
-    batch['label'] = batch['label'].astype(np.int32)
-    for k, v in batch.items():
-      if k != 'label':
-        batch[k] = v.astype(np.uint8)
+    batch = collate(outs, self.cfg)
     if not self.train:
       batch['mask'] = mask
     return batch

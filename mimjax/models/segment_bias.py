@@ -120,12 +120,17 @@ class SegmentBias(nn.Module):
     return layer_bias
 
 
-def patch_segment_ids(segments: jnp.ndarray, patch_size: int, num_ids: int = 256) -> jnp.ndarray:
-  """(B, H, W) uint8 map → (B, H/p·W/p) patch ids: the most frequent id in each patch,
-  ties → the lower id (argmax picks the first maximum); background 0 counts like any id."""
-  b, h, w = segments.shape
-  p = patch_size
-  x = segments.reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4).reshape(b, -1, p * p)
-  top = int(num_ids)
-  counts = jax.nn.one_hot(x.astype(jnp.int32), top, dtype=jnp.int32).sum(axis=2)
-  return jnp.argmax(counts, axis=-1).astype(jnp.int32)
+def checked_ids(batch: dict, key: str, image_size: int, patch_size: int) -> jnp.ndarray:
+  """batch[key] (…, N) host-computed patch ids (mimjax.data.pipeline.to_patch_ids) → int32,
+  with one clear error when they are missing or were computed for another patch size."""
+  if key not in batch:
+    raise ValueError(f'config.model.segment_bias.enabled=True but the batch has no {key!r}: '
+                     'train on SAM-stage output (`python -m mimjax.sam`) with '
+                     f'config.data.segment_patch_size={patch_size} (the model\'s patch size)')
+  ids = batch[key]
+  n = (image_size // patch_size) ** 2
+  if ids.ndim < 2 or ids.shape[-1] != n:
+    raise ValueError(f'batch[{key!r}] has shape {tuple(ids.shape)}, expected (…, {n}) patch '
+                     f'ids for {image_size}-px crops: set config.data.segment_patch_size='
+                     f'{patch_size} (the model\'s patch size)')
+  return ids.astype(jnp.int32)

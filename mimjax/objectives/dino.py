@@ -163,23 +163,19 @@ def per_example(logits: jnp.ndarray, batch_size: int, counts: Sequence[int]) -> 
 def multicrop_views(config: ml_collections.ConfigDict, batch: dict):
   """The 'dino' augment's batch → ([globals, locals?], [their patch segment ids or None]).
 
-  Segment ids (MRE) are the majority id of each patch of each crop's own segment map.
+  Segment ids (MRE): the majority id of each patch of each crop's own segment map, computed
+  by the data pipeline (data.segment_patch_size).
   """
-  crops, seg_keys = [batch_major(normalize_images(batch['global']))], ['segments_global']
+  crops, seg_keys = [batch_major(normalize_images(batch['global']))], ['segment_ids_global']
   if batch.get('local') is not None and batch['local'].shape[1] > 0:
     crops.append(batch_major(normalize_images(batch['local'])))
-    seg_keys.append('segments_local')
+    seg_keys.append('segment_ids_local')
   seg_cfg = config.model.get('segment_bias')
   if seg_cfg is None or not seg_cfg.enabled:
     return crops, None
-  missing = [k for k in seg_keys if k not in batch]
-  if missing:
-    raise ValueError(f'config.model.segment_bias.enabled=True but the batch has no {missing} '
-                     '(train on the SAM stage output, `python -m mimjax.sam`, with '
-                     'data.augment="dino")')
   p = model_dims(config.model)['patch_size']
-  ids = [segment_bias.patch_segment_ids(batch_major(batch[k]), p, seg_cfg.num_ids)
-         for k in seg_keys]
+  ids = [batch_major(segment_bias.checked_ids(batch, k, x.shape[1], p))
+         for k, x in zip(seg_keys, crops)]
   return crops, ids
 
 

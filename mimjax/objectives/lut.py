@@ -140,12 +140,12 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     if images.ndim != 5 or images.shape[1] != 2:
       raise ValueError(f'LUT expects batch["image"] of shape (B, 2, H, W, 3), got '
                        f'{images.shape}; set config.data.augment="lut"')
-    segs = {'segments': batch['segments'][:, v]} if 'segments' in batch else {}
+    segs = {'segment_ids': batch['segment_ids'][:, v]} if 'segment_ids' in batch else {}
     return normalize_images(images[:, v]), mae.batch_segment_ids(config, segs)
 
   def init(rng, batch):
     mae_rng, proj_rng, pred_rng = jax.random.split(rng, 3)
-    first = {k: v[:1, 0] for k, v in batch.items() if k in ('image', 'segments')}
+    first = {k: v[:1, 0] for k, v in batch.items() if k in ('image', 'segment_ids')}
     params, _ = mae.make(config).init(mae_rng, first)  # MAE's own init, reused as is
     feature = jnp.zeros((2, width), jnp.float32)
     params['projector'], proj_stats = batchnorm.init(projector, proj_rng, feature)

@@ -89,15 +89,15 @@ def num_patches(config: ml_collections.ConfigDict) -> int:
 
 
 def batch_segment_ids(config: ml_collections.ConfigDict, batch: dict):
-  """Patch segment ids (B, N) when the model uses the MRE bias, else None."""
+  """Patch segment ids (…, N) int32 when the model uses the MRE bias, else None.
+
+  The data pipeline computes them on the host (data.segment_patch_size, docs/mre.md); the
+  device never sees the (H, W) maps."""
   seg = config.model.get('segment_bias')
   if seg is None or not seg.enabled:
     return None
-  if 'segments' not in batch:
-    raise ValueError('config.model.segment_bias.enabled=True but the data has no `segments` '
-                     '(run the SAM stage, `python -m mimjax.sam`, and train on its output)')
-  return segment_bias.patch_segment_ids(batch['segments'], model_dims(config.model)['patch_size'],
-                                        seg.num_ids)
+  return segment_bias.checked_ids(batch, 'segment_ids', config.model.image_size,
+                                  model_dims(config.model)['patch_size'])
 
 
 def make(config: ml_collections.ConfigDict) -> Objective:

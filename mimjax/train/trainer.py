@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,42 @@ def _host_example(batch: dict) -> dict:
   return jax.tree.map(lambda x: np.asarray(x[:1]), batch)
 
 
+class BuiltStep(NamedTuple):
+  """What `build_step` returns: the jitted step and everything it was built from."""
+  step_fn: Any            # jitted (train_state, batch) -> (train_state, metrics), donates state
+  init_fn: Callable       # rng -> train state (jit it with out_shardings=state_shardings)
+  rng: jax.Array          # the init key (config.seed)
+  abstract: Any           # train state as ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  total_steps: int
+  lr_schedule: Callable    # step -> learning rate (for messages)
+
+
+def build_step(config: ml_collections.ConfigDict, objective: objectives.Objective, mesh,
+               example: dict, num_train: int) -> BuiltStep:
+  """The trainer's exact train step for `config` on `mesh`: optimizer, state shardings and the
+  jitted step (also what `mimjax.plan` and tests/test_scale.py compile ahead of time).
+  `example` is a host batch of one (only shapes matter); `num_train` sizes the schedules."""
+  total_steps = resolve_steps('total', config, num_train)
+  warmup_steps = resolve_steps('warmup', config, num_train, default=0)
+  rng = jax.random.key(config.seed)
+  params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
+  tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
+                                         warmup_steps=warmup_steps,
+                                         batch_size=config.batch_size,
+                                         num_examples=num_train)
+  init_fn = lambda r: init_train_state(objective, tx, r, example)
+  abstract = jax.eval_shape(init_fn, rng)
+  state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1))),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
+  return BuiltStep(step_fn, init_fn, rng, abstract, state_shardings, total_steps, lr_schedule)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        objective: Optional[objectives.Objective] = None, *,
                        allow_config_change: bool = False) -> dict:
@@ -146,26 +182,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   objective = objective or objectives.load(config.objective).make(config)
   mesh = sharding.make_mesh(config.mesh)
   num_train = pipeline.num_examples(config.data, 'train')
-  total_steps = resolve_steps('total', config, num_train)
-  warmup_steps = resolve_steps('warmup', config, num_train, default=0)
-  accum = int(config.get('grad_accum', 1))
-
   loader = pipeline.make_loader(config.data, global_batch_size=config.batch_size,
                                 seed=config.seed, split='train', train=True)
   initial_data_state = loader.get_state()
   example = _host_example(next(loader))
 
-  rng = jax.random.key(config.seed)
-  params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
-  tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
-                                         warmup_steps=warmup_steps,
-                                         batch_size=config.batch_size,
-                                         num_examples=num_train)
-  init_fn = lambda r: init_train_state(objective, tx, r, example)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
+  built = build_step(config, objective, mesh, example, num_train)
+  total_steps, init_fn, rng = built.total_steps, built.init_fn, built.rng
+  abstract, state_shardings, step_fn = built.abstract, built.state_shardings, built.step_fn
+  lr_schedule = built.lr_schedule
 
   init_params = None
   if config.get('init_from') and not _has_checkpoints(workdir):
@@ -217,10 +242,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _say(f'training {_method_name(config)} for {total_steps} steps on {jax.device_count()} '
            f'device(s), batch {config.batch_size}, in {workdir}')
 
-    step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, accum),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
     evaluators = make_evaluators(config, objective, mesh)
     preemption = _Preemption()
     cleanup.callback(preemption.restore)

@@ -153,6 +153,28 @@ def test_patch_segment_ids_majority_and_ties():
     augment.patch_segment_ids(np.zeros((5, 4), np.uint8), 2)
 
 
+def _device_patch_ids(segments, p, num_ids):
+  """What the jitted loss computed before the ids moved to the host: a one-hot over
+  (B, N, p², num_ids), summed, argmax (first maximum)."""
+  import jax
+  import jax.numpy as jnp
+  b, h, w = segments.shape
+  x = jnp.asarray(segments).reshape(b, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4)
+  counts = jax.nn.one_hot(x.reshape(b, -1, p * p).astype(jnp.int32), num_ids,
+                          dtype=jnp.int32).sum(axis=2)
+  return np.asarray(jnp.argmax(counts, axis=-1))
+
+
+@pytest.mark.parametrize('high,num_ids', [(3, 8), (8, 8), (12, 8), (256, 256)])
+def test_host_patch_ids_equal_the_former_device_computation(high, num_ids):
+  rng = np.random.default_rng(high)
+  # few ids on 2×2 patches → many ties; ids ≥ num_ids (high 12) must not vote.
+  seg = rng.integers(0, high, (6, 8, 12), dtype=np.int64).astype(np.uint8)
+  for p in (2, 4):
+    host = augment.patch_segment_ids(seg, p, num_ids).reshape(6, -1)
+    np.testing.assert_array_equal(host, _device_patch_ids(seg, p, num_ids))
+
+
 # ------------------------------------------------------------------------- RandAugment (timm)
 def _timm_rand_augment():
   """The RandAugment that timm's create_transform builds for MAE fine-tuning (reference)."""

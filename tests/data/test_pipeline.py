@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from mimjax.data import augment as aug_lib
 from mimjax.data import pipeline
 
 
@@ -168,6 +169,30 @@ def _segments_dataset(root):
   feats = tfds_io.features_dict(['a', 'b', 'c'], with_segments=True)
   tfds_io.write_tfds(root, 'image_folder', feats, {'train': gen})
   return colors
+
+
+@pytest.mark.parametrize('augment', ['mae', 'lut', 'dino'])
+def test_loader_ships_host_patch_ids_instead_of_maps(tmp_path, augment):
+  _segments_dataset(str(tmp_path))
+  kw = dict(name='image_folder', augment=augment, image_size=32, local_size=16,
+            local_crops_number=2)
+  maps = next(pipeline.make_loader(_cfg(str(tmp_path), **kw), global_batch_size=3, seed=0))
+  got = next(pipeline.make_loader(_cfg(str(tmp_path), segment_patch_size=8, **kw),
+                                  global_batch_size=3, seed=0))
+  seg_keys = [k for k in maps if k.startswith('segments')]
+  assert seg_keys and not any(k.startswith('segments') for k in got)
+  for key in seg_keys:
+    ids = got[pipeline.segment_ids_key(key)]
+    h, w = maps[key].shape[-2:]
+    assert ids.dtype == np.uint8 and ids.shape == maps[key].shape[:-2] + (h // 8 * (w // 8),)
+    want = aug_lib.patch_segment_ids(maps[key], 8).reshape(ids.shape)
+    np.testing.assert_array_equal(ids, want)
+  np.testing.assert_array_equal(got['image' if augment != 'dino' else 'global'],
+                                maps['image' if augment != 'dino' else 'global'])
+  blank = pipeline.blank_example(_cfg(str(tmp_path), segment_patch_size=8, **kw),
+                                 segments=True)
+  assert {k: (v.shape[1:], v.dtype) for k, v in blank.items()} == {
+      k: (v.shape[1:], v.dtype) for k, v in got.items()}
 
 
 @pytest.mark.parametrize('augment', ['mae', 'lut', 'dino', 'eval'])

@@ -58,14 +58,15 @@ def test_fixed_and_sign_variants():
     segment_bias.SegmentBias(_cfg(mode='bogus'), depth=1, num_heads=1).init(jax.random.key(0), ids)
 
 
-def test_patch_segment_ids_majority_ties_to_lower_id():
-  seg = np.zeros((1, 4, 4), np.uint8)
-  seg[0, :2, :2] = [[3, 3], [3, 1]]     # majority 3
-  seg[0, :2, 2:] = [[2, 2], [1, 1]]     # tie 1 vs 2 → 1
-  seg[0, 2:, :2] = [[0, 0], [5, 5]]     # tie 0 vs 5 → 0 (background counts like any id)
-  seg[0, 2:, 2:] = 4
-  ids = segment_bias.patch_segment_ids(jnp.asarray(seg), 2, num_ids=8)
-  np.testing.assert_array_equal(ids, [[3, 1, 0, 4]])
+def test_checked_ids_takes_host_patch_ids_and_rejects_maps():
+  ids = np.arange(2 * 16, dtype=np.uint8).reshape(2, 16)
+  out = segment_bias.checked_ids({'segment_ids': ids}, 'segment_ids', 16, 4)
+  assert out.dtype == jnp.int32 and out.tolist() == ids.tolist()
+  with pytest.raises(ValueError, match="no 'segment_ids'.*segment_patch_size=4"):
+    segment_bias.checked_ids({}, 'segment_ids', 16, 4)
+  with pytest.raises(ValueError, match='expected .*16.*segment_patch_size=2'):  # a raw map
+    segment_bias.checked_ids({'segment_ids': np.zeros((2, 8, 8), np.uint8)}, 'segment_ids',
+                             8, 2)
 
 
 def _vit(**seg):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
+from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.data.normalize import normalize_images
 from mimjax.objectives import dino, distill
@@ -348,18 +349,21 @@ def test_multicrop_step_splits_over_the_data_axis(which):
 
 def test_mre_dino_gives_every_crop_its_own_segment_ids():
   config = mre_dino_config.get_config('tiny')
-  batch = _batch(config, segments=True)
+  maps = _batch(config, segments=True)
+  batch = pipeline.to_patch_ids(maps, config.data)  # what the loader ships: (B, crops, N) ids
   crops, ids = dino.multicrop_views(config, batch)
   assert [c.shape for c in crops] == [(8, 32, 32, 3), (8, 16, 16, 3)]
   assert [i.shape for i in ids] == [(8, 64), (8, 16)]
   # batch-major: row 3 of the stacked globals is example 1's second crop; patch (0, 0) is the
   # majority id of its 4×4 pixels.
-  patch = batch['segments_global'][1, 1, :4, :4].ravel()
+  patch = maps['segments_global'][1, 1, :4, :4].ravel()
   assert int(ids[0][3, 0]) == int(np.bincount(patch).argmax())
   np.testing.assert_array_equal(np.asarray(crops[1][5]),
-                                np.asarray(normalize_images(batch['local'][2, 1])))
-  with pytest.raises(ValueError, match='segments_global'):
+                                np.asarray(normalize_images(maps['local'][2, 1])))
+  with pytest.raises(ValueError, match='segment_ids_global'):
     dino.multicrop_views(config, _batch(config))
+  with pytest.raises(ValueError, match='segment_patch_size=4'):  # raw maps, not patch ids
+    dino.multicrop_views(config, maps | {'segment_ids_global': maps['segments_global']})
 
 
 def _segments_data(root):

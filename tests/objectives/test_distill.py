@@ -13,6 +13,7 @@ from configs import distill as distill_config
 from configs import mae as mae_config
 from configs import mre_dino as mre_dino_config
 from configs import mre_mae as mre_mae_config
+from mimjax.data import pipeline
 from mimjax.objectives import distill, dino, mae
 from mimjax.train import checkpoint
 
@@ -22,7 +23,8 @@ def _mae_batch(b=4, seed=0):
   seg = np.zeros((b, 32, 32), np.uint8)
   seg[:, :16, :] = 1
   seg[:, 16:, 16:] = 2 + rng.integers(0, 3, (b, 1, 1)).astype(np.uint8)
-  return {'image': rng.integers(0, 256, (b, 32, 32, 3), np.uint8), 'segments': seg}
+  batch = {'image': rng.integers(0, 256, (b, 32, 32, 3), np.uint8), 'segments': seg}
+  return pipeline.to_patch_ids(batch, mre_mae_config.get_config('tiny').data)
 
 
 def test_mre_mae_with_zero_bias_equals_mae_and_gradients_reach_u():
@@ -109,6 +111,7 @@ def test_dino_kd_uses_identical_views_without_centering(tmp_path):
            'local': rng.integers(0, 256, (2, 2, 16, 16, 3), np.uint8),
            'segments_global': rng.integers(0, 4, (2, 2, 32, 32), np.uint8),
            'segments_local': rng.integers(0, 4, (2, 2, 16, 16), np.uint8)}
+  batch = pipeline.to_patch_ids(batch, teacher_cfg.data)
   workdir, _ = _teacher_workdir(tmp_path, teacher_cfg, batch, dino.make(teacher_cfg))
   config = distill_config.get_config('tiny,method=dino')
   config.teacher = workdir

@@ -1,0 +1,82 @@
+"""mimjax.plan: the HLO collective parser, and a plan of a tiny config on 8 devices."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs import mae as mae_config
+from mimjax import plan
+
+HLO = """
+  %all-gather-start.1 = (f32[5,64]{1,0}, f32[40,64]{1,0}) all-gather-start(f32[5,64]{1,0} %p), dimensions={0}
+  %all-gather-done.1 = f32[40,64]{1,0} all-gather-done((f32[5,64]{1,0}, f32[40,64]{1,0}) %all-gather-start.1)
+  %all-gather.2 = bf16[8,16]{1,0} all-gather(bf16[1,16]{1,0} %q), dimensions={0}
+  %all-reduce.3 = (f32[]{:T(128)}, f32[64,256]{1,0}) all-reduce(f32[] %a, f32[64,256]{1,0} %b), to_apply=%add
+  %reduce-scatter = f32[8,32]{1,0} reduce-scatter(f32[64,32]{1,0} %c), dimensions={0}
+  %fusion = f32[40,64]{1,0} fusion(f32[40,64]{1,0} %d), kind=kLoop, calls=%all-gather-like
+"""
+
+
+def test_collectives_are_parsed_with_result_bytes():
+  ops = plan.collectives(HLO)
+  assert [op.kind for op in ops] == ['all-gather', 'all-gather', 'all-reduce', 'reduce-scatter']
+  assert ops[0].shapes == ((5, 64), (40, 64)) and ops[0].bytes == 4 * (5 * 64 + 40 * 64)
+  assert ops[1].bytes == 2 * 8 * 16
+  assert ops[2].shapes == ((), (64, 256)) and ops[2].bytes == 4 + 4 * 64 * 256
+  assert plan.collective_summary(ops) == {
+      'all-gather': {'count': 2, 'bytes': 4 * 45 * 64 + 256},
+      'all-reduce': {'count': 1, 'bytes': 4 + 4 * 64 * 256},
+      'reduce-scatter': {'count': 1, 'bytes': 4 * 8 * 32}}
+  # Only the all-gather whose result has the global batch (40) is batch-shaped.
+  assert [op.shapes for op in plan.batch_all_gathers(HLO, 40)] == [((5, 64), (40, 64))]
+  assert plan.batch_all_gathers(HLO, 24) == []
+
+
+def test_devices_cannot_be_faked_after_jax_started():
+  with pytest.raises(RuntimeError, match='before'):
+    plan.fake_cpu_devices(8)
+
+
+@pytest.fixture(scope='module')
+def tiny_plan():
+  return plan.plan(mae_config.get_config('tiny'), devices=8)
+
+
+def test_plan_of_tiny_mae_on_8_devices(tiny_plan):
+  p = tiny_plan
+  config = mae_config.get_config('tiny')
+  assert (p['devices'], p['global_batch'], p['per_device_batch']) == (8, 64, 8)
+  # Unsharded (fsdp 1) float32 params; AdamW holds two moments of the trained ones.
+  params = plan.compile_step(config, plan.mesh_of(8)).built.abstract['params']
+  sizes = {plan.sharding.path_name(k): math.prod(x.shape)
+           for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert p['params_bytes'] == 4 * sum(sizes.values())
+  # AdamW: two float32 moments per trained param (the sincos pos-embeds are frozen), + counts.
+  trained = sum(n for k, n in sizes.items() if not k.endswith('pos_embed'))
+  assert 8 * trained <= p['opt_state_bytes'] <= 8 * trained + 64
+  assert p['batch_bytes'] == 8 * (32 * 32 * 3 + 4)       # uint8 images + int32 labels
+  assert p['flops'] > 0 and p['temp_bytes'] > 0 and p['peak_bytes'] >= p['argument_bytes']
+  assert p['collectives']['all-reduce']['count'] >= 1    # gradient mean over the devices
+  assert p['batch_all_gathers'] == 0
+  assert all(p['fits'].values())
+  table = plan.format_plan('configs/mae.py:tiny', p)
+  assert '| GFLOP per step |' in table and 'H100 80GB: yes' in table
+
+
+def test_per_device_batch_extrapolates_to_the_full_batch(tiny_plan):
+  small = plan.plan(mae_config.get_config('tiny'), devices=8, per_device_batch=2)
+  assert small['compiled_per_device_batch'] == [2, 4] and small['per_device_batch'] == 8
+  assert small['params_bytes'] == tiny_plan['params_bytes']
+  assert small['batch_bytes'] == tiny_plan['batch_bytes']    # exactly linear
+  np.testing.assert_allclose(small['flops'], tiny_plan['flops'], rtol=0.05)
+
+
+def test_plan_needs_the_devices_and_a_divisible_batch():
+  config = mae_config.get_config('tiny')
+  with pytest.raises(ValueError, match='--devices=16'):
+    plan.plan(config, devices=16)
+  config.batch_size = 60
+  with pytest.raises(ValueError, match='not divisible'):
+    plan.plan(config, devices=8)
