@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 4096            # global, across all hosts/devices
   c.grad_accum = 1               # micro-batches per step (same global batch)
   # Durations: exactly one of *_steps / *_epochs / *_examples per name. A command-line
-  # override of one of them unsets the others (mimjax.train.durations.apply_cli_overrides).
+  # override of one of them unsets the others (mimjax.durations.apply_cli_overrides).
   c.total_steps = config_dict.placeholder(int)
   c.total_epochs = config_dict.placeholder(float)
   c.total_examples = config_dict.placeholder(int)

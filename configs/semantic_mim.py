@@ -22,7 +22,7 @@ Baselines without proxies: configs/maskfeat.py, configs/beit.py.
 import ml_collections
 
 from configs import common
-from mimjax import targets
+from mimjax import hog
 from mimjax import tokenizer
 
 # Paper Table 2 (pre-training), identical with and without proxies.
@@ -72,7 +72,7 @@ def mim_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDict
 
   config.target = 'hog' if arg.base == 'maskfeat' else 'tokens'
   config.norm_pix = True                      # used by target='pixel'
-  config.hog = targets.default_hog_config()   # mmpretrain: Gaussian window 16
+  config.hog = hog.default_hog_config()   # mmpretrain: Gaussian window 16
   config.tokenizer = tokenizer.default_tokenizer_config()
   if arg.tiny:
     # 4-px patches: 2-px cells keep MaskFeat's 2×2 cells per patch (108-d); one window/patch.

@@ -135,7 +135,8 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   import numpy as np
   from mimjax.data import pipeline
   from mimjax.objectives import base as objectives
-  from mimjax.train import optim, sharding, trainer
+  from mimjax import optim, sharding
+  from mimjax.train import trainer
 
   jax.config.update('jax_threefry_partitionable', True)
   objective = objectives.load(config.objective).make(config)
@@ -238,7 +239,7 @@ def main(argv):
   if f.data and f.torch:
     raise app.UsageError('--data times the input pipeline only; drop --torch')
   try:
-    from mimjax.train.validate import validate_config
+    from mimjax.validate import validate_config
     validate_config(config)  # the trainer's start-up checks (e.g. an unknown model.attention)
     if f.data:
       from mimjax.data import pipeline

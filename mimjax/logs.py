@@ -62,3 +62,10 @@ def print_results(results: Mapping[str, object], files: Iterable[str] = (),
   for path in files:
     print(f'wrote {path}', file=out)
   out.flush()
+
+
+def say(message: str) -> None:
+  """One status line on stderr (process 0), independent of absl's log verbosity."""
+  import jax  # noqa: PLC0415  (jax only when a status line is printed)
+  if jax.process_index() == 0:
+    print(f'mimjax: {message}', file=sys.stderr, flush=True)

@@ -17,10 +17,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimjax import durations
 from mimjax import logs
-from mimjax.train import durations
-from mimjax.train import validate
-from mimjax.train import workdir as workdir_lib
+from mimjax import validate
+from mimjax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, logs.')

@@ -56,9 +56,10 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mimjax import sharding  # noqa: E402
 from mimjax.data import pipeline  # noqa: E402
 from mimjax.objectives import base as objectives  # noqa: E402
-from mimjax.train import sharding, trainer  # noqa: E402
+from mimjax.train import trainer  # noqa: E402
 
 # Training-split sizes of the data sets paper rows name, so a plan needs no data on disk
 # (they only size the schedules, which do not change the compiled program's shapes).

@@ -28,8 +28,8 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from mimjax import targets
-from mimjax.train import sharding
+from mimjax import hog as hog_lib
+from mimjax import sharding
 
 TOKENIZERS = ('kmeans_hog',)
 
@@ -61,7 +61,7 @@ class KMeansHOGTokenizer:
   def features(self, images: jnp.ndarray) -> jnp.ndarray:
     """Per-patch HOG features (B, N, d)."""
     h = self.hog
-    return targets.hog_targets(images, self.patch_size, h.nbins, h.cell_size, h.gaussian_window)
+    return hog_lib.hog_targets(images, self.patch_size, h.nbins, h.cell_size, h.gaussian_window)
 
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
     return nearest(self.features(images), self.codebook)
@@ -161,13 +161,13 @@ def make_tokenizer(config: ml_collections.ConfigDict, patch_size: int) -> Tokeni
   path = cfg.get('codebook')
   if not path and cfg.get('fit_on_start'):
     # CPU-sized configs only: fit a small codebook in memory so `tiny` runs in one command.
-    return KMeansHOGTokenizer(fit_codebook(config), patch_size, targets.hog_config(config))
+    return KMeansHOGTokenizer(fit_codebook(config), patch_size, hog_lib.hog_config(config))
   if not path:
     raise ValueError('config.target="tokens" needs config.tokenizer.codebook: fit one with '
                      '`python -m mimjax.tokenizer fit --config <same config> --out codebook.npy`')
   codebook = np.load(path)
-  hog = targets.hog_config(config)
-  want = targets.hog_dim(patch_size, hog.nbins, hog.cell_size)
+  hog = hog_lib.hog_config(config)
+  want = hog_lib.hog_dim(patch_size, hog.nbins, hog.cell_size)
   if codebook.ndim != 2 or codebook.shape[1] != want:
     raise ValueError(f'config.tokenizer.codebook={path!r}: shape {codebook.shape}, expected '
                      f'(vocab, {want}) for patch {patch_size} and config.hog {hog.to_dict()}')
@@ -185,12 +185,12 @@ def fit_codebook(config: ml_collections.ConfigDict, num_images=None, vocab_size=
   num_images = int(num_images or tok.fit_images)
   vocab_size = int(vocab_size or tok.vocab_size)
   patch = model_dims(config.model)['patch_size']
-  hog = targets.hog_config(config)
+  hog = hog_lib.hog_config(config)
   num_images = min(num_images, pipeline.num_examples(config.data, 'train'))
   batch = min(256, num_images)
   loader = pipeline.make_loader(config.data, global_batch_size=batch, seed=config.seed,
                                 split='train', train=False)
-  feats = jax.jit(lambda x: targets.hog_targets(normalize_images(x), patch, hog.nbins,
+  feats = jax.jit(lambda x: hog_lib.hog_targets(normalize_images(x), patch, hog.nbins,
                                                 hog.cell_size, hog.gaussian_window))
   out, seen = [], 0
   while seen < num_images:

@@ -6,7 +6,7 @@ import re
 import jax
 import ml_collections
 
-from mimjax.train import sharding
+from mimjax import sharding
 
 _SHAPE = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
 

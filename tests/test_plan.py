@@ -8,6 +8,7 @@ import pytest
 
 from configs import mae as mae_config
 from mimjax import plan
+from mimjax import tree
 
 HLO = """
   %all-gather-start.1 = (f32[5,64]{1,0}, f32[40,64]{1,0}) all-gather-start(f32[5,64]{1,0} %p), dimensions={0}
@@ -50,7 +51,7 @@ def test_plan_of_tiny_mae_on_8_devices(tiny_plan):
   assert (p['devices'], p['global_batch'], p['per_device_batch']) == (8, 64, 8)
   # Unsharded (fsdp 1) float32 params; AdamW holds two moments of the trained ones.
   params = plan.compile_step(config, plan.mesh_of(8)).built.abstract['params']
-  sizes = {plan.sharding.path_name(k): math.prod(x.shape)
+  sizes = {tree.path_name(k): math.prod(x.shape)
            for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert p['params_bytes'] == 4 * sum(sizes.values())
   # AdamW: two float32 moments per trained param (the sincos pos-embeds are frozen), + counts.

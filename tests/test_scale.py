@@ -14,10 +14,10 @@ import ml_collections
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mimjax import checkpoint
 from mimjax import plan
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
-from mimjax.train import checkpoint
 
 GLOBAL_BATCH = 40  # 5 per device on 8: no model dimension of a tiny row is a multiple of 40
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'

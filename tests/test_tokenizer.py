@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mimjax import sharding
 from mimjax import tokenizer
-from mimjax.train import sharding
 from tests import hlo
 
 ROWS = P(sharding.BATCH_AXES)

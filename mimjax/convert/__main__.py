@@ -63,8 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> int:
   """Workdir → timm state dict (.safetensors/.pth) or official MAE {'model': sd} (.pth)."""
-  from mimjax.evaluate import features
-  pre = features.load_pretrained(args.workdir, args.checkpoint_key or 'teacher', args.step)
+  from mimjax.objectives import pretrained
+  pre = pretrained.load_pretrained(args.workdir, args.checkpoint_key or 'teacher', args.step)
   config, encoder = pre.config, pre.encoder
   classifier = pre.objective.predict is not None
   for note in to_torch.dropped_params(encoder, config.model):
@@ -114,8 +114,8 @@ def export(args: argparse.Namespace) -> int:
 def import_(args: argparse.Namespace) -> int:
   """timm / MAE checkpoint → workdir (W/config.json + W/params) via `save_params`."""
   from etils import epath
-  from mimjax.train import checkpoint
-  from mimjax.train import workdir
+  from mimjax import checkpoint
+  from mimjax import workdir
   workdir.check_output_dir(args.workdir)
   root = epath.Path(args.workdir)
   if (root / 'checkpoints').exists() or ((root / 'params').exists() and not args.overwrite):

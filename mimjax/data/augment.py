@@ -436,7 +436,7 @@ def finetune_view(rng: np.random.Generator, image: Array, segments: Optional[Arr
                   magnitude_std: float = 0.5) -> tuple[Array, Optional[Array]]:
   """MAE fine-tuning (timm create_transform): RRC(size, scale, bicubic) → flip 0.5 →
   RandAugment. RandomErasing follows on device, after normalisation
-  (`mimjax.evaluate.erasing.random_erasing`)."""
+  (`mimjax.data.erasing.random_erasing`)."""
   image, segments = random_resized_crop(rng, image, segments, size, scale, ratio)
   image, segments = random_hflip(rng, image, segments)
   return rand_augment(rng, image, segments, num_ops, magnitude, magnitude_std)

@@ -14,8 +14,9 @@ import ml_collections
 import numpy as np
 
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import features
+from mimjax.evaluate import base
 from mimjax.models.vit import ViT, model_dims
+from mimjax.objectives import pretrained
 
 EPS = 1e-6  # beyond-cls main_attention_stats.py
 
@@ -68,7 +69,7 @@ def beyond_cls_stats(attn: jnp.ndarray, num_prefix: int = 1) -> dict:
 METRICS = ('aad',) + tuple(beyond_cls_stats(jnp.full((1, 1, 5, 5), 0.2)))
 
 
-class AttentionStats(features.Evaluator):
+class AttentionStats(base.Evaluator):
   """Evaluator: every metric above averaged over `num_images` test images, per layer × head.
 
   `run` returns per-layer means over heads ('aad/layer_1', ...; 'aad/mean' over layers);
@@ -96,7 +97,7 @@ class AttentionStats(features.Evaluator):
 
   def run(self, params: Any, state: Any) -> dict:
     del state
-    values, _ = features.extract(self._fn, features.subtree(params, self.path), self.data_config,
+    values, _ = pretrained.extract(self._fn, pretrained.subtree(params, self.path), self.data_config,
                                  self.mesh, self.cfg.get('split', 'test'), self.batch_size,
                                  self.seed, int(self.cfg.get('num_images', 512)))
     self.details = {k: v.mean(0) for k, v in values.items()}  # (layers, heads)

@@ -21,8 +21,10 @@ import ml_collections
 import numpy as np
 
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import features
+from mimjax.evaluate import base
+from mimjax.models import readout
 from mimjax.models.vit import ViT
+from mimjax.objectives import pretrained
 
 KERNELS = (('attn', 'qkv'), ('attn', 'proj'), ('mlp', 'fc1'), ('mlp', 'fc2'))
 RESIDUAL_OUTPUTS = (('attn', 'proj'), ('mlp', 'fc2'))  # zeroed → the block is the identity
@@ -78,7 +80,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
-class BlockEntropy(features.Evaluator):
+class BlockEntropy(base.Evaluator):
   """Evaluator: per-block weight entropy, removal sensitivity, and their rank correlation."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -90,19 +92,19 @@ class BlockEntropy(features.Evaluator):
 
     def feats(params, images):
       tokens, _ = model.apply({'params': params}, normalize_images(images))
-      z = features.pool(tokens, how, prefix).astype(jnp.float32)
+      z = readout.pool(tokens, how, prefix).astype(jnp.float32)
       return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
     self._fn = jax.jit(feats)
 
   def run(self, params: Any, state: Any) -> dict:
     del state
-    enc = jax.device_get(features.subtree(params, self.path))
+    enc = jax.device_get(pretrained.subtree(params, self.path))
     entropy = block_weight_entropy(enc, int(self.cfg.get('bins', 256)))
     out = {f'entropy/layer_{i + 1}': float(e) for i, e in enumerate(entropy)}
     num = int(self.cfg.get('num_images', 256))
     if num > 0:
-      get = lambda p: features.extract(self._fn, p, self.data_config, self.mesh,
+      get = lambda p: pretrained.extract(self._fn, p, self.data_config, self.mesh,
                                        self.cfg.get('split', 'test'), self.batch_size,
                                        self.seed, num)[0]
       full = get(enc)

@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mimjax.evaluate import features
-from mimjax.train import sharding
+from mimjax import sharding
+from mimjax.evaluate import base
+from mimjax.objectives import pretrained
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -111,13 +112,6 @@ def knn_scores(train_features: np.ndarray, train_labels: np.ndarray, test_featur
                                                           query_chunk)
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
-  """{'top{k}': % of rows whose label is among the k best scores} (ties: lower class first)."""
-  order = np.argsort(-scores, axis=-1, kind='stable')
-  return {f'top{k}': 100.0 * float(np.mean(np.any(order[:, :k] == labels[:, None], axis=-1)))
-          for k in ks}
-
-
 def label_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
   """Indices of a seeded per-class random `fraction` of the examples (≥ 1 per class)."""
   if not 0 < fraction <= 1:
@@ -142,7 +136,7 @@ def num_classes_of(config: ml_collections.ConfigDict, *labels: np.ndarray) -> in
   return int(config.get('num_classes') or 1 + max(int(l.max()) for l in labels if len(l)))
 
 
-class KNN(features.Evaluator):
+class KNN(base.Evaluator):
   """Evaluator: kNN top-1/top-5 of the encoder at `objective.encoder` (see module doc)."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -154,7 +148,7 @@ class KNN(features.Evaluator):
 
   def run(self, params: Any, state: Any) -> dict:
     del state
-    enc = features.subtree(params, self.path)
+    enc = pretrained.subtree(params, self.path)
     train_x, train_y = self.extractor(enc, self.cfg.get('train_split', 'train'),
                                       self.cfg.get('max_train'))
     test_x, test_y = self.extractor(enc, self.cfg.get('test_split', 'test'),

@@ -22,10 +22,12 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from mimjax.evaluate import features
+from mimjax import optim
+from mimjax import sharding
+from mimjax.evaluate import base
 from mimjax.evaluate import knn
-from mimjax.train import optim
-from mimjax.train import sharding
+from mimjax.objectives import accuracy
+from mimjax.objectives import pretrained
 
 
 def standardize(train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
@@ -133,7 +135,7 @@ def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   out, best = {}, None
   for i, lr in enumerate(lrs):
     logits = np.asarray(te @ np.asarray(heads['kernel'][i]) + np.asarray(heads['bias'][i]))
-    acc = knn.topk_accuracy(logits, test_y)
+    acc = accuracy.topk_accuracy(logits, test_y)
     out.update({f'{k}@lr={lr:g}': v for k, v in acc.items()})
     if best is None or acc['top1'] > best[1]['top1']:
       best = (lr, acc)
@@ -142,7 +144,7 @@ def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   return out
 
 
-class LinearProbe(features.Evaluator):
+class LinearProbe(base.Evaluator):
   """Evaluator: cached-feature linear probe over `lrs` (and `fractions` of the train labels)."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -156,7 +158,7 @@ class LinearProbe(features.Evaluator):
     if path and os.path.exists(path):
       data = np.load(path)
       return data['x'], data['y']
-    x, y = self.extractor(features.subtree(params, self.path), split, limit)
+    x, y = self.extractor(pretrained.subtree(params, self.path), split, limit)
     if path:
       os.makedirs(cache, exist_ok=True)
       np.savez(path, x=x, y=y)

@@ -13,8 +13,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mimjax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_images  # noqa: E402
-from mimjax.evaluate import features  # noqa: E402
 from mimjax.models.vit import ViT, model_dims  # noqa: E402
+from mimjax.objectives import pretrained  # noqa: E402
 
 
 def _save(fig, path: str) -> str:

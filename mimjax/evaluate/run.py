@@ -18,19 +18,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mimjax import checkpoint
 from mimjax import logs
-from mimjax.evaluate import features
-from mimjax.train import checkpoint
-from mimjax.train import metrics as metrics_lib
-from mimjax.train import sharding
-from mimjax.train.trainer import make_evaluators, write_results
+from mimjax import metrics as metrics_lib
+from mimjax import sharding
+from mimjax.evaluate.base import make_evaluators, write_results
+from mimjax.objectives import pretrained
 
 
 def evaluation_config(config: ml_collections.ConfigDict,
                       pretrain_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The eval config with `model` replaced by the merged pretrained model config."""
   out = ml_collections.ConfigDict(config.to_dict())
-  out.model = features.merge_model_config(pretrain_config.model, config.get('model'))
+  out.model = pretrained.merge_model_config(pretrain_config.model, config.get('model'))
   return out
 
 
@@ -62,18 +62,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every evaluator once on `config.pretrained`; returns the results dict."""
   jax.config.update('jax_threefry_partitionable', True)
   validate(config)
-  pretrained = features.load_pretrained(config.pretrained,
+  pretrained = pretrained.load_pretrained(config.pretrained,
                                         config.get('checkpoint_key', 'teacher'))
   pretrain_config, path = pretrained.config, pretrained.path
   logging.info('evaluating the %s weights of %s', pretrained.weights, config.pretrained)
   eval_config = evaluation_config(config, pretrain_config)
   mesh = sharding.make_mesh(config.mesh)
-  params = features.replicate(pretrained.params, mesh)
+  params = pretrained.replicate(pretrained.params, mesh)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:  # a re-run overwrites
     f.write(checkpoint.config_to_json(config))
 
-  evaluators = make_evaluators(eval_config, features.EncoderRef(path), mesh)
+  evaluators = make_evaluators(eval_config, pretrained.EncoderRef(path), mesh)
   results = {}
   for e in evaluators:
     logging.info('evaluating %s', e.name)
@@ -109,7 +109,7 @@ def write_plots(config: ml_collections.ConfigDict, pretrain_config: ml_collectio
                                 split='test', train=False)
   images = next(loader)['image'][:n]
   written = []
-  maps = plots.prefix_attention_maps(config.model, features.subtree(params, path), images)
+  maps = plots.prefix_attention_maps(config.model, pretrained.subtree(params, path), images)
   written.append(plots.plot_attention_maps(images, maps,
                                            os.path.join(out_dir, 'attention_maps.png')))
   panels = plots.mae_reconstructions(pretrain_config, params, images, config.seed)

@@ -15,8 +15,10 @@ import ml_collections
 import numpy as np
 
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import features
+from mimjax.evaluate import base
+from mimjax.models import readout
 from mimjax.models.vit import ViT
+from mimjax.objectives import pretrained
 
 
 def covariance_spectrum(z: np.ndarray) -> np.ndarray:
@@ -35,7 +37,7 @@ def effective_rank(svals: np.ndarray, eps: float = 1e-12) -> float:
   return float(np.exp(-(p * np.log(p)).sum()))
 
 
-class Spectrum(features.Evaluator):
+class Spectrum(base.Evaluator):
   """Evaluator: per-layer covariance spectra; `details['log_svals']` (layers, D) for plots."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
@@ -47,13 +49,13 @@ class Spectrum(features.Evaluator):
 
     def layer_features(params, images):
       _, aux = model.apply({'params': params}, normalize_images(images), return_layers=True)
-      return jnp.stack([features.pool(t, how, prefix) for t in aux['layers']], axis=1)
+      return jnp.stack([readout.pool(t, how, prefix) for t in aux['layers']], axis=1)
 
     self._fn = jax.jit(layer_features)
 
   def run(self, params: Any, state: Any) -> dict:
     del state
-    z, _ = features.extract(self._fn, features.subtree(params, self.path), self.data_config,
+    z, _ = pretrained.extract(self._fn, pretrained.subtree(params, self.path), self.data_config,
                             self.mesh, self.cfg.get('split', 'test'), self.batch_size, self.seed,
                             int(self.cfg.get('num_images', 1024)))
     svals = np.stack([covariance_spectrum(z[:, i]) for i in range(z.shape[1])])

@@ -40,10 +40,15 @@ class Objective:
   predict: Optional[Callable[[Params, State, jnp.ndarray], jnp.ndarray]] = None
 
 
+# Modules of this layer that are not objectives: the contract itself and what several
+# objectives and the evaluators share (a pretrained encoder's loader, test-split accuracy).
+SHARED = ('base', 'pretrained', 'accuracy')
+
+
 def available() -> list[str]:
   """Names of the objective modules shipped in mimjax.objectives."""
   import mimjax.objectives as pkg
-  return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != 'base')
+  return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in SHARED)
 
 
 def load(name: str):

@@ -6,7 +6,7 @@ entropy between the centred, sharpened teacher softmax and the student log-softm
 (objective state) is updated after the loss from the teacher outputs of both global crops of
 the global batch; the teacher (objective state, a copy of the student at init) follows the
 student by EMA with a cosine momentum 0.996 → 1 in `after_update`. The optimizer side (per-
-tensor clipping, wd cosine, last-layer freeze) lives in `mimjax.train.optim.dino_adamw`.
+tensor clipping, wd cosine, last-layer freeze) lives in `mimjax.optim.dino_adamw`.
 
 With `config.model.segment_bias.enabled` this is MRE-DINO (SAM helps SSL, Eq. 6): every crop
 carries its own segment map (the data pipeline crops/flips it with the image), and student and
@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mimjax import ema
 from mimjax.data import pipeline
 from mimjax.data.normalize import normalize_images
+from mimjax.durations import resolve_steps
 from mimjax.models import segment_bias
 from mimjax.models.heads import DINOHead, default_dino_head_config
 from mimjax.models.vit import ViT, model_dims
 from mimjax.objectives.base import Objective
-from mimjax.train import ema
-from mimjax.train.durations import resolve_steps
-from mimjax.train.sharding import path_name
+from mimjax.tree import path_name
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 without the segment bias, so the result needs no SAM masks at inference.
 
 The teacher (`config.teacher`, a workdir of configs/mre_mae.py or configs/mre_dino.py) is
-loaded with `features.load_pretrained` (an MRE-DINO run: its EMA teacher, unless
+loaded with `pretrained.load_pretrained` (an MRE-DINO run: its EMA teacher, unless
 `distill.checkpoint_key='student'`), kept frozen in the objective state and
 always run with its segment maps; the student is the same architecture without the bias
 (`config.model`, validated against the teacher's), initialised from the teacher's weights
@@ -23,15 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mimjax import checkpoint
 from mimjax import masking
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import features
 from mimjax.models.vit import model_dims
 from mimjax.objectives import dino as dino_lib
 from mimjax.objectives import mae as mae_lib
+from mimjax.objectives import pretrained
 from mimjax.objectives.base import Objective
-from mimjax.train import checkpoint
-from mimjax.train.sharding import path_name
+from mimjax.tree import path_name
 
 METHODS = ('mae', 'dino')
 
@@ -131,7 +131,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
                      'configs/mre_mae.py or configs/mre_dino.py)')
   _check_teacher(config, checkpoint.load_config(config.teacher))
   # The MRE-DINO teacher's EMA teacher by default (distill.checkpoint_key), as DINO evaluates.
-  teacher = features.load_pretrained(config.teacher, config.distill.checkpoint_key)
+  teacher = pretrained.load_pretrained(config.teacher, config.distill.checkpoint_key)
   teacher_cfg, teacher_params = teacher.config, teacher.params
   if config.distill.method == 'mae':
     return _make_mae(config, teacher_cfg, teacher_params)

@@ -15,14 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mimjax.data import erasing
+from mimjax.data.mixup import mixup_cutmix
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import accuracy
-from mimjax.evaluate import erasing
-from mimjax.evaluate import features
-from mimjax.evaluate.mixup import mixup_cutmix
+from mimjax.ema import ema_update
+from mimjax.models import readout
 from mimjax.models.vit import ViT
+from mimjax.objectives import accuracy
+from mimjax.objectives import pretrained
 from mimjax.objectives.base import Objective
-from mimjax.train.ema import ema_update
 
 
 class ClassifierHead(nn.Module):
@@ -55,8 +56,8 @@ def _erasing_config(ft: ml_collections.ConfigDict) -> tuple[float, str, int]:
 def make(config: ml_collections.ConfigDict) -> Objective:
   """Fine-tuning objective (see module doc)."""
   reprob, remode, recount = _erasing_config(config.finetune)  # before any file is read
-  pre_config, path = features.load_pretrained_config(config.pretrained)
-  model_config = features.merge_model_config(pre_config.model, config.get('model'))
+  pre_config, path = pretrained.load_pretrained_config(config.pretrained)
+  model_config = pretrained.merge_model_config(pre_config.model, config.get('model'))
   encoder = ViT(model_config)
   ft = config.finetune
   if ft.pool not in ('mean', 'cls'):
@@ -66,11 +67,11 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   ema_decay = float(ft.get('ema_decay') or 0.0)
 
   def forward(params, images, train, rng=None):
-    enc = features.subtree(params, path)
+    enc = pretrained.subtree(params, path)
     rngs = {'dropout': rng} if rng is not None else {}
     final, aux = encoder.apply({'params': enc}, images, train=train, return_layers=True, rngs=rngs)
     if ft.pool == 'mean':  # MAE global pool: the encoder's final norm is not used
-      x = features.global_pool(aux['layers'][-1], prefix)
+      x = readout.global_pool(aux['layers'][-1], prefix)
     else:
       x = final[:, :prefix].mean(axis=1)
     return head.apply({'params': params['head']}, x.astype(jnp.float32))
@@ -80,7 +81,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     images = normalize_images(batch['image'][:1])
     enc = encoder.init(enc_rng, images)['params']
     width = jax.eval_shape(lambda: encoder.apply({'params': enc}, images)[0]).shape[-1]
-    params = {**features.nest(path, enc),
+    params = {**pretrained.nest(path, enc),
               'head': head.init(head_rng, jnp.zeros((1, width)))['params']}
     return params, ({'ema': params} if ema_decay else {})
 

@@ -18,12 +18,13 @@ import ml_collections
 import optax
 
 from mimjax.data.normalize import normalize_images
-from mimjax.evaluate import accuracy
-from mimjax.evaluate import features
-from mimjax.evaluate import heads
+from mimjax.models import probe_heads
+from mimjax.models import readout
 from mimjax.models.vit import ViT
+from mimjax.objectives import accuracy
+from mimjax.objectives import pretrained
 from mimjax.objectives.base import Objective
-from mimjax.train.sharding import matches, path_name
+from mimjax.tree import matches, path_name
 
 
 def check_frozen(model: ViT, path: tuple[str, ...], frozen_patterns, image_size: int) -> None:
@@ -31,7 +32,7 @@ def check_frozen(model: ViT, path: tuple[str, ...], frozen_patterns, image_size:
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, image_size, image_size, 3))))['params']
   names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      features.nest(path, shapes))[0]]
+      pretrained.nest(path, shapes))[0]]
   loose = [n for n in names if not matches(n, frozen_patterns)]
   if loose:
     raise ValueError(f'config.optim.frozen={tuple(frozen_patterns)} leaves encoder params '
@@ -48,27 +49,27 @@ def resolve_probe(probe: ml_collections.ConfigDict,
     out.pool = pre_config.get('probe_pool') or 'cls'
   if out.get('layer') is None:
     out.layer = int(pre_config.get('probe_layer') or -1)
-  if out.pool not in features.POOLS:
-    raise ValueError(f'config.probe.pool={out.pool!r}: expected one of {features.POOLS}')
-  if out.get('norm', 'bn') not in heads.NORMS:
-    raise ValueError(f'config.probe.norm={out.norm!r}: expected one of {heads.NORMS}')
+  if out.pool not in readout.POOLS:
+    raise ValueError(f'config.probe.pool={out.pool!r}: expected one of {readout.POOLS}')
+  if out.get('norm', 'bn') not in probe_heads.NORMS:
+    raise ValueError(f'config.probe.norm={out.norm!r}: expected one of {probe_heads.NORMS}')
   return out
 
 
 def make(config: ml_collections.ConfigDict) -> Objective:
   """Probe objective from `config.pretrained`, `config.probe`, `config.model` overrides."""
-  pre_config, path = features.load_pretrained_config(config.pretrained)
-  model_config = features.merge_model_config(pre_config.model, config.get('model'))
+  pre_config, path = pretrained.load_pretrained_config(config.pretrained)
+  model_config = pretrained.merge_model_config(pre_config.model, config.get('model'))
   encoder = ViT(model_config)
   probe = resolve_probe(config.probe, pre_config)
-  head = heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
+  head = probe_heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
   check_frozen(encoder, path, tuple(config.optim.frozen), config.data.image_size)
   # MAE global pool and beyond-cls AbMILP read the last block's tokens without the final norm.
-  normed = features.reads_final_norm(probe.pool) and probe.get('final_norm', True)
+  normed = readout.reads_final_norm(probe.pool) and probe.get('final_norm', True)
 
   def tokens(params, images):
-    enc = jax.lax.stop_gradient(features.subtree(params, path))
-    t, _ = features.select_tokens(encoder, enc, normalize_images(images),
+    enc = jax.lax.stop_gradient(pretrained.subtree(params, path))
+    t, _ = readout.select_tokens(encoder, enc, normalize_images(images),
                                   int(probe.get('layer', -1)), normed)
     return jax.lax.stop_gradient(t)
 
@@ -76,9 +77,9 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     enc_rng, head_rng = jax.random.split(rng)
     images = normalize_images(batch['image'][:1])
     enc = encoder.init(enc_rng, images)['params']
-    t, _ = features.select_tokens(encoder, enc, images, int(probe.get('layer', -1)), normed)
+    t, _ = readout.select_tokens(encoder, enc, images, int(probe.get('layer', -1)), normed)
     variables = head.init(head_rng, t, train=False)
-    params = {**features.nest(path, enc), 'head': variables['params']}
+    params = {**pretrained.nest(path, enc), 'head': variables['params']}
     return params, {'batch_stats': variables.get('batch_stats', {})}  # {} without BN
 
   def loss(params, state, batch, rng, step):

@@ -16,13 +16,13 @@ import ml_collections
 
 from mimjax import masking
 from mimjax.data.normalize import normalize_images
+from mimjax.durations import resolve_steps
+from mimjax.ema import cosine_schedule, ema_update
+from mimjax.models import batchnorm
 from mimjax.models import projector as projector_lib
 from mimjax.models.vit import ViT, model_dims, pool_tokens
 from mimjax.objectives import mae
 from mimjax.objectives.base import Objective
-from mimjax.train import batchnorm
-from mimjax.train.durations import resolve_steps
-from mimjax.train.ema import cosine_schedule, ema_update
 
 TARGET_BN_STATS = ('running', 'batch')
 

@@ -11,39 +11,9 @@ from mimjax.models import segment_bias
 from mimjax.models.decoder import MAEDecoder
 from mimjax.models.vit import ViT, model_dims
 from mimjax.objectives.base import Objective
-
-
-def patchify(images: jnp.ndarray, p: int) -> jnp.ndarray:
-  """(B, H, W, C) → (B, h·w, p·p·C), per-patch order (p, q, c), patches row-major."""
-  b, h, w, c = images.shape
-  if h % p or w % p:
-    raise ValueError(f'image size {(h, w)} not divisible by patch size {p}')
-  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: jnp.ndarray, p: int, channels: int = 3) -> jnp.ndarray:
-  """Inverse of `patchify` for square images."""
-  b, n, _ = patches.shape
-  g = int(round(n ** 0.5))
-  x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, g * p, g * p, channels)
-
-
-def pixel_targets(images: jnp.ndarray, p: int, norm_pix: bool) -> jnp.ndarray:
-  """MAE targets: patchified pixels, optionally per-patch normalised (unbiased var, eps 1e-6)."""
-  target = patchify(images.astype(jnp.float32), p)
-  if norm_pix:
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, ddof=1, keepdims=True)  # torch .var() is unbiased
-    target = (target - mean) / jnp.sqrt(var + 1e-6)
-  return target
-
-
-def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  """Per-patch mean squared error, averaged over the patches where mask == 1."""
-  per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
-  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+# Pixel targets live with the other targets; patchify/unpatchify stay importable from here
+# (`mimjax.objectives.mae.patchify` is part of the documented API).
+from mimjax.targets import masked_mse, patchify, pixel_targets, unpatchify  # noqa: F401
 
 
 def mae_loss(pred: jnp.ndarray, images_nhwc: jnp.ndarray, mask: jnp.ndarray,

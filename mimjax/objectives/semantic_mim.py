@@ -22,7 +22,7 @@ from mimjax.data.normalize import normalize_images
 from mimjax.models import proxy as proxy_lib
 from mimjax.models.vit import model_dims, num_prefix_tokens
 from mimjax.objectives.base import Objective
-from mimjax.train.sharding import path_name
+from mimjax.tree import path_name
 
 
 class SemanticMIM(nn.Module):

@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from mimjax import workdir as workdir_lib
 from mimjax.data.builders import folder, tfds_io
 from mimjax.data.builders.tfds_io import BuildError
 from mimjax.sam import generator, inputs, sources
-from mimjax.train import workdir as workdir_lib
 
 DEVICES = ('auto', 'cpu', 'cuda')
 DTYPES = ('float32', 'bfloat16')  # float32: as the official generator (docs/sam.md)

@@ -1,7 +1,6 @@
 """The training loop shared by every objective: init/restore, jit step, log, checkpoint."""
 
 import contextlib
-import importlib
 import json
 import os
 import signal
@@ -16,21 +15,16 @@ import numpy as np
 import optax
 from etils import epath
 
+from mimjax import checkpoint as ckpt_lib
 from mimjax import logs
+from mimjax import metrics as metrics_lib
+from mimjax import optim
+from mimjax import sharding
+from mimjax import workdir as workdir_lib
 from mimjax.data import pipeline
+from mimjax.durations import resolve_steps
+from mimjax.evaluate.base import make_evaluators, write_results
 from mimjax.objectives import base as objectives
-from mimjax.train import checkpoint as ckpt_lib
-from mimjax.train import metrics as metrics_lib
-from mimjax.train import sharding
-from mimjax.train import optim
-from mimjax.train import workdir as workdir_lib
-from mimjax.train.durations import resolve_steps
-
-
-def _say(message: str) -> None:
-  """One status line on stderr (process 0), independent of absl's log verbosity."""
-  if jax.process_index() == 0:
-    print(f'mimjax: {message}', file=sys.stderr, flush=True)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -214,19 +208,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       start, ts, data_state = restored
       loader.set_state(data_state)  # process 0's state; valid on every host
       writer.truncate_after(start)
-      _say(f'resuming from step {start} of {total_steps} in {workdir}')
+      logs.say(f'resuming from step {start} of {total_steps} in {workdir}')
       if jax.process_index() == 0:
         if changes:
           ckpt_lib.write_config(workdir, config)
         workdir_lib.append_history(workdir, 'resume', step=start, total_steps=total_steps,
                                    changes=changes, allow_config_change=allow_config_change)
       if old_total is not None and old_total != total_steps:
-        _say(f'{"extending" if total_steps > old_total else "shortening"} the run from '
+        logs.say(f'{"extending" if total_steps > old_total else "shortening"} the run from '
              f'{old_total} to {total_steps} steps: the learning-rate schedule is recomputed for '
              f'{total_steps} steps, so step {start} continues at lr {float(lr_schedule(start)):.3g}'
              ' (recorded in config.json and history.jsonl)')
       if set(changes) - set(workdir_lib.DURATION_KEYS):
-        _say(f'config changes on resume (recorded in config.json and history.jsonl): '
+        logs.say(f'config changes on resume (recorded in config.json and history.jsonl): '
              f'{workdir_lib.describe_changes(changes)}')
     else:
       start = 0
@@ -239,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if jax.process_index() == 0:  # one writer: hosts share the workdir
         ckpt_lib.write_config(workdir, config)
         workdir_lib.append_history(workdir, 'start', step=0, total_steps=total_steps)
-      _say(f'training {_method_name(config)} for {total_steps} steps on {jax.device_count()} '
+      logs.say(f'training {_method_name(config)} for {total_steps} steps on {jax.device_count()} '
            f'device(s), batch {config.batch_size}, in {workdir}')
 
     evaluators = make_evaluators(config, objective, mesh)
@@ -281,14 +275,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           write_results(workdir, step, results)
           final_results = results
       if stop:
-        _say(f'{preemption.requested or "preemption"} received: saved step {step}, exiting '
+        logs.say(f'{preemption.requested or "preemption"} received: saved step {step}, exiting '
              '(re-run the same command to resume)')
         break
     bar.close()  # the lines below start on a fresh line, not on the bar's
     if step == start:
-      _say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
+      logs.say(f'nothing to do: {workdir} is already at step {step} of {total_steps}')
     elif step == total_steps:
-      _say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
+      logs.say(f'done: step {step}, loss {record.get("loss")}; checkpoints in {workdir}/checkpoints')
     if final_results and jax.process_index() == 0:
       logs.print_results(final_results, [os.path.join(workdir, 'results.json')],
                          title=f'evaluation at step {step}')
@@ -319,7 +313,7 @@ def _warn_uniform(record: dict, count: int) -> int:
   value = record.get('output_uniformity')
   count = count + 1 if isinstance(value, float) and value > 0.99 else 0
   if count == 2:
-    _say(f'warning: step {record.get("step")}: the student output is uniform (entropy '
+    logs.say(f'warning: step {record.get("step")}: the student output is uniform (entropy '
          f'{value:.3f}·ln K): training has collapsed (docs/dino.md)')
   return count
 
@@ -330,57 +324,6 @@ def _method_name(config: ml_collections.ConfigDict) -> str:
   if config.objective == 'semantic_mim' and not config.model.get('proxy', True):
     return {'hog': 'maskfeat', 'tokens': 'beit'}.get(config.get('target'), config.objective)
   return config.objective
-
-
-class _ObjectiveEvaluator:
-  """The objective's own `evaluate` (probes, fine-tuning) as an evaluator."""
-
-  def __init__(self, objective, every_steps):
-    self.name, self.every_steps, self._fn = 'eval', every_steps, objective.evaluate
-
-  def run(self, params, state):
-    return self._fn(params, state)
-
-
-def make_evaluators(config: ml_collections.ConfigDict, objective: objectives.Objective,
-                    mesh) -> list:
-  """`config.evals.<name>` = {module, every_steps, ...} → mimjax.evaluate.<module>.make(...)
-  objects with `.name`, `.every_steps` and `.run(params, state) -> dict` (e.g. a kNN monitor)."""
-  out = []
-  if objective.evaluate is not None:
-    out.append(_ObjectiveEvaluator(objective, config.get('eval_every') or 1 << 62))
-  for name, cfg in (config.get('evals') or {}).items():
-    try:
-      module = importlib.import_module(f'mimjax.evaluate.{cfg.module}')
-    except ModuleNotFoundError as e:
-      raise ValueError(f'config.evals.{name}.module={cfg.module!r}: no module '
-                       f'mimjax.evaluate.{cfg.module}') from e
-    evaluator = module.make(name, cfg, config, objective, mesh)
-    missing = _missing_splits(config.data, getattr(evaluator, 'splits', ()))
-    if missing:  # say so now, not after the whole training run
-      _say(f'warning: config.evals.{name} skipped: data set {config.data.name!r} has no '
-           f'split {missing[0]!r}')
-      continue
-    out.append(evaluator)
-  return out
-
-
-def _missing_splits(data_config: ml_collections.ConfigDict, splits) -> list:
-  """The entries of `splits` the configured data set does not have (eval aliases resolved)."""
-  missing = []
-  for split in splits:
-    try:
-      pipeline.num_examples(data_config, split)
-    except ValueError:
-      missing.append(split)
-  return missing
-
-
-def write_results(workdir: str, step: int, results: dict) -> None:
-  """W/results.json (atomic), the final evaluation numbers."""
-  workdir_lib.atomic_write(
-      os.path.join(workdir, 'results.json'),
-      json.dumps({'step': step, **{k: float(v) for k, v in results.items()}}, indent=2))
 
 
 def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -> None:
@@ -402,8 +345,8 @@ def _has_checkpoints(workdir: str) -> bool:
 def _load_init_from(config: ml_collections.ConfigDict) -> Any:
   """The encoder params of `config.init_from` (a DINO workdir gives its EMA teacher unless
   `config.checkpoint_key='student'`)."""
-  from mimjax.evaluate import features  # evaluation helpers; only needed here
-  return features.load_pretrained(config.init_from,
+  from mimjax.objectives import pretrained  # evaluation helpers; only needed here
+  return pretrained.load_pretrained(config.init_from,
                                   config.get('checkpoint_key', 'teacher')).encoder
 
 

@@ -228,10 +228,10 @@ def test_truncated_or_disguised_safetensors_is_one_line(tmp_path, mu_sd):
     assert '\n' not in str(e.value)
 
 
-# --- CLI end to end (needs mimjax.train.checkpoint) --------------------------------------------
+# --- CLI end to end (needs mimjax.checkpoint) --------------------------------------------
 
 def test_cli_export_verify_import_round_trip(tmp_path, capsys):
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   cfg = _mae_config()
   params = _mae_params(cfg)
   src = str(tmp_path / 'src')
@@ -337,7 +337,7 @@ def test_official_mae_training_checkpoint_imports(tmp_path, mu):
   dst = str(tmp_path / 'mae')
   assert cli.main(['--from', 'mae', '--in', path, '--workdir', dst,
                    '--decoder_num_heads', '4']) == 0
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   assert _same(checkpoint.restore_params(dst), params)
 
 
@@ -370,7 +370,7 @@ def test_official_dino_checkpoint_teacher_by_default(tmp_path, mu, mu_sd, capsys
   dst = str(tmp_path / 'dino')
   assert cli.main(['--from', 'timm', '--in', path, '--workdir', dst]) == 0
   assert 'projection head' in capsys.readouterr().out
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   assert _same(checkpoint.restore_params(dst)['encoder'], mu[1])
   # Only argparse.Namespace is allowed: any other pickled class is still refused.
   bad = str(tmp_path / 'bad.pth')
@@ -384,7 +384,7 @@ def test_decoder_heads_recorded_or_refused(tmp_path):
   sd = to_torch.mae_to_torch(_mae_params(cfg), cfg)
   with pytest.raises(ValueError, match='does not record its head count: pass --decoder_num_heads'):
     from_torch.infer_mae_config(sd)
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   src = str(tmp_path / 'src')
   checkpoint.save_params(src, cfg, _mae_params(cfg))
   pth = str(tmp_path / 'mae.pth')
@@ -404,7 +404,7 @@ def test_decoder_heads_recorded_or_refused(tmp_path):
 @pytest.fixture(scope='module')
 def mae_workdir(tmp_path_factory):
   from configs import mae as mae_config
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   config = mae_config.get_config('tiny')
   workdir = str(tmp_path_factory.mktemp('mae'))
   checkpoint.save_params(workdir, config, _mae_params(config))
@@ -415,7 +415,7 @@ def _classifier_workdir(tmp_path, mae_workdir, name, arg):
   """A fine-tune / probe train checkpoint with random (not initial) head and BN statistics."""
   import importlib
   from mimjax.objectives import base
-  from mimjax.train import checkpoint
+  from mimjax import checkpoint
   config = importlib.import_module(f'configs.eval.{name}').get_config(arg)
   config.pretrained = mae_workdir
   objective = base.load(config.objective).make(config)

@@ -1,5 +1,5 @@
 """Every workdir a user types works relative to where they stand (issue: orbax needs absolute
-paths; `mimjax.train.checkpoint.resolve` makes them so once for every caller)."""
+paths; `mimjax.checkpoint.resolve` makes them so once for every caller)."""
 
 import os
 import subprocess
@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from configs import mae as mae_config
-from mimjax.evaluate import features
+from mimjax import checkpoint
 from mimjax.objectives import mae
-from mimjax.train import checkpoint
+from mimjax.objectives import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,6 +44,6 @@ def test_relative_workdirs_convert_and_load(tmp_path, monkeypatch):
   assert run.returncode == 0, run.stderr
   # --config.pretrained=<relative> and --config.init_from=<relative> go through this loader.
   for workdir in ('workdirs/mae_tiny', 'W2rel', './W2rel'):
-    loaded = features.load_pretrained(workdir)
+    loaded = pretrained.load_pretrained(workdir)
     np.testing.assert_array_equal(loaded.encoder['cls_token'], params['encoder']['cls_token'])
   assert checkpoint.load_config('W2rel').converted_from == str(tmp_path / 'model.safetensors')

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from mimjax import workdir
 from mimjax.data import build, pipeline
 from mimjax.data.builders import embedded, folder, tfds_io
-from mimjax.train import workdir
 
 
 def _read(path, split):

@@ -7,12 +7,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import mae
+from mimjax import sharding
 from mimjax.evaluate import attention_stats
 from mimjax.evaluate import block_entropy
-from mimjax.evaluate import features
 from mimjax.evaluate import spectrum
 from mimjax.models.vit import ViT
-from mimjax.train import sharding
+from mimjax.objectives import pretrained
 from tests import hlo
 
 
@@ -25,7 +25,7 @@ def test_analysis_evaluator_splits_its_batch_over_8_devices(module):
   compiled = {}
   for devices in (1, 8):
     mesh = hlo.mesh_of(devices)
-    evaluator = module.make('x', ml_collections.ConfigDict({}), config, features.EncoderRef(),
+    evaluator = module.make('x', ml_collections.ConfigDict({}), config, pretrained.EncoderRef(),
                             mesh)
     abstract_params = jax.tree.map(lambda a: hlo.abstract(a.shape, a.dtype, mesh), params)
     images = hlo.abstract((64, size, size, 3), jnp.uint8, mesh, P(sharding.BATCH_AXES))

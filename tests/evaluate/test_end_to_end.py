@@ -13,8 +13,9 @@ from configs.eval import analysis as analysis_config
 from configs.eval import finetune as finetune_config
 from configs.eval import knn as knn_config
 from configs.eval import linear as linear_config
+from mimjax import checkpoint
 from mimjax import main
-from mimjax.train import checkpoint, trainer
+from mimjax.train import trainer
 
 
 def _small(config, **kw):

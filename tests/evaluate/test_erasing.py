@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimjax.evaluate import erasing
+from mimjax.data import erasing
 
 
 class _ReplayRandom:

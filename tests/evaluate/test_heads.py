@@ -6,13 +6,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimjax.evaluate import heads
-from mimjax.evaluate import mixup
+from mimjax.data import mixup
+from mimjax.models import probe_heads
 
 
 def test_abmilp_weights_sum_to_one_and_aggregate():
   x = jax.random.normal(jax.random.key(0), (3, 9, 8))
-  module = heads.AbMILP()
+  module = probe_heads.AbMILP()
   params = module.init(jax.random.key(1), x)
   pooled, w = module.apply(params, x)
   np.testing.assert_allclose(np.asarray(w.sum(-1)), np.ones(3), rtol=1e-6)
@@ -30,7 +30,7 @@ def test_abmilp_weights_sum_to_one_and_aggregate():
 def test_probe_head_shapes_and_bn_without_affine(pool):
   cfg = ml_collections.ConfigDict({'pool': pool, 'num_classes': 5, 'num_heads': 2})
   x = jax.random.normal(jax.random.key(0), (4, 1 + 16, 8))
-  head = heads.ProbeHead(cfg, num_prefix=1)
+  head = probe_heads.ProbeHead(cfg, num_prefix=1)
   variables = head.init(jax.random.key(1), x)
   assert 'bn' not in variables['params']  # affine=False: no scale / bias
   assert set(variables['batch_stats']['bn']) == {'mean', 'var'}

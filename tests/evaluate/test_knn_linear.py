@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mimjax import sharding
 from mimjax.evaluate import knn
 from mimjax.evaluate import linear
-from mimjax.train import sharding
+from mimjax.objectives import accuracy
 from tests import hlo
 
 ROWS = P(sharding.BATCH_AXES)
@@ -46,13 +47,13 @@ def test_knn_on_separable_features_is_perfect():
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(4, 16)) * 3
   tx = (centers[ty] + 0.3 * np.random.default_rng(5).normal(size=(len(ty), 16))).astype(np.float32)
-  acc = knn.topk_accuracy(knn.knn_scores(x, y, tx, 4), ty)
+  acc = accuracy.topk_accuracy(knn.knn_scores(x, y, tx, 4), ty)
   assert acc['top1'] == 100.0 and acc['top5'] == 100.0
 
 
 def test_topk_accuracy_counts_rank():
   scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
-  acc = knn.topk_accuracy(scores, np.array([2, 0, 0]), ks=(1, 2))
+  acc = accuracy.topk_accuracy(scores, np.array([2, 0, 0]), ks=(1, 2))
   assert acc['top1'] == pytest.approx(100 / 3)
   assert acc['top2'] == pytest.approx(200 / 3)
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 import torch
 
-from mimjax.train import optim
+from mimjax import optim
 
 
 class TorchLARS(torch.optim.Optimizer):

@@ -15,10 +15,11 @@ from configs import distill as distill_config
 from configs import mae as mae_config
 from configs.eval import analysis as analysis_config
 from configs.eval import linear as linear_config
+from mimjax import checkpoint
 from mimjax import main
-from mimjax.evaluate import features
 from mimjax.objectives import dino, distill, linear_probe, mae
-from mimjax.train import checkpoint, trainer
+from mimjax.objectives import pretrained
+from mimjax.train import trainer
 
 
 def _dino_batch(b=2):
@@ -59,14 +60,14 @@ def _equal(a, b):
 
 def test_loader_defaults_to_the_ema_teacher(dino_workdir):
   workdir, student, teacher = dino_workdir
-  default = features.load_pretrained(workdir)
+  default = pretrained.load_pretrained(workdir)
   assert default.weights == 'teacher' and default.path == ('encoder',)
   assert _equal(default.params, teacher) and not _equal(default.params, student)
   assert _equal(default.encoder, teacher['encoder'])
-  chosen = features.load_pretrained(workdir, 'student')
+  chosen = pretrained.load_pretrained(workdir, 'student')
   assert chosen.weights == 'student' and _equal(chosen.params, student)
   with pytest.raises(ValueError, match="checkpoint_key='ema': expected one of"):
-    features.load_pretrained(workdir, 'ema')
+    pretrained.load_pretrained(workdir, 'ema')
 
 
 def test_objectives_without_teacher_are_unchanged(tmp_path):
@@ -76,7 +77,7 @@ def test_objectives_without_teacher_are_unchanged(tmp_path):
   params = _random_like(shapes, 3)
   _save_train_state(str(tmp_path), config, params, {})
   for key in ('teacher', 'student'):
-    loaded = features.load_pretrained(str(tmp_path), key)
+    loaded = pretrained.load_pretrained(str(tmp_path), key)
     assert loaded.weights == 'trained' and _equal(loaded.params, params)
 
 

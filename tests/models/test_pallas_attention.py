@@ -14,14 +14,15 @@ import pytest
 
 from configs import mre_mae as mre_mae_config
 from mimjax import bench
+from mimjax import optim
 from mimjax.models import pallas_attention as pa
 from mimjax.models import segment_bias
 from mimjax.models.attention import Attention
 from mimjax.models.segment_bias import SegmentTerms
 from mimjax.models.vit import ViT
 from mimjax.objectives import mae
-from mimjax.train import optim, trainer
-from mimjax.train.validate import validate_config
+from mimjax.train import trainer
+from mimjax.validate import validate_config
 
 F32_TOL = 1e-5
 # bfloat16 keeps 8 significant bits: unit roundoff u = 2^-8. Both bf16 paths round P, dO and

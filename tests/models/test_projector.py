@@ -7,8 +7,8 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mimjax.models import batchnorm
 from mimjax.models import projector as projector_lib
-from mimjax.train import batchnorm
 
 
 def _config(**kw):

@@ -313,8 +313,9 @@ def run_mimjax(config, steps: int, log=print):
   import jax
   from mimjax.data import pipeline
   from mimjax.objectives import dino
-  from mimjax.train import optim, trainer
-  from mimjax.train.durations import resolve_steps
+  from mimjax import optim
+  from mimjax.train import trainer
+  from mimjax.durations import resolve_steps
 
   config = config.copy_and_resolve_references()
   config.model.drop_path = 0.0
@@ -350,8 +351,8 @@ def run_side_by_side(config, steps: int, log=print) -> tuple[list, list]:
   returns (mimjax rows, torch rows) of per-step metrics."""
   from mimjax.data import pipeline
   from mimjax.models.vit import model_dims as dims_of
-  from mimjax.train import optim
-  from mimjax.train.durations import resolve_steps
+  from mimjax import optim
+  from mimjax.durations import resolve_steps
 
   config, params0, batches, ours = run_mimjax(config, steps, log)
   num_train = pipeline.num_examples(config.data, 'train')

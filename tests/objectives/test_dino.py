@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
+from mimjax import ema, optim, sharding
 from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.data.normalize import normalize_images
 from mimjax.objectives import dino, distill
-from mimjax.train import ema, optim, sharding, trainer
+from mimjax.train import trainer
 
 
 class TorchDINOLoss(torch.nn.Module):

@@ -13,9 +13,9 @@ from configs import distill as distill_config
 from configs import mae as mae_config
 from configs import mre_dino as mre_dino_config
 from configs import mre_mae as mre_mae_config
+from mimjax import checkpoint
 from mimjax.data import pipeline
 from mimjax.objectives import distill, dino, mae
-from mimjax.train import checkpoint
 
 
 def _mae_batch(b=4, seed=0):

@@ -12,10 +12,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from configs import common
 from configs.eval import finetune as finetune_config
+from mimjax import checkpoint
+from mimjax import optim
 from mimjax.objectives import finetune
-from mimjax.train import checkpoint
-from mimjax.train import optim
-from mimjax.train.sharding import path_name
+from mimjax.tree import path_name
 
 
 # ------------------------------------------- reference: facebookresearch/mae util/lr_decay.py

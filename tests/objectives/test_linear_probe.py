@@ -8,10 +8,10 @@ import torch
 
 from configs import common
 from configs.eval import linear as linear_config
+from mimjax import checkpoint
 from mimjax.convert import to_torch
 from mimjax.data.normalize import normalize_images
 from mimjax.objectives import linear_probe
-from mimjax.train import checkpoint
 
 
 def mae_global_pool_features(model, x):
@@ -78,7 +78,7 @@ def test_semanticmim_recipe_reads_probe_keys_and_uses_a_layernorm_readout(tmp_pa
   full = linear_config.get_config('vit_b,in1k,recipe=semanticmim')
   assert (full.batch_size, full.total_epochs, full.warmup_epochs, full.optim.name,
           full.optim.weight_decay, full.optim.b2) == (1024, 100, 0, 'adamw', 1e-4, 0.999)
-  from mimjax.train import optim
+  from mimjax import optim
   assert optim.peak_lr(full.optim, full.batch_size) == 4e-3
   config = linear_config.get_config('tiny,recipe=semanticmim')
   config.pretrained = str(tmp_path)

@@ -10,8 +10,9 @@ import torch
 
 from configs import lut as lut_config
 from mimjax import masking
+from mimjax import optim
 from mimjax.objectives import lut, mae
-from mimjax.train import optim, trainer
+from mimjax.train import trainer
 
 
 def _config(small=True, **overrides):

@@ -5,7 +5,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax.train.ema import cosine_schedule, ema_update
+from mimjax.ema import cosine_schedule, ema_update
 
 
 def test_ema_update_hand_computed():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import mae as mae_config
-from mimjax.train import checkpoint as ckpt_lib
+from mimjax import checkpoint as ckpt_lib
 from mimjax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

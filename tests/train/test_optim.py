@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimjax.train import optim
-from mimjax.train.durations import resolve_steps
+from mimjax import optim
+from mimjax.durations import resolve_steps
 
 
 def _params():
@@ -93,7 +93,7 @@ def test_resolve_steps_epochs_follow_the_drop_last_loader():
 
 def test_cli_duration_override_unsets_the_other_units():
   from configs import mae as mae_config
-  from mimjax.train.durations import apply_cli_overrides
+  from mimjax.durations import apply_cli_overrides
   config = mae_config.get_config('vit_b,in1k,1600ep')
   config.total_steps = 10
   apply_cli_overrides(config, ['--config.total_steps=10', '--config.warmup_epochs=1'])

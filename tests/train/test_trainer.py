@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs import mae as mae_config
+from mimjax import checkpoint
 from mimjax.objectives import mae
 from mimjax.objectives.base import Objective
-from mimjax.train import checkpoint, trainer
+from mimjax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimjax.train import checkpoint, workdir
+from mimjax import checkpoint, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

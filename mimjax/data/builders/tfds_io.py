@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from mimjax.train import workdir as workdir_lib
+from mimjax import workdir as workdir_lib
 
 VERSION = '1.0.0'
 ENV_DATA_DIR = 'MIMJAX_DATA_DIR'

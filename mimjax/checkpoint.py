@@ -8,7 +8,7 @@ Layout of a workdir W:
                                imported PyTorch model) and read by `restore_params`.
   W/checkpoints.corrupt/<step>/ unreadable checkpoints set aside on resume (never deleted)
   W/history.jsonl              starts, resumes (with config changes), set-aside checkpoints
-  W/.lock                      held by the running trainer (mimjax.train.workdir.WorkdirLock)
+  W/.lock                      held by the running trainer (mimjax.workdir.WorkdirLock)
 Orbax writes each step to a temporary directory and renames it when complete, so a
 kill -9 at any moment leaves the previous checkpoints intact.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mimjax.train import workdir as workdir_lib
+from mimjax import workdir as workdir_lib
 
 
 def resolve(workdir: str) -> epath.Path:

@@ -18,12 +18,10 @@ from jax.experimental import multihost_utils
 
 from mimjax.data import pipeline
 from mimjax.data.normalize import normalize_images
+from mimjax.models import readout
 from mimjax.models.vit import ViT, model_dims, num_prefix_tokens  # noqa: F401 (re-export)
-from mimjax.train import checkpoint
-from mimjax.train import sharding
-
-POOLS = ('cls', 'mean', 'abmilp', 'attentive')
-
+from mimjax import checkpoint
+from mimjax import sharding
 
 CHECKPOINT_KEYS = ('teacher', 'student')
 
@@ -154,52 +152,6 @@ def load_pretrained(workdir: str, checkpoint_key: str = 'teacher',
                     weights)
 
 
-def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-  """LayerNorm without affine: MAE's `fc_norm` in a linear probe (weight 1, bias 0, frozen)."""
-  x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
-def select_tokens(model: ViT, params: Any, images: jnp.ndarray, layer: int,
-                  normed: bool = True, **kw) -> tuple[jnp.ndarray, dict]:
-  """Tokens (B, T, D) after block `layer` (1-based; -1 = last). `normed` with layer -1 gives
-  the final-LayerNorm output, else the raw block output (beyond-cls AbMILP, probes at layer 7)."""
-  depth = model_dims(model.config)['depth']
-  if layer != -1 and not 1 <= layer <= depth:
-    raise ValueError(f'probe layer {layer}: expected -1 (last) or 1..{depth}')
-  need_layers = layer != -1 or not normed
-  tokens, aux = model.apply({'params': params}, images, return_layers=need_layers, **kw)
-  if layer == -1 and normed:
-    return tokens, aux
-  return aux['layers'][(depth if layer == -1 else layer) - 1], aux
-
-
-def reads_final_norm(how: str) -> bool:
-  """Whether pooling `how` reads the final-LayerNorm output ('cls': MAE `--cls_token`;
-  'attentive': CAE) or the raw last-block tokens ('mean': MAE `--global_pool`, beyond-cls and
-  SemanticMIM `avg_featmap`, whose encoders skip the final norm; 'abmilp': beyond-cls)."""
-  return how not in ('mean', 'abmilp')
-
-
-def global_pool(tokens: jnp.ndarray, num_prefix: int = 1) -> jnp.ndarray:
-  """MAE `forward_features` with global_pool, before `fc_norm`: the mean of the patch tokens
-  (prefix tokens excluded) of the raw last-block output."""
-  return tokens[:, num_prefix:].mean(axis=1)
-
-
-def pool(tokens: jnp.ndarray, how: str, num_prefix: int = 1) -> jnp.ndarray:
-  """'cls' → mean of the prefix tokens ([cls] itself for a plain ViT; SemanticMIM's CLS
-  readout averages its proxies); 'mean' → fc_norm(global_pool(tokens)) with MAE's untrained
-  fc_norm (weight 1, bias 0). Pass the tokens `reads_final_norm(how)` asks for."""
-  if how == 'cls':
-    return tokens[:, :num_prefix].mean(axis=1)
-  if how == 'mean':
-    return layer_norm(global_pool(tokens, num_prefix))
-  raise ValueError(f'pool={how!r}: expected "cls" or "mean" (abmilp/attentive are trained heads)')
-
-
 class Extractor:
   """Pooled features of a frozen encoder over a whole split (eval view, padding dropped)."""
 
@@ -214,9 +166,9 @@ class Extractor:
     prefix = num_prefix_tokens(model_config)
 
     def features(params, images):
-      tokens, _ = select_tokens(self.model, params, normalize_images(images), layer,
-                                reads_final_norm(pool_name))
-      return pool(tokens, pool_name, prefix).astype(jnp.float32)
+      tokens, _ = readout.select_tokens(self.model, params, normalize_images(images), layer,
+                                        readout.reads_final_norm(pool_name))
+      return readout.pool(tokens, pool_name, prefix).astype(jnp.float32)
 
     self._fn = jax.jit(features)
 
@@ -250,26 +202,3 @@ def extract(fn: Callable, params: Any, data_config: ml_collections.ConfigDict, m
 def replicate(params: Any, mesh) -> Any:
   """Host numpy params → replicated device arrays on `mesh`."""
   return jax.device_put(params, sharding.replicated(mesh))
-
-
-class Evaluator:
-  """What every evaluator shares: `name`, `every_steps`, the encoder `path` inside the params,
-  the mesh, the data/seed/batch settings, and `details` (arrays for JSON files and plots)."""
-
-  def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-               objective: Any, mesh):
-    self.name = name
-    self.every_steps = int(cfg.get('every_steps') or 1 << 62)
-    self.cfg = cfg
-    self.path = tuple(objective.encoder)
-    self.mesh = mesh
-    self.data_config = config.data
-    self.seed = config.seed
-    self.batch_size = int(cfg.get('batch_size') or config.batch_size)
-    self.details = {}
-
-  def make_extractor(self, config: ml_collections.ConfigDict, pool: str = 'cls') -> 'Extractor':
-    """A feature extractor for `cfg.layer` / `cfg.pool` with this evaluator's settings."""
-    return Extractor(config.model, config.data, self.mesh, batch_size=self.batch_size,
-                     layer=int(self.cfg.get('layer', -1)), pool_name=self.cfg.get('pool', pool),
-                     seed=self.seed)

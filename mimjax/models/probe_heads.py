@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mimjax.evaluate import features
+from mimjax.models import readout
 from mimjax.models.attention import Attention
 
 
@@ -66,14 +66,14 @@ class ProbeHead(nn.Module):
     how = self.config.pool
     aux = {}
     if how in ('cls', 'mean'):
-      x = features.pool(tokens, how, self.num_prefix)
+      x = readout.pool(tokens, how, self.num_prefix)
     elif how == 'abmilp':
       x, aux['weights'] = AbMILP(name='abmilp')(tokens[:, self.num_prefix:])
     elif how == 'attentive':
       x, aux['weights'] = AttentivePooler(self.config.get('num_heads', 12),
                                           name='attentive')(tokens)
     else:
-      raise ValueError(f'config.probe.pool={how!r}: expected one of {features.POOLS}')
+      raise ValueError(f'config.probe.pool={how!r}: expected one of {readout.POOLS}')
     norm = self.config.get('norm', 'bn')
     x = x.astype(jnp.float32)
     if norm == 'bn':  # torch BatchNorm1d momentum 0.1 ≙ flax momentum 0.9.
@@ -81,7 +81,7 @@ class ProbeHead(nn.Module):
                        use_scale=False, use_bias=False, name='bn')(x)
     elif norm == 'ln':
       if how != 'mean':  # pool 'mean' already ends in this LayerNorm (MAE's fc_norm)
-        x = features.layer_norm(x)
+        x = readout.layer_norm(x)
     else:
       raise ValueError(f'config.probe.norm={norm!r}: expected one of {NORMS}')
     std = float(self.config.get('init_std', 0.01))

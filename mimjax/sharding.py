@@ -1,7 +1,6 @@
 """Device mesh ('data', 'fsdp'), parameter and batch shardings, host → global arrays."""
 
 import math
-import re
 from typing import Any
 
 import jax
@@ -102,13 +101,3 @@ def shard_rows(x: np.ndarray, mesh: Mesh, chunk: int, fill=0) -> jax.Array:
   keep a data set on the devices this way and walk each shard block by block."""
   x = pad_rows(np.asarray(x), mesh.size * chunk, fill)
   return jax.device_put(x.reshape((-1, chunk) + x.shape[1:]), batch_sharding(mesh))
-
-
-def path_name(path: tuple) -> str:
-  """'encoder/blocks_0/attn/qkv/kernel' for a jax tree path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
-
-
-def matches(name: str, patterns) -> bool:
-  """True when any regex in `patterns` is found in the parameter name."""
-  return any(re.search(p, name) for p in patterns)

@@ -7,9 +7,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mimjax.evaluate import features
-from mimjax.evaluate import knn
-from mimjax.train import sharding
+from mimjax import sharding
+from mimjax.objectives import pretrained
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
+  """{'top{k}': % of rows whose label is among the k best scores} (ties: lower class first)."""
+  order = np.argsort(-scores, axis=-1, kind='stable')
+  return {f'top{k}': 100.0 * float(np.mean(np.any(order[:, :k] == labels[:, None], axis=-1)))
+          for k in ks}
 
 
 def test_accuracy_fn(config: ml_collections.ConfigDict,
@@ -23,8 +29,8 @@ def test_accuracy_fn(config: ml_collections.ConfigDict,
   fn = jax.jit(lambda ps, images: logits_fn(ps[0], ps[1], images).astype(jnp.float32))
 
   def evaluate(params, state):
-    logits, labels = features.extract(fn, (params, state), config.data, mesh, split,
+    logits, labels = pretrained.extract(fn, (params, state), config.data, mesh, split,
                                       batch_size, config.seed)
-    return knn.topk_accuracy(np.asarray(logits), labels)
+    return topk_accuracy(np.asarray(logits), labels)
 
   return evaluate

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mimjax.train import workdir as workdir_lib
+from mimjax import workdir as workdir_lib
 
 
 def _scalar(v) -> float:

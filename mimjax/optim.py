@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mimjax.train import ema as ema_lib
-from mimjax.train.sharding import matches, path_name
+from mimjax import ema as ema_lib
+from mimjax.tree import matches, path_name
 
 
 def peak_lr(config: ml_collections.ConfigDict, batch_size: int) -> float:

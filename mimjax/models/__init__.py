@@ -1,0 +1,1 @@
+"""Flax models: ViT encoder (+ MRE bias, proxy blocks), attention, decoder, heads."""
