@@ -95,9 +95,8 @@ class AttentionStats(features.Evaluator):
     self._fn = jax.jit(stats)
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    values, _ = features.extract(self._fn, features.subtree(params, self.path), self.data_config,
-                                 self.mesh, self.cfg.get('split', 'test'), self.batch_size,
+    values, _ = features.extract(self._fn, self.encoder_params(params, state), self.data_config,
+                                 self.mesh, self.split('split'), self.batch_size,
                                  self.seed, int(self.cfg.get('num_images', 512)))
     self.details = {k: v.mean(0) for k, v in values.items()}  # (layers, heads)
     out = {}

@@ -136,22 +136,32 @@ def load_pretrained(workdir: str, checkpoint_key: str = 'teacher',
   params. Objectives without a teacher (MAE, ...) and params-only workdirs have one set of
   weights: both keys give it.
   """
-  if checkpoint_key not in CHECKPOINT_KEYS:
-    raise ValueError(f'checkpoint_key={checkpoint_key!r}: expected one of {CHECKPOINT_KEYS}')
   config = _load_config(workdir)
   objective = pretrained_objective(config)
   train_state = checkpoint.restore_train_state(workdir, step)
-  # A params-only workdir (W/params: imported or hand-made) holds one set of weights.
-  if checkpoint_key == 'teacher' and objective.teacher is not None and train_state['state']:
+  state = train_state.get('state', {})
+  try:
+    params, weights = select_weights(objective, train_state['params'], state, checkpoint_key)
+  except KeyError as e:
+    raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e.args[0]}); pass '
+                     'checkpoint_key=student for the trained params') from None
+  return Pretrained(config, objective, params, state, weights)
+
+
+def select_weights(objective: Any, params: Any, state: Any,
+                   checkpoint_key: str = 'teacher') -> tuple[Any, str]:
+  """(whole params tree, 'teacher' | 'student' | 'trained'): the EMA teacher at
+  `objective.teacher` inside `state` for checkpoint_key 'teacher' when the objective keeps one
+  (and `state` is not empty: a params-only workdir holds one set of weights), else `params`.
+  A missing teacher subtree raises KeyError."""
+  if checkpoint_key not in CHECKPOINT_KEYS:
+    raise ValueError(f'checkpoint_key={checkpoint_key!r}: expected one of {CHECKPOINT_KEYS}')
+  if checkpoint_key == 'teacher' and objective.teacher is not None and state:
     try:
-      params = subtree(train_state['state'], tuple(objective.teacher))
+      return subtree(state, tuple(objective.teacher)), 'teacher'
     except ValueError as e:
-      raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e}); pass '
-                       'checkpoint_key=student for the trained params') from None
-    return Pretrained(config, objective, params, train_state['state'], 'teacher')
-  weights = 'student' if objective.teacher is not None else 'trained'
-  return Pretrained(config, objective, train_state['params'], train_state.get('state', {}),
-                    weights)
+      raise KeyError(str(e)) from None
+  return params, 'student' if objective.teacher is not None else 'trained'
 
 
 def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -254,7 +264,17 @@ def replicate(params: Any, mesh) -> Any:
 
 class Evaluator:
   """What every evaluator shares: `name`, `every_steps`, the encoder `path` inside the params,
-  the mesh, the data/seed/batch settings, and `details` (arrays for JSON files and plots)."""
+  the weights it reads, the `splits` it reads (the trainer skips it at start-up when the data
+  set lacks one), the mesh, the data/seed/batch settings, and `details` (arrays for JSON files
+  and plots).
+
+  Weights: `cfg.checkpoint_key` (else `config.checkpoint_key`, else 'teacher') as in
+  `load_pretrained`: a monitor of an objective with an EMA teacher (DINO) reads the teacher
+  from the objective state, as DINO's eval_knn.py; 'student' reads the trained params.
+  """
+
+  # cfg key → default split; evaluators that read a train and a test split override it.
+  SPLIT_KEYS = {'split': 'test'}
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
@@ -262,11 +282,30 @@ class Evaluator:
     self.every_steps = int(cfg.get('every_steps') or 1 << 62)
     self.cfg = cfg
     self.path = tuple(objective.encoder)
+    self.objective = objective
+    self.checkpoint_key = cfg.get('checkpoint_key') or config.get('checkpoint_key') or 'teacher'
+    if self.checkpoint_key not in CHECKPOINT_KEYS:
+      raise ValueError(f'config.evals.{name}.checkpoint_key={self.checkpoint_key!r}: expected '
+                       f'one of {CHECKPOINT_KEYS}')
+    self.splits = tuple(self.split(key) for key in self.SPLIT_KEYS)
     self.mesh = mesh
     self.data_config = config.data
     self.seed = config.seed
     self.batch_size = int(cfg.get('batch_size') or config.batch_size)
     self.details = {}
+
+  def split(self, key: str) -> str:
+    """The split named by `cfg.<key>` (one of SPLIT_KEYS), else its default."""
+    return self.cfg.get(key) or self.SPLIT_KEYS[key]
+
+  def encoder_params(self, params: Any, state: Any) -> Any:
+    """The encoder subtree of the weights `checkpoint_key` selects (see class doc)."""
+    try:
+      weights, _ = select_weights(self.objective, params, state, self.checkpoint_key)
+    except KeyError as e:
+      raise ValueError(f'config.evals.{self.name}: the objective state has no EMA teacher '
+                       f'({e.args[0]}); set checkpoint_key=student') from None
+    return subtree(weights, self.path)
 
   def make_extractor(self, config: ml_collections.ConfigDict, pool: str = 'cls') -> 'Extractor':
     """A feature extractor for `cfg.layer` / `cfg.pool` with this evaluator's settings."""

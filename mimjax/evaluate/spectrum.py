@@ -52,9 +52,8 @@ class Spectrum(features.Evaluator):
     self._fn = jax.jit(layer_features)
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    z, _ = features.extract(self._fn, features.subtree(params, self.path), self.data_config,
-                            self.mesh, self.cfg.get('split', 'test'), self.batch_size, self.seed,
+    z, _ = features.extract(self._fn, self.encoder_params(params, state), self.data_config,
+                            self.mesh, self.split('split'), self.batch_size, self.seed,
                             int(self.cfg.get('num_images', 1024)))
     svals = np.stack([covariance_spectrum(z[:, i]) for i in range(z.shape[1])])
     self.details = {'svals': svals, 'log_svals': np.log10(np.maximum(svals, 1e-30))}
