@@ -53,10 +53,12 @@ def dino_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   o.frozen = ()                   # the learned pos-embed trains
   o.no_decay = ()                 # cls_token/pos_embed decay, as in DINO's param groups
 
-  # kNN monitor (DINO eval_knn.py: k 20, T 0.07, cls after the final norm) on the student
-  # encoder at the end of training and every `every_steps`.
+  # kNN monitor (DINO eval_knn.py: k 20, T 0.07, cls after the final norm) on the EMA teacher
+  # encoder (checkpoint_key 'student': the student) at the end of training and every
+  # `every_steps`.
   config.evals = ml_collections.ConfigDict({'knn': ml_collections.ConfigDict({
-      'module': 'knn', 'every_steps': None, 'k': 20, 'temperature': 0.07, 'pool': 'cls'})})
+      'module': 'knn', 'every_steps': None, 'k': 20, 'temperature': 0.07, 'pool': 'cls',
+      'checkpoint_key': 'teacher'})})
 
 
 def get_config(arg: str = 'vit_s,in100,300ep') -> ml_collections.ConfigDict:

@@ -134,9 +134,10 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
   keys timm does not have).
 
   Fine-tuning 'mean' (MAE global pool) is timm global_pool='avg' with `fc_norm` and no final
-  `norm`; 'cls' is global_pool='token'. The ([cls]) probe's BatchNorm(affine=False) is folded
-  into the Linear: W' = W / s, b' = b − (μ / s)·W with s = √(var + 1e-6), since timm has no
-  such layer.
+  `norm`; 'cls' is global_pool='token'. The probe's 'mean' (MAE global pool of the raw
+  last-block tokens, then an untrained LayerNorm) is 'avg' with `fc_norm` weight 1, bias 0.
+  The probe's BatchNorm(affine=False) is folded into the Linear: W' = W / s,
+  b' = b − (μ / s)·W with s = √(var + 1e-6), since timm has no such layer.
   """
   objective = config.objective
   prefix = num_reg_tokens(config.model) + 1
@@ -146,20 +147,31 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
     kernel, bias = np.asarray(head['head']['kernel']), np.asarray(head['head']['bias'])
     fc_norm = head.get('fc_norm')
   elif objective == 'linear_probe':
-    pool = config.probe.pool
-    if pool != 'cls':
-      # 'mean' is LayerNorm(mean of final-normed patch tokens): timm's avg pool reads the raw
-      # last-block tokens instead; abmilp / attentive are trained poolers timm does not have.
-      raise ValueError(f'config.probe.pool={pool!r} has no timm counterpart (only the [cls] '
-                       'probe does); export the pretrained encoder instead '
+    probe = _resolved_probe(config)
+    pool = probe.pool
+    if pool not in ('cls', 'mean'):
+      # abmilp / attentive are trained poolers timm does not have.
+      raise ValueError(f'config.probe.pool={pool!r} has no timm counterpart (only the cls and '
+                       'mean probes do); export the pretrained encoder instead '
                        f'(--workdir {config.pretrained})')
-    linear, bn = params['head']['linear'], state['batch_stats']['bn']
-    scale = np.sqrt(np.asarray(bn['var'], np.float64) + 1e-6)
+    # timm reads the last block: the final norm for 'token', the raw tokens for 'avg' (as 'mean').
+    norm, final_norm = probe.get('norm', 'bn'), probe.get('final_norm', True)
+    if int(probe.get('layer', -1)) != -1 or (pool == 'cls' and (norm != 'bn' or not final_norm)):
+      raise ValueError(f'config.probe (pool={pool!r}, layer={probe.get("layer")}, norm={norm!r}, '
+                       f'final_norm={final_norm}) has no timm counterpart: timm reads the last '
+                       'block through its final norm (token pool) or fc_norm (avg pool)')
+    linear = params['head']['linear']
     k = np.asarray(linear['kernel'], np.float64)
-    kernel = (k / scale[:, None]).astype(np.float32)
-    bias = (np.asarray(linear['bias'], np.float64)
-            - (np.asarray(bn['mean'], np.float64) / scale) @ k).astype(np.float32)
-    fc_norm = None
+    kernel, bias = k.astype(np.float32), np.asarray(linear['bias'], np.float32)
+    if norm == 'bn':
+      bn = state['batch_stats']['bn']
+      scale = np.sqrt(np.asarray(bn['var'], np.float64) + 1e-6)
+      kernel = (k / scale[:, None]).astype(np.float32)
+      bias = (np.asarray(linear['bias'], np.float64)
+              - (np.asarray(bn['mean'], np.float64) / scale) @ k).astype(np.float32)
+    # 'mean' is MAE's global pool → its untrained fc_norm (weight 1, bias 0), as timm's 'avg'.
+    width = k.shape[0]
+    fc_norm = {'scale': np.ones(width, np.float32), 'bias': np.zeros(width, np.float32)}
   else:
     raise ValueError(f'objective {objective!r} has no classifier to export')
   if pool == 'cls' and prefix > 1:
@@ -177,6 +189,16 @@ def classifier_to_timm(config: ml_collections.ConfigDict, params: Any,
   else:
     kwargs['global_pool'] = 'token'
   return out, kwargs, dropped
+
+
+def _resolved_probe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A probe workdir's `config.probe` with pool / layer None filled as the probe filled them."""
+  if config.probe.get('pool') is not None and config.probe.get('layer') is not None:
+    return config.probe
+  from mimjax.objectives import pretrained
+  from mimjax.objectives import linear_probe
+  pre_config, _ = pretrained.load_pretrained_config(config.pretrained)
+  return linear_probe.resolve_probe(config.probe, pre_config)
 
 
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str, *,

@@ -81,7 +81,7 @@ class AttentionStats(base.Evaluator):
     super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
     patch = model_dims(config.model)['patch_size']
-    prefix = features.num_prefix_tokens(config.model)
+    prefix = pretrained.num_prefix_tokens(config.model)
 
     def stats(params, images):
       _, aux = model.apply({'params': params}, normalize_images(images), return_attention=True)
@@ -96,9 +96,8 @@ class AttentionStats(base.Evaluator):
     self._fn = jax.jit(stats)
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    values, _ = pretrained.extract(self._fn, pretrained.subtree(params, self.path), self.data_config,
-                                 self.mesh, self.cfg.get('split', 'test'), self.batch_size,
+    values, _ = pretrained.extract(self._fn, self.encoder_params(params, state), self.data_config,
+                                 self.mesh, self.split('split'), self.batch_size,
                                  self.seed, int(self.cfg.get('num_images', 512)))
     self.details = {k: v.mean(0) for k, v in values.items()}  # (layers, heads)
     out = {}

@@ -17,7 +17,17 @@ from mimjax.objectives import pretrained
 
 class Evaluator:
   """What every evaluator shares: `name`, `every_steps`, the encoder `path` inside the params,
-  the mesh, the data/seed/batch settings, and `details` (arrays for JSON files and plots)."""
+  the weights it reads, the `splits` it reads (the trainer skips it at start-up when the data
+  set lacks one), the mesh, the data/seed/batch settings, and `details` (arrays for JSON files
+  and plots).
+
+  Weights: `cfg.checkpoint_key` (else `config.checkpoint_key`, else 'teacher') as in
+  `load_pretrained`: a monitor of an objective with an EMA teacher (DINO) reads the teacher
+  from the objective state, as DINO's eval_knn.py; 'student' reads the trained params.
+  """
+
+  # cfg key → default split; evaluators that read a train and a test split override it.
+  SPLIT_KEYS = {'split': 'test'}
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
@@ -25,11 +35,30 @@ class Evaluator:
     self.every_steps = int(cfg.get('every_steps') or 1 << 62)
     self.cfg = cfg
     self.path = tuple(objective.encoder)
+    self.objective = objective
+    self.checkpoint_key = cfg.get('checkpoint_key') or config.get('checkpoint_key') or 'teacher'
+    if self.checkpoint_key not in pretrained.CHECKPOINT_KEYS:
+      raise ValueError(f'config.evals.{name}.checkpoint_key={self.checkpoint_key!r}: expected '
+                       f'one of {pretrained.CHECKPOINT_KEYS}')
+    self.splits = tuple(self.split(key) for key in self.SPLIT_KEYS)
     self.mesh = mesh
     self.data_config = config.data
     self.seed = config.seed
     self.batch_size = int(cfg.get('batch_size') or config.batch_size)
     self.details = {}
+
+  def split(self, key: str) -> str:
+    """The split named by `cfg.<key>` (one of SPLIT_KEYS), else its default."""
+    return self.cfg.get(key) or self.SPLIT_KEYS[key]
+
+  def encoder_params(self, params: Any, state: Any) -> Any:
+    """The encoder subtree of the weights `checkpoint_key` selects (see class doc)."""
+    try:
+      weights, _ = pretrained.select_weights(self.objective, params, state, self.checkpoint_key)
+    except KeyError as e:
+      raise ValueError(f'config.evals.{self.name}: the objective state has no EMA teacher '
+                       f'({e.args[0]}); set checkpoint_key=student') from None
+    return pretrained.subtree(weights, self.path)
 
   def make_extractor(self, config: ml_collections.ConfigDict, pool: str = 'cls') -> pretrained.Extractor:
     """A feature extractor for `cfg.layer` / `cfg.pool` with this evaluator's settings."""

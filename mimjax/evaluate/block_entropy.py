@@ -87,8 +87,10 @@ class BlockEntropy(base.Evaluator):
                objective: Any, mesh):
     super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
-    prefix = features.num_prefix_tokens(config.model)
+    prefix = pretrained.num_prefix_tokens(config.model)
     how = cfg.get('pool', 'cls')
+    if int(cfg.get('num_images', 256)) <= 0:
+      self.splits = ()  # weight entropy only: reads no images
 
     def feats(params, images):
       tokens, _ = model.apply({'params': params}, normalize_images(images))
@@ -98,14 +100,13 @@ class BlockEntropy(base.Evaluator):
     self._fn = jax.jit(feats)
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    enc = jax.device_get(pretrained.subtree(params, self.path))
+    enc = jax.device_get(self.encoder_params(params, state))
     entropy = block_weight_entropy(enc, int(self.cfg.get('bins', 256)))
     out = {f'entropy/layer_{i + 1}': float(e) for i, e in enumerate(entropy)}
     num = int(self.cfg.get('num_images', 256))
     if num > 0:
       get = lambda p: pretrained.extract(self._fn, p, self.data_config, self.mesh,
-                                       self.cfg.get('split', 'test'), self.batch_size,
+                                       self.split('split'), self.batch_size,
                                        self.seed, num)[0]
       full = get(enc)
       sens = np.asarray([float(np.mean(1.0 - np.sum(full * get(remove_block(enc, b)), -1)))

@@ -136,23 +136,24 @@ def num_classes_of(config: ml_collections.ConfigDict, *labels: np.ndarray) -> in
   return int(config.get('num_classes') or 1 + max(int(l.max()) for l in labels if len(l)))
 
 
+# cfg keys of the bank / probe-training split and the query / test split, with their defaults.
+TRAIN_TEST_SPLITS = {'train_split': 'train', 'test_split': 'test'}
+
+
 class KNN(base.Evaluator):
   """Evaluator: kNN top-1/top-5 of the encoder at `objective.encoder` (see module doc)."""
+
+  SPLIT_KEYS = TRAIN_TEST_SPLITS
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
     super().__init__(name, cfg, config, objective, mesh)
     self.extractor = self.make_extractor(config)
-    # the trainer checks these exist at start-up
-    self.splits = (cfg.get('train_split', 'train'), cfg.get('test_split', 'test'))
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    enc = pretrained.subtree(params, self.path)
-    train_x, train_y = self.extractor(enc, self.cfg.get('train_split', 'train'),
-                                      self.cfg.get('max_train'))
-    test_x, test_y = self.extractor(enc, self.cfg.get('test_split', 'test'),
-                                    self.cfg.get('max_test'))
+    enc = self.encoder_params(params, state)
+    train_x, train_y = self.extractor(enc, self.split('train_split'), self.cfg.get('max_train'))
+    test_x, test_y = self.extractor(enc, self.split('test_split'), self.cfg.get('max_test'))
     classes = num_classes_of(self.cfg, train_y, test_y)
     # The bank goes to the devices once; a label fraction only hides rows (label −1).
     bank = KnnBank(train_x, self.mesh, int(self.cfg.get('bank_chunk', 16384)))

@@ -147,29 +147,29 @@ def probe_sweep(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 class LinearProbe(base.Evaluator):
   """Evaluator: cached-feature linear probe over `lrs` (and `fractions` of the train labels)."""
 
+  SPLIT_KEYS = knn.TRAIN_TEST_SPLITS
+
   def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                objective: Any, mesh):
     super().__init__(name, cfg, config, objective, mesh)
     self.extractor = self.make_extractor(config)
 
-  def _features(self, params: Any, split: str, limit: Optional[int]):
+  def _features(self, encoder: Any, split: str, limit: Optional[int]):
     cache = self.cfg.get('cache_dir')
     path = cache and os.path.join(cache, f'{self.name}_{split}.npz')
     if path and os.path.exists(path):
       data = np.load(path)
       return data['x'], data['y']
-    x, y = self.extractor(pretrained.subtree(params, self.path), split, limit)
+    x, y = self.extractor(encoder, split, limit)
     if path:
       os.makedirs(cache, exist_ok=True)
       np.savez(path, x=x, y=y)
     return x, y
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    train_x, train_y = self._features(params, self.cfg.get('train_split', 'train'),
-                                      self.cfg.get('max_train'))
-    test_x, test_y = self._features(params, self.cfg.get('test_split', 'test'),
-                                    self.cfg.get('max_test'))
+    enc = self.encoder_params(params, state)
+    train_x, train_y = self._features(enc, self.split('train_split'), self.cfg.get('max_train'))
+    test_x, test_y = self._features(enc, self.split('test_split'), self.cfg.get('max_test'))
     classes = knn.num_classes_of(self.cfg, train_y, test_y)
     out = {}
     for fraction in tuple(self.cfg.get('fractions', (1.0,))):

@@ -28,7 +28,7 @@ def prefix_attention_maps(model_config: ml_collections.ConfigDict, encoder_param
                           images: np.ndarray) -> np.ndarray:
   """(B, layers, prefix, g, g): attention of each [cls]/proxy token to the patches (head mean)."""
   model = ViT(model_config)
-  prefix = features.num_prefix_tokens(model_config)
+  prefix = pretrained.num_prefix_tokens(model_config)
   _, aux = jax.jit(lambda p, x: model.apply({'params': p}, normalize_images(x),
                                             return_attention=True))(encoder_params, images)
   maps = jnp.stack([a[:, :, :prefix, prefix:].mean(1) for a in aux['attention']], axis=1)

@@ -44,7 +44,7 @@ class Spectrum(base.Evaluator):
                objective: Any, mesh):
     super().__init__(name, cfg, config, objective, mesh)
     model = ViT(config.model)
-    prefix = features.num_prefix_tokens(config.model)
+    prefix = pretrained.num_prefix_tokens(config.model)
     how = cfg.get('pool', 'mean')
 
     def layer_features(params, images):
@@ -54,9 +54,8 @@ class Spectrum(base.Evaluator):
     self._fn = jax.jit(layer_features)
 
   def run(self, params: Any, state: Any) -> dict:
-    del state
-    z, _ = pretrained.extract(self._fn, pretrained.subtree(params, self.path), self.data_config,
-                            self.mesh, self.cfg.get('split', 'test'), self.batch_size, self.seed,
+    z, _ = pretrained.extract(self._fn, self.encoder_params(params, state), self.data_config,
+                            self.mesh, self.split('split'), self.batch_size, self.seed,
                             int(self.cfg.get('num_images', 1024)))
     svals = np.stack([covariance_spectrum(z[:, i]) for i in range(z.shape[1])])
     self.details = {'svals': svals, 'log_svals': np.log10(np.maximum(svals, 1e-30))}

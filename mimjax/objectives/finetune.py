@@ -62,7 +62,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   ft = config.finetune
   if ft.pool not in ('mean', 'cls'):
     raise ValueError(f"config.finetune.pool={ft.pool!r}: expected 'mean' or 'cls'")
-  prefix = features.num_prefix_tokens(model_config)
+  prefix = pretrained.num_prefix_tokens(model_config)
   head = ClassifierHead(ft.num_classes, fc_norm=ft.pool == 'mean')
   ema_decay = float(ft.get('ema_decay') or 0.0)
 

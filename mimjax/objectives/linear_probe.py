@@ -62,7 +62,7 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   model_config = pretrained.merge_model_config(pre_config.model, config.get('model'))
   encoder = ViT(model_config)
   probe = resolve_probe(config.probe, pre_config)
-  head = probe_heads.ProbeHead(probe, features.num_prefix_tokens(model_config))
+  head = probe_heads.ProbeHead(probe, pretrained.num_prefix_tokens(model_config))
   check_frozen(encoder, path, tuple(config.optim.frozen), config.data.image_size)
   # MAE global pool and beyond-cls AbMILP read the last block's tokens without the final norm.
   normed = readout.reads_final_norm(probe.pool) and probe.get('final_norm', True)

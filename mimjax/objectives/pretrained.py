@@ -134,22 +134,32 @@ def load_pretrained(workdir: str, checkpoint_key: str = 'teacher',
   params. Objectives without a teacher (MAE, ...) and params-only workdirs have one set of
   weights: both keys give it.
   """
-  if checkpoint_key not in CHECKPOINT_KEYS:
-    raise ValueError(f'checkpoint_key={checkpoint_key!r}: expected one of {CHECKPOINT_KEYS}')
   config = _load_config(workdir)
   objective = pretrained_objective(config)
   train_state = checkpoint.restore_train_state(workdir, step)
-  # A params-only workdir (W/params: imported or hand-made) holds one set of weights.
-  if checkpoint_key == 'teacher' and objective.teacher is not None and train_state['state']:
+  state = train_state.get('state', {})
+  try:
+    params, weights = select_weights(objective, train_state['params'], state, checkpoint_key)
+  except KeyError as e:
+    raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e.args[0]}); pass '
+                     'checkpoint_key=student for the trained params') from None
+  return Pretrained(config, objective, params, state, weights)
+
+
+def select_weights(objective: Any, params: Any, state: Any,
+                   checkpoint_key: str = 'teacher') -> tuple[Any, str]:
+  """(whole params tree, 'teacher' | 'student' | 'trained'): the EMA teacher at
+  `objective.teacher` inside `state` for checkpoint_key 'teacher' when the objective keeps one
+  (and `state` is not empty: a params-only workdir holds one set of weights), else `params`.
+  A missing teacher subtree raises KeyError."""
+  if checkpoint_key not in CHECKPOINT_KEYS:
+    raise ValueError(f'checkpoint_key={checkpoint_key!r}: expected one of {CHECKPOINT_KEYS}')
+  if checkpoint_key == 'teacher' and objective.teacher is not None and state:
     try:
-      params = subtree(train_state['state'], tuple(objective.teacher))
+      return subtree(state, tuple(objective.teacher)), 'teacher'
     except ValueError as e:
-      raise ValueError(f'{workdir}: the checkpoint has no EMA teacher ({e}); pass '
-                       'checkpoint_key=student for the trained params') from None
-    return Pretrained(config, objective, params, train_state['state'], 'teacher')
-  weights = 'student' if objective.teacher is not None else 'trained'
-  return Pretrained(config, objective, train_state['params'], train_state.get('state', {}),
-                    weights)
+      raise KeyError(str(e)) from None
+  return params, 'student' if objective.teacher is not None else 'trained'
 
 
 class Extractor:

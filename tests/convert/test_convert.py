@@ -436,7 +436,8 @@ def _classifier_workdir(tmp_path, mae_workdir, name, arg):
 
 @pytest.mark.parametrize('name,arg,pool', [('finetune', 'tiny,pool=mean', 'avg'),
                                            ('finetune', 'tiny,pool=cls', 'token'),
-                                           ('linear', 'tiny,pool=cls', 'token')])
+                                           ('linear', 'tiny,pool=cls', 'token'),
+                                           ('linear', 'tiny,pool=mean', 'avg')])
 def test_classifier_workdir_exports_to_timm_with_logits(tmp_path, mae_workdir, capsys, name, arg,
                                                         pool):
   from mimjax.data.normalize import normalize_images
@@ -448,6 +449,8 @@ def test_classifier_workdir_exports_to_timm_with_logits(tmp_path, mae_workdir, c
   from safetensors.torch import load_file
   sd = load_file(out)
   assert sd['head.weight'].shape == (10, 64) and ('fc_norm.weight' in sd) == (pool == 'avg')
+  if name == 'linear' and pool == 'avg':  # the probe's untrained fc_norm
+    assert (sd['fc_norm.weight'] == 1).all() and (sd['fc_norm.bias'] == 0).all()
   assert ('norm.weight' in sd) == (pool == 'token')
   # Independently of --verify: timm as a user builds it, against the trained forward.
   model = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=10,
@@ -466,7 +469,8 @@ def test_classifier_workdir_exports_to_timm_with_logits(tmp_path, mae_workdir, c
 
 def test_probe_bn_folding_by_hand():
   config = ml_collections.ConfigDict({'objective': 'linear_probe', 'model': _model_config(),
-                                      'probe': {'pool': 'cls'}, 'pretrained': 'W'})
+                                      'probe': {'pool': 'cls', 'layer': -1},
+                                      'pretrained': 'W'})
   rng = np.random.default_rng(0)
   kernel, bias = rng.standard_normal((64, 3)), rng.standard_normal(3)
   mean, var = rng.standard_normal(64), rng.random(64) + 0.1
@@ -477,7 +481,13 @@ def test_probe_bn_folding_by_hand():
   want = ((x - mean) / np.sqrt(var + 1e-6)) @ kernel + bias  # BatchNorm1d(affine=False) → Linear
   np.testing.assert_allclose(x @ sd['head.weight'].T + sd['head.bias'], want, rtol=1e-5)
   assert kwargs == {'num_classes': 3, 'global_pool': 'token'} and dropped == []
-  for pool in ('mean', 'abmilp'):
-    config.probe.pool = pool
-    with pytest.raises(ValueError, match=f"pool='{pool}' has no timm counterpart"):
+  config.probe.pool = 'mean'  # same folding; the pooled features go through fc_norm (1, 0)
+  sd, kwargs, dropped = to_torch.classifier_to_timm(config, params, state)
+  np.testing.assert_allclose(x @ sd['head.weight'].T + sd['head.bias'], want, rtol=1e-5)
+  assert kwargs == {'num_classes': 3, 'global_pool': 'avg'}
+  assert (sd['fc_norm.weight'] == 1).all() and (sd['fc_norm.bias'] == 0).all()
+  assert dropped == ['norm.weight', 'norm.bias']
+  for probe in ({'pool': 'abmilp'}, {'pool': 'mean', 'layer': 7}, {'pool': 'cls', 'norm': 'ln'}):
+    config.probe = {'pool': 'cls', 'layer': -1, **probe}
+    with pytest.raises(ValueError, match='has no timm counterpart'):
       to_torch.classifier_to_timm(config, params, state)

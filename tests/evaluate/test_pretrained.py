@@ -127,3 +127,31 @@ def test_kd_teacher_is_the_ema_teacher(dino_workdir):
   params, state = jax.jit(distill.make(config).init)(jax.random.key(0), _dino_batch())
   assert _equal(jax.device_get(state['teacher']), teacher)
   assert _equal(jax.device_get(params['encoder']), teacher['encoder'])  # distill.init='teacher'
+
+
+def test_online_monitors_read_the_ema_teacher_unless_student_is_asked():
+  """A monitor during DINO pretraining sees the objective's EMA teacher (DINO's eval_knn.py),
+  or the trained student with checkpoint_key=student."""
+  from mimjax.evaluate import block_entropy
+  from mimjax.train import sharding
+  config = dino_config.get_config('tiny')
+  objective = dino.make(config)
+  shapes, state_shapes = jax.eval_shape(objective.init, jax.random.key(0), _dino_batch())
+  student, teacher = _random_like(shapes, 1), _random_like(shapes, 2)
+  state = {'teacher': teacher, 'center': np.zeros(state_shapes['center'].shape, np.float32)}
+  mesh = sharding.make_mesh(config.mesh)
+  knn, = trainer.make_evaluators(config, objective, mesh)  # the config's kNN monitor
+  assert knn.splits == ('train', 'test')
+  assert _equal(knn.encoder_params(student, state), teacher['encoder'])
+  # Weight entropy alone (no images): its value says which encoder the evaluator read.
+  cfg = ml_collections.ConfigDict({'module': 'block_entropy', 'bins': 64, 'num_images': 0})
+  got = block_entropy.make('g', cfg, config, objective, mesh).run(student, state)
+  want = block_entropy.block_weight_entropy(teacher['encoder'], 64)
+  np.testing.assert_allclose([got[f'entropy/layer_{i + 1}'] for i in range(len(want))], want)
+  cfg.checkpoint_key = 'student'
+  monitor = block_entropy.make('g', cfg, config, objective, mesh)
+  assert _equal(monitor.encoder_params(student, state), student['encoder'])
+  assert monitor.run(student, state) != got
+  cfg.checkpoint_key = 'ema'
+  with pytest.raises(ValueError, match="checkpoint_key='ema': expected one of"):
+    block_entropy.make('g', cfg, config, objective, mesh)

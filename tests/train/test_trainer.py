@@ -315,3 +315,32 @@ def test_linear_probe_on_a_workdir_without_checkpoints_leaves_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoints/<step>/ and no params/'):
     trainer.train_and_evaluate(config, str(tmp_path / 'E'))
   assert not (tmp_path / 'E').exists()
+
+
+def test_monitor_whose_split_is_missing_is_skipped_with_one_warning(tmp_path, capsys):
+  """Evaluators declare the splits they read (Evaluator.SPLIT_KEYS); the trainer skips one whose
+  split the data set lacks at start-up, with one line, instead of failing after training."""
+  import ml_collections
+  from mimjax.data.builders import tfds_io
+  from mimjax.train import sharding
+  def examples():
+    rng = np.random.default_rng(0)
+    for i in range(8):
+      yield i, {'image': tfds_io.encode_image(rng.integers(0, 256, (32, 32, 3), np.uint8)),
+                'label': i % 2}
+  config = tiny_config()
+  config.data.data_dir = tfds_io.write_tfds(str(tmp_path / 'data'), 'digits',
+                                            tfds_io.features_dict(['a', 'b']),
+                                            {'train': examples})
+  config.evals = ml_collections.ConfigDict({
+      'lin': {'module': 'linear', 'every_steps': 1},
+      'lin_on_train': {'module': 'linear', 'test_split': 'train'},
+      'spectrum': {'module': 'spectrum'}})
+  evaluators = trainer.make_evaluators(config, mae.make(config),
+                                       sharding.make_mesh(config.mesh))
+  assert [e.name for e in evaluators] == ['lin_on_train']
+  assert evaluators[0].splits == ('train', 'train')
+  err = capsys.readouterr().err.splitlines()
+  assert [line for line in err if 'warning' in line] == [
+      "mimjax: warning: config.evals.lin skipped: data set 'digits' has no split 'test'",
+      "mimjax: warning: config.evals.spectrum skipped: data set 'digits' has no split 'test'"]
