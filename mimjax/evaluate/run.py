@@ -62,16 +62,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every evaluator once on `config.pretrained`; returns the results dict."""
   jax.config.update('jax_threefry_partitionable', True)
   validate(config)
-  pretrained = pretrained.load_pretrained(config.pretrained,
-                                        config.get('checkpoint_key', 'teacher'))
-  pretrain_config, path = pretrained.config, pretrained.path
-  logging.info('evaluating the %s weights of %s', pretrained.weights, config.pretrained)
+  loaded = pretrained.load_pretrained(config.pretrained, config.get('checkpoint_key', 'teacher'))
+  pretrain_config, path = loaded.config, loaded.path
+  logging.info('evaluating the %s weights of %s', loaded.weights, config.pretrained)
   eval_config = evaluation_config(config, pretrain_config)
   mesh = sharding.make_mesh(config.mesh)
-  params = pretrained.replicate(pretrained.params, mesh)
+  params = pretrained.replicate(loaded.params, mesh)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:  # a re-run overwrites
-    f.write(checkpoint.config_to_json(config))
+  checkpoint.write_config(workdir, config)  # atomic; a re-run replaces it
 
   evaluators = make_evaluators(eval_config, pretrained.EncoderRef(path), mesh)
   results = {}

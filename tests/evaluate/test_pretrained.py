@@ -133,7 +133,7 @@ def test_online_monitors_read_the_ema_teacher_unless_student_is_asked():
   """A monitor during DINO pretraining sees the objective's EMA teacher (DINO's eval_knn.py),
   or the trained student with checkpoint_key=student."""
   from mimjax.evaluate import block_entropy
-  from mimjax.train import sharding
+  from mimjax import sharding
   config = dino_config.get_config('tiny')
   objective = dino.make(config)
   shapes, state_shapes = jax.eval_shape(objective.init, jax.random.key(0), _dino_batch())

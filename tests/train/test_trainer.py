@@ -226,7 +226,7 @@ def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, caps
 
 
 def test_second_trainer_on_a_workdir_refuses(tmp_path):
-  code = ('import time; from mimjax.train import workdir; '
+  code = ('import time; from mimjax import workdir; '
           f'workdir.WorkdirLock({str(tmp_path)!r}).acquire(); print("locked", flush=True); '
           'time.sleep(600)')
   holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdout=subprocess.PIPE,
@@ -322,7 +322,7 @@ def test_monitor_whose_split_is_missing_is_skipped_with_one_warning(tmp_path, ca
   split the data set lacks at start-up, with one line, instead of failing after training."""
   import ml_collections
   from mimjax.data.builders import tfds_io
-  from mimjax.train import sharding
+  from mimjax import sharding
   def examples():
     rng = np.random.default_rng(0)
     for i in range(8):

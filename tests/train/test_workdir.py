@@ -39,7 +39,7 @@ def test_write_config_over_leftovers_of_a_killed_run(tmp_path):
 
 def _holder(path):
   """A child process that takes the lock, says so, and sleeps until killed."""
-  code = ('import sys, time; from mimjax.train import workdir; '
+  code = ('import sys, time; from mimjax import workdir; '
           f'workdir.WorkdirLock({path!r}).acquire(); print("locked", flush=True); time.sleep(600)')
   proc = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdout=subprocess.PIPE,
                           text=True, env=dict(os.environ, PYTHONPATH=REPO))
