@@ -437,6 +437,10 @@ def test_collapse_metrics_by_hand():
   np.testing.assert_allclose(float(m['student_entropy']), h(p), rtol=1e-5)
   np.testing.assert_allclose(float(m['teacher_student_kl']), kl, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(float(m['output_uniformity']), h(p) / np.log(k), rtol=1e-5)
+  q_mean = q.mean(0)                                        # (T, K) batch-mean teacher
+  np.testing.assert_allclose(float(m['teacher_batch_entropy']),
+                             np.mean(-(q_mean * np.log(q_mean)).sum(-1)), rtol=1e-5)
+  assert float(m['teacher_batch_entropy']) >= float(m['teacher_entropy'])   # concavity of H
 
 
 def test_uniform_output_warns_once(capsys):
