@@ -7,7 +7,9 @@
 Rows: vit_s / vit_s8 × in100 × 300ep / 600ep (SAM-helps-SSL's DINO baselines: ViT-S/16 300 and
 600 ep, ViT-S/8 300 ep) and vit_s,in1k,300ep (the DINO README's "boosted" ViT-S/16 recipe:
 teacher temp 0.04 → 0.07 over 30 epochs, norm_last_layer false). `tiny` = mu/4 on 32-px digits
-with 2 global 32-px and 2 local 16-px crops; trains in well under a minute on CPU. A kNN
+with 2 global 32-px and 2 local 16-px crops, 60 steps, with an anti-collapse recipe (K 64, DINO's
+lr scaling, xavier init, teacher temp 0.01, momentum 0.99; docs/dino.md); about a minute on a
+2-core CPU. A kNN
 monitor (`config.evals.knn`, mimjax/evaluate/knn.py) runs at the end (and every 10k steps);
 its top-1 is in W/results.json.
 """

@@ -241,8 +241,9 @@ def test_teacher_gets_no_gradient_and_ema_follows_cosine_momentum(tiny_dino):
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_state['teacher'])) == 0.0
   moved = jax.tree.map(lambda x: x + 1.0, params)
   new = obj.after_update(moved, state, 3)
-  m = float(ema.cosine_schedule(0.996, 1.0, 3, config.total_steps))
-  assert 0.996 < m < 1.0
+  base = config.dino.momentum_teacher
+  m = float(ema.cosine_schedule(base, 1.0, 3, config.total_steps))
+  assert base < m < 1.0
   leaf = lambda t: t['encoder']['cls_token']
   np.testing.assert_allclose(np.asarray(leaf(new['teacher'])),
                              m * np.asarray(leaf(params)) + (1 - m) * np.asarray(leaf(moved)),
@@ -257,9 +258,10 @@ def test_loss_updates_center_from_teacher_outputs(tiny_dino):
   teacher = jax.jit(lambda t: dino.DINOModel(config).apply({'params': t}, crops[:1]))(
       state['teacher'])
   np.testing.assert_allclose(np.asarray(new_state['center']),
-                             0.1 * np.asarray(teacher).mean(0, keepdims=True), rtol=1e-5,
-                             atol=1e-7)
-  assert float(metrics['teacher_temp']) == pytest.approx(0.04) and np.isfinite(float(value))
+                             (1 - config.dino.center_momentum) *
+                             np.asarray(teacher).mean(0, keepdims=True), rtol=1e-5, atol=1e-7)
+  assert float(metrics['teacher_temp']) == pytest.approx(config.dino.warmup_teacher_temp)
+  assert np.isfinite(float(value))
 
 
 def _crop_major_loss(config, params, state, batch):
