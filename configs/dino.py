@@ -7,7 +7,9 @@
 Rows: vit_s / vit_s8 × in100 × 300ep / 600ep (SAM-helps-SSL's DINO baselines: ViT-S/16 300 and
 600 ep, ViT-S/8 300 ep) and vit_s,in1k,300ep (the DINO README's "boosted" ViT-S/16 recipe:
 teacher temp 0.04 → 0.07 over 30 epochs, norm_last_layer false). `tiny` = mu/4 on 32-px digits
-with 2 global 32-px and 2 local 16-px crops; trains in well under a minute on CPU. A kNN
+with 2 global 32-px and 2 local 16-px crops, 60 steps, with an anti-collapse recipe (K 64, DINO's
+lr scaling, xavier init, teacher temp 0.01, momentum 0.99; docs/dino.md); about a minute on a
+2-core CPU. A kNN
 monitor (`config.evals.knn`, mimjax/evaluate/knn.py) runs at the end (and every 10k steps);
 its top-1 is in W/results.json.
 """
@@ -24,7 +26,7 @@ def dino_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   config.dino = dino.default_config()
   if arg.tiny:
     config.model = common.vit_config('mu/4', 32)
-    config.dino.head.update(out_dim=256, hidden_dim=128, bottleneck_dim=32)
+    config.dino.head.update(hidden_dim=128, bottleneck_dim=32)   # out_dim: get_config
     config.data.local_size = 16
     config.data.local_crops_number = 2
   else:
@@ -68,13 +70,25 @@ def get_config(arg: str = 'vit_s,in100,300ep') -> ml_collections.ConfigDict:
   if arg.tiny:
     config.data.name = 'digits' if arg.data == 'in100' else common.DATASETS[arg.data]
     config.batch_size = 64
-    config.total_steps = 40
+    config.total_steps = 60
     config.warmup_steps = 5
-    config.optim.lr = 1e-3
     config.optim.freeze_epochs = 1          # digits: 1500 // 64 = 23 steps per epoch
-    config.dino.warmup_teacher_temp_epochs = 2
+    # Anti-collapse recipe for the 2-block model (docs/dino.md, "Collapse of tiny"): with
+    # DINO's N(0, .02) init the cls token hardly depends on the image, the center absorbs the
+    # common part and τ_t 0.04 → 0.07 leaves a flat target (uniform collapse, loss = ln K).
+    # DINO's own lr scaling (base_lr 5e-4 × 64/256 = 1.25e-4; the old 1e-3 was 8× that), a
+    # small head (K 64), the MAE xavier init (more input dependence at step 0), a sharp
+    # teacher (τ_t 0.01), a faster teacher (momentum 0.99, DINO's advice for short runs) and
+    # no drop path (it drops half of a 2-block student) keep it off both collapse modes.
+    config.model.drop_path = 0.0
+    config.dino.head.out_dim = 64
+    config.dino.init = 'model'
+    config.dino.momentum_teacher = 0.99
+    config.dino.warmup_teacher_temp = 0.01
+    config.dino.teacher_temp = 0.01
+    config.dino.warmup_teacher_temp_epochs = 0
     config.log_every = 10
-    config.checkpoint_every = 40
+    config.checkpoint_every = 60
   else:
     common.paper_speed(config)
     config.evals.knn.every_steps = 10000

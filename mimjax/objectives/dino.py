@@ -89,8 +89,11 @@ def collapse_metrics(student_out: jnp.ndarray, teacher_out: jnp.ndarray, center:
                                              jax.nn.log_softmax(logits, -1), -1))
   h_t = entropy((teacher_out.astype(jnp.float32) - center) / teacher_temp)
   h_s = entropy(student_out.astype(jnp.float32) / student_temp)
-  h_s, h_t = jax.lax.stop_gradient(h_s), jax.lax.stop_gradient(h_t)
-  return {'teacher_entropy': h_t, 'student_entropy': h_s,
+  q_mean = jnp.mean(jax.nn.softmax((teacher_out.astype(jnp.float32) - center) / teacher_temp,
+                                   -1), axis=0)             # (T, K): batch-mean per crop
+  h_batch = jnp.mean(-jnp.sum(q_mean * jnp.log(jnp.maximum(q_mean, 1e-30)), -1))
+  h_s, h_t, h_batch = (jax.lax.stop_gradient(h) for h in (h_s, h_t, h_batch))
+  return {'teacher_entropy': h_t, 'student_entropy': h_s, 'teacher_batch_entropy': h_batch,
           'teacher_student_kl': jax.lax.stop_gradient(loss) - h_t,
           'output_uniformity': h_s / jnp.log(student_out.shape[-1])}
 
