@@ -12,7 +12,7 @@ import skimage.transform
 import torch
 import torch.nn.functional as F
 
-from mimjax import hog
+from mimjax import hog as hog_lib
 from mimjax import targets
 from mimjax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mimjax.objectives import mae
@@ -99,7 +99,7 @@ def photos():
 
 @pytest.mark.parametrize('window', [0, 16])
 def test_hog_matches_slowfast_reference_on_photos(photos, window):
-  ours = np.asarray(jax.jit(lambda x: hog.hog_targets(x, 16, 9, 8, window))(photos))
+  ours = np.asarray(jax.jit(lambda x: hog_lib.hog_targets(x, 16, 9, 8, window))(photos))
   ref_layer = TorchHOGLayerC(nbins=9, pool=8, gaussian_window=window)
   ref = torch_hog_label_2d(ref_layer(torch.from_numpy(photos).permute(0, 3, 1, 2)), 14).numpy()
   assert ours.shape == ref.shape == (4, 196, 108)
@@ -107,7 +107,7 @@ def test_hog_matches_slowfast_reference_on_photos(photos, window):
   assert rel < 1e-4, rel
   assert np.abs(ours - ref).max() < 1e-3
   # A real image has texture: cells are non-degenerate and L2-normalised per (cell, channel).
-  cells = np.asarray(hog.hog_cells(photos, 9, 8, window))
+  cells = np.asarray(hog_lib.hog_cells(photos, 9, 8, window))
   np.testing.assert_allclose(np.linalg.norm(cells, axis=-1).mean(), 1.0, atol=0.02)
 
 
@@ -116,20 +116,20 @@ def test_hog_hand_computed_vertical_edge():
   # atan2(−4, 0) = −π/2 → −4.5 → floor −5 mod 9 = bin 4; magnitude 4 per edge pixel.
   img = np.zeros((1, 16, 16, 3), np.float32)
   img[:, :, 8:] = 1.0
-  cells = np.asarray(hog.hog_cells(img, 9, 8, 0))  # (1, 2, 2, 3, 9)
+  cells = np.asarray(hog_lib.hog_cells(img, 9, 8, 0))  # (1, 2, 2, 3, 9)
   expected = np.zeros(9, np.float32)
   expected[4] = 1.0  # one bin → L2-normalised to 1
   for r in range(2):
     for s in range(2):
       np.testing.assert_allclose(cells[0, r, s, 0], expected, atol=1e-6)
-  flat = np.asarray(hog.hog_targets(img, 16, 9, 8, 0))[0, 0]
+  flat = np.asarray(hog_lib.hog_targets(img, 16, 9, 8, 0))[0, 0]
   # Flatten order (channel, bin, cell row, cell col): channel 1, bin 4, cell (1, 0).
   assert flat[((1 * 9 + 4) * 2 + 1) * 2 + 0] == pytest.approx(1.0)
-  assert hog.hog_dim(16) == 108
+  assert hog_lib.hog_dim(16) == 108
 
 
 def test_gaussian_window_matches_formula():
-  k = hog.gaussian_window(16)
+  k = hog_lib.gaussian_window(16)
   n = (np.arange(16) - 7.5) / 8
   w = np.exp(-0.5 * n ** 2)
   np.testing.assert_allclose(k, np.outer(w, w) / np.outer(w, w).sum(), rtol=1e-6)
@@ -192,7 +192,7 @@ def test_kmeans_hog_tokenizer_ids_are_nearest_hog_codewords(tmp_path, photos):
   tok = tokenizer.make_tokenizer(config, 4)
   x = jnp.asarray(photos[:2, :32, :32])
   ids = np.asarray(tok(x))
-  feats = np.asarray(hog.hog_targets(x, 4, 9, 2, 4))
+  feats = np.asarray(hog_lib.hog_targets(x, 4, 9, 2, 4))
   brute = np.argmin(((feats[..., None, :] - book) ** 2).sum(-1), axis=-1)
   assert ids.shape == (2, 64) and tok.vocab_size == 16
   np.testing.assert_array_equal(ids, brute)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from mimjax import sharding
 from mimjax.evaluate import base
-from mimjax.objectives import pretrained
+from mimjax.objectives import accuracy
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -166,7 +166,7 @@ class KNN(base.Evaluator):
                            float(self.cfg.get('temperature', 0.07)),
                            int(self.cfg.get('query_chunk', 1024)))
       out.update({f'{k}{fraction_tag(fraction)}': v
-                  for k, v in topk_accuracy(scores, test_y).items()})
+                  for k, v in accuracy.topk_accuracy(scores, test_y).items()})
     return out
 
 

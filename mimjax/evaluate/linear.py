@@ -27,7 +27,6 @@ from mimjax import sharding
 from mimjax.evaluate import base
 from mimjax.evaluate import knn
 from mimjax.objectives import accuracy
-from mimjax.objectives import pretrained
 
 
 def standardize(train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):

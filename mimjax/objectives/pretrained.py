@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from mimjax.data import pipeline
 from mimjax.data.normalize import normalize_images
 from mimjax.models import readout
-from mimjax.models.vit import ViT, model_dims, num_prefix_tokens  # noqa: F401 (re-export)
+from mimjax.models.vit import ViT, num_prefix_tokens  # noqa: F401 (num_prefix_tokens: re-export)
 from mimjax import checkpoint
 from mimjax import sharding
 

@@ -12,7 +12,8 @@ import pytest
 from configs import beit as beit_config
 from configs import maskfeat as maskfeat_config
 from configs import semantic_mim as smim_config
-from mimjax import hog, masking, targets
+from mimjax import hog as hog_lib
+from mimjax import masking
 from mimjax import optim
 from mimjax.data.normalize import normalize_images
 from mimjax.objectives import semantic_mim
@@ -74,7 +75,7 @@ def test_loss_equals_hand_computed_masked_hog_mse(proxy):
   images = normalize_images(batch['image'])
   model = semantic_mim.SemanticMIM(config, 108)
   pred = np.asarray(jax.jit(lambda p: model.apply({'params': p}, images, m))(params), np.float64)
-  hog = np.asarray(hog.hog_targets(images, 4, 9, 2, 4), np.float64)
+  hog = np.asarray(hog_lib.hog_targets(images, 4, 9, 2, 4), np.float64)
   mask = np.asarray(m.mask)
   if proxy:
     ids = np.asarray(masking.masked_ids(m))
