@@ -167,8 +167,11 @@ def _has_total_steps(command: str) -> bool:
 def as_run(command: str, root: str) -> str:
   """The command as the test runs it: this interpreter, paths under `root`, short runs."""
   m = _PYTHON.match(command)
-  run = m.group(1) + shlex.quote(sys.executable) + ' ' + command[m.start(2):]
-  run = re.sub(r'(?<![\w.])/tmp/', root + '/', run)
+  # Rewrite /tmp/ in the documented text only: the interpreter (and the repository) may
+  # themselves live under /tmp (a CI clone), and must not be rewritten.
+  rest = re.sub(r'(?<![\w.])/tmp/', root + '/', command[m.start(2):])
+  env = re.sub(r'(?<![\w.])/tmp/', root + '/', m.group(1))
+  run = env + shlex.quote(sys.executable) + ' ' + rest
   if _has_total_steps(command):
     run += f' --config.total_steps={STEPS}'
   if 'mimjax.bench' in command:
