@@ -6,31 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mimjax.models import heads
-
-
-class TorchDINOHead(nn.Module):
-  """dino/vision_transformer.py DINOHead (use_bn=False), transcribed."""
-
-  def __init__(self, in_dim, out_dim, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-               bottleneck_dim=256):
-    super().__init__()
-    layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-    for _ in range(nlayers - 2):
-      layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
-    layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-    self.mlp = nn.Sequential(*layers)
-    self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-    self.last_layer.weight_g.data.fill_(1)
-    if norm_last_layer:
-      self.last_layer.weight_g.requires_grad = False
-
-  def forward(self, x):
-    x = self.mlp(x)
-    x = nn.functional.normalize(x, dim=-1, p=2)
-    return self.last_layer(x)
+# dino/vision_transformer.py DINOHead, transcribed once for this test and the DINO reference loop
+from tests.objectives.dino_torch_ref import DINOHead as TorchDINOHead
 
 
 def _cfg(norm_last_layer):
