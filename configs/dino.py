@@ -45,6 +45,7 @@ def dino_fields(config: ml_collections.ConfigDict, arg: ml_collections.ConfigDic
   o = config.optim
   o.base_lr = 5e-4                # × batch / 256
   o.min_lr = 1e-6
+  o.warmup = 'linspace'           # cosine_scheduler: np.linspace(0, lr, W) peaks at step W − 1
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8   # torch AdamW defaults
   o.weight_decay = 0.04
   o.weight_decay_end = 0.4        # per-step cosine

@@ -27,11 +27,20 @@ def peak_lr(config: ml_collections.ConfigDict, batch_size: int) -> float:
 
 
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int,
-                  min_value: float = 0.0) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """MAE/DINO per-step schedule: linear 0 → peak over warm-up, then half-cycle cosine to min."""
+                  min_value: float = 0.0, warmup: str = 'linear') -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """MAE/DINO per-step schedule: linear 0 → peak over warm-up, then half-cycle cosine to min.
+
+  warmup='linear' (MAE's adjust_learning_rate): peak·s/W, the peak is reached at step W.
+  warmup='linspace' (DINO's cosine_scheduler, np.linspace(0, peak, W)): peak·s/(W − 1), the
+  peak is reached at step W − 1 (step W starts the cosine at the peak as well)."""
+  if warmup not in ('linear', 'linspace'):
+    raise ValueError(f'config.optim.warmup={warmup!r}: expected "linear" (MAE) or "linspace" '
+                     '(DINO)')
+  ramp = warmup_steps if warmup == 'linear' else warmup_steps - 1
+
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    warm = peak * step / max(warmup_steps, 1)
+    warm = peak * step / max(ramp, 1)
     frac = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     cos = min_value + (peak - min_value) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(frac, 0, 1)))
     return jnp.where(step < warmup_steps, warm, cos)
@@ -239,7 +248,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, *, total_step
   if config.name not in OPTIMIZERS:
     raise ValueError(f'config.optim.name={config.name!r}: expected one of {OPTIMIZERS}')
   lr = warmup_cosine(peak_lr(config, batch_size), total_steps, warmup_steps,
-                     config.get('min_lr', 0.0))
+                     config.get('min_lr', 0.0), config.get('warmup', 'linear'))
   if uses_dino_adamw(config):  # per-tensor clip / wd schedule / last-layer freeze (DINO)
     return dino_adamw(config, params, lr, total_steps=total_steps, num_examples=num_examples,
                       batch_size=batch_size), lr

@@ -41,6 +41,19 @@ def test_schedule_matches_mae_formula():
     np.testing.assert_allclose(float(sched(step)), ref, rtol=1e-5, atol=peak * 1e-7)
 
 
+@pytest.mark.parametrize('warm', [1, 2, 10])
+def test_linspace_warmup_matches_dino_cosine_scheduler(warm):
+  """DINO's utils.cosine_scheduler (np.linspace warm-up reaching the peak at step W − 1)."""
+  from tests.objectives.dino_torch_ref import cosine_scheduler
+  peak, final, total = 5e-4, 1e-6, 60
+  ref = cosine_scheduler(peak, final, total, 1, warmup_epochs=warm)
+  sched = optim.warmup_cosine(peak, total, warm, final, warmup='linspace')
+  ours = np.array([float(sched(s)) for s in range(total)])
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=peak * 1e-7)
+  with pytest.raises(ValueError, match='config.optim.warmup'):
+    optim.warmup_cosine(peak, total, warm, warmup='cosine')
+
+
 def test_peak_lr_scaling_rules():
   cfg = ml_collections.ConfigDict({'lr': None, 'base_lr': 1.5e-4, 'lr_scaling': 'linear'})
   assert optim.peak_lr(cfg, 4096) == pytest.approx(2.4e-3)
