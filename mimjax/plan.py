@@ -115,18 +115,19 @@ def batch_all_gathers(hlo_text: str, global_batch: int) -> list:
           and any(d >= global_batch and d % global_batch == 0 for s in op.shapes for d in s)]
 
 
-def scaling_problems(one_device, n_devices, n: int, global_batch: int,
+def scaling_problems(step: 'Compiled', n: int, global_batch: int,
                      tolerance: float = 0.15) -> list:
-  """What keeps a step compiled on n devices from dividing the work of its 1-device compile
-  (same global batch): per-device FLOPs off 1/n by more than `tolerance`, and batch-shaped
-  all-gathers. Empty when the step splits its batch over the devices."""
-  f1, fn = flops(one_device), flops(n_devices)
+  """What keeps a step compiled on n devices from dividing its work (`step.global_flops`, the
+  unpartitioned program's FLOPs; within 1 % of a 1-device compile, tests/test_scale.py):
+  per-device FLOPs off 1/n by more than `tolerance`, and batch-shaped all-gathers. Empty
+  when the step splits its batch over the devices."""
+  f1, fn = step.global_flops, flops(step.compiled)
   problems = []
   ratio = fn * n / f1 if f1 else float('inf')
   if abs(ratio - 1) > tolerance:
     problems.append(f'per-device FLOPs on {n} devices: {fn:.4g} = {ratio:.2f} × (1/{n} of the '
-                    f'1-device {f1:.4g}); expected within {tolerance:.0%} of 1/{n}')
-  gathers = batch_all_gathers(n_devices.as_text(), global_batch)
+                    f'whole step\'s {f1:.4g}); expected within {tolerance:.0%} of 1/{n}')
+  gathers = batch_all_gathers(step.compiled.as_text(), global_batch)
   if gathers:
     problems.append(f'{len(gathers)} all-gather(s) of batch-shaped arrays (global batch '
                     f'{global_batch}), e.g. result {gathers[0].shapes}')
@@ -161,6 +162,8 @@ class Compiled(NamedTuple):
   batch: dict             # the abstract batch it was compiled for
   lower_s: float
   compile_s: float
+  global_flops: float     # the whole step's FLOPs: cost analysis of the program before SPMD
+                          # partitioning (what one device would do alone), no extra compile
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh,
@@ -179,11 +182,11 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   lowered = built.step_fn.lower(built.abstract, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1)
+  return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered))
 
 
 def flops(compiled) -> float:
-  """Per-device FLOPs of a compiled program (XLA's cost analysis)."""
+  """FLOPs of a compiled program per device, or of a lowered one in all (XLA cost analysis)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from tests.env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -185,9 +186,7 @@ class Runner:
   def __init__(self, root: str):
     self.root, self.done = root, {}
     os.symlink(REPO / 'configs', os.path.join(root, 'configs'))
-    self.env = dict(os.environ, PYTHONPATH=str(REPO))
-    self.env.pop('XLA_FLAGS', None)  # one device, as a user's CPU run has
-    self.env['JAX_PLATFORMS'] = 'cpu'
+    self.env = subprocess_env(1, PYTHONPATH=str(REPO))  # one device, as a user's CPU run has
 
   def run(self, command: str) -> subprocess.CompletedProcess:
     if command not in self.done:

@@ -19,6 +19,7 @@ import pytest
 from configs import mae as mae_config
 from mimjax import checkpoint as ckpt_lib
 from mimjax.train import trainer
+from tests.env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -43,10 +44,9 @@ def _start_hosts(workdir: str, total_steps: int, num_processes: int = 2) -> list
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   procs = []
   for i in range(num_processes):
-    env = dict(os.environ, MIMJAX_DISTRIBUTED='1', MIMJAX_COORDINATOR=f'127.0.0.1:{port}',
-               MIMJAX_NUM_PROCESSES=str(num_processes), MIMJAX_PROCESS_ID=str(i),
-               JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
-               PYTHONUNBUFFERED='1')
+    env = subprocess_env(1, MIMJAX_DISTRIBUTED='1', MIMJAX_COORDINATOR=f'127.0.0.1:{port}',
+                         MIMJAX_NUM_PROCESSES=str(num_processes), MIMJAX_PROCESS_ID=str(i),
+                         PYTHONUNBUFFERED='1')
     log = os.path.join(os.path.dirname(workdir), f'host{i}.log')
     with open(log, 'w') as f:
       proc = subprocess.Popen(
