@@ -507,3 +507,41 @@ def test_tiny_recipe_learns_knn_above_random_encoder(tmp_path):
   optim_cfg.lr = 0.0
   _, _, random = _train_tiny(tmp_path / 'r', total_steps=1, optim=optim_cfg, log_every=1)
   assert trained['knn/top1'] > random['knn/top1'] + 1, (trained, random)
+
+
+# The 400-step schedule of the issue's command with DINO's BatchNorm head (docs/dino.md, "Longer
+# schedules"): without these overrides tiny's loss drifts above ln K after ~250 steps.
+BN_400 = {'total_steps': 400, 'dino.head.use_bn': True, 'optim.lr': 5e-4,
+          'data.local_crops_scale': (0.25, 0.5)}
+
+
+@pytest.mark.slow
+def test_tiny_bn_recipe_holds_for_400_steps_and_beats_the_random_encoder(tmp_path):
+  """Issue 14.10 (b): 400 steps of tiny + BN head, lr 5e-4, local crops 0.25–0.5 hold the loss
+  below ln K to the end (measured 3.35 = 0.80·ln 64, max 3.6 over the second half) and learn
+  (kNN measured 67.3 % vs 62.0 % for the encoder at init). ~6 min on 2 cores."""
+  config = dino_config.get_config('tiny')
+  config.async_checkpoint = False
+  for key, value in BN_400.items():
+    *parents, name = key.split('.')
+    target = config
+    for part in parents:
+      target = target[part]
+    target[name] = value
+  trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+    rows = [r for r in map(json.loads, f) if 'loss' in r]
+  with open(tmp_path / 'w' / 'results.json') as f:
+    trained = json.load(f)
+  ln_k = np.log(config.dino.head.out_dim)
+  last = rows[-1]
+  assert last['step'] == 400
+  assert last['loss'] < 0.85 * ln_k, last
+  assert max(r['loss'] for r in rows if r['step'] > 200) < 0.9 * ln_k, rows
+  assert last['output_uniformity'] < 0.9, last
+  assert 0.05 < last['teacher_entropy'] < 0.5 * ln_k, last
+  assert last['teacher_batch_entropy'] > last['teacher_entropy'] + 1.0, last
+  optim_cfg = config.optim.copy_and_resolve_references()
+  optim_cfg.lr = 0.0
+  _, _, random = _train_tiny(tmp_path / 'r', total_steps=1, optim=optim_cfg, log_every=1)
+  assert trained['knn/top1'] > random['knn/top1'] + 2, (trained, random)
