@@ -262,7 +262,8 @@ def make(config: ml_collections.ConfigDict) -> Objective:
 
   def after_update(params, state, step):
     momentum = ema.cosine_schedule(cfg.momentum_teacher, 1.0, step, total_steps)
-    # Parameters only, as DINO's EMA loop over .parameters(): BatchNorm buffers stay each own.
+    # Parameters only, as DINO's EMA loop over .parameters(): each network keeps its own
+    # BatchNorm running statistics.
     return {**state, 'teacher': ema.ema_update(state['teacher'], params, momentum)}
 
   return Objective(init=init, loss=loss, after_update=after_update, teacher=('teacher',))
