@@ -25,7 +25,7 @@ from mimjax import ema
 from mimjax.data import pipeline
 from mimjax.data.normalize import normalize_images
 from mimjax.durations import resolve_steps
-from mimjax.models import segment_bias
+from mimjax.models import batchnorm, segment_bias
 from mimjax.models.heads import DINOHead, default_dino_head_config
 from mimjax.models.vit import ViT, model_dims
 from mimjax.objectives.base import Objective
@@ -135,12 +135,18 @@ class DINOModel(nn.Module):
 
   def __call__(self, crops: Sequence[jnp.ndarray],
                segment_ids: Optional[Sequence[Optional[jnp.ndarray]]] = None, *,
-               train: bool = False) -> jnp.ndarray:
-    """crops: list of (N_i, H_i, W_i, 3) normalised images → head logits (Σ N_i, K)."""
+               train: bool = False, encoder_train: Optional[bool] = None) -> jnp.ndarray:
+    """crops: list of (N_i, H_i, W_i, 3) normalised images → head logits (Σ N_i, K).
+
+    `train`: the head's BatchNorm (`dino.head.use_bn`) uses batch statistics and, unless
+    `encoder_train` (default `train`) says otherwise, the encoder its drop path. DINO's teacher
+    is never put in eval mode but has no drop path: train=True, encoder_train=False."""
     segment_ids = segment_ids or [None] * len(crops)
-    cls = [self.encoder(x, segment_ids=ids, train=train)[0][:, 0]
+    encoder_train = train if encoder_train is None else encoder_train
+    cls = [self.encoder(x, segment_ids=ids, train=encoder_train)[0][:, 0]
            for x, ids in zip(crops, segment_ids)]
-    return self.head(jnp.concatenate(cls, axis=0))
+    # One head pass on all crops (MultiCropWrapper): BatchNorm statistics span every crop.
+    return self.head(jnp.concatenate(cls, axis=0), train=train)
 
 
 def batch_major(x: jnp.ndarray) -> jnp.ndarray:
@@ -213,21 +219,32 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   model = DINOModel(config)
   total_steps, steps_per_epoch = schedule_lengths(config)
 
+  use_bn = cfg.head.get('use_bn', False)
+
   def init(rng, batch):
     crops, ids = multicrop_views(config, {k: v[:1] for k, v in batch.items()})
     init_rng, dino_rng = jax.random.split(rng)
-    params = model.init({'params': init_rng}, crops, ids)['params']
+    params, stats = batchnorm.init(model, init_rng, crops, ids)
     if cfg.init == 'dino':
       params = dino_init(params, dino_rng)
     teacher = jax.tree.map(jnp.copy, params)  # DINO: teacher.load_state_dict(student)
-    return params, {'teacher': teacher, 'center': jnp.zeros((1, cfg.head.out_dim), jnp.float32)}
+    state = {'teacher': teacher, 'center': jnp.zeros((1, cfg.head.out_dim), jnp.float32)}
+    if use_bn:  # head BatchNorm running statistics: the student's and the teacher's own
+      state['batch_stats'] = {'student': stats, 'teacher': jax.tree.map(jnp.copy, stats)}
+    return params, state
 
   def loss(params, state, batch, rng, step):
     crops, ids = multicrop_views(config, batch)
     b = batch['global'].shape[0]
     counts = [c.shape[0] // b for c in crops]
-    student = model.apply({'params': params}, crops, ids, train=True, rngs={'dropout': rng})
-    teacher = model.apply({'params': state['teacher']}, crops[:1], ids and ids[:1])
+    stats = state.get('batch_stats', {'student': {}, 'teacher': {}})
+    student, student_stats = batchnorm.apply(model, params, stats['student'], crops, ids,
+                                             train=True, rngs={'dropout': rng})
+    # DINO never calls teacher.eval(): its head BatchNorm normalises with the teacher's batch
+    # statistics and moves the teacher's running ones; its encoder has no drop path.
+    teacher, teacher_stats = batchnorm.apply(model, state['teacher'], stats['teacher'],
+                                             crops[:1], ids and ids[:1], train=use_bn,
+                                             encoder_train=False)
     teacher = per_example(jax.lax.stop_gradient(teacher), b, counts[:1])
     temp = teacher_temperature(step // steps_per_epoch, cfg.warmup_teacher_temp,
                                cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
@@ -235,12 +252,18 @@ def make(config: ml_collections.ConfigDict) -> Objective:
     value = dino_loss(student, teacher, state['center'], cfg.student_temp, temp)
     metrics = collapse_metrics(student, teacher, state['center'], cfg.student_temp, temp, value)
     center = update_center(state['center'], teacher, cfg.center_momentum)
-    return value, ({**state, 'center': center},
+    new_state = {**state, 'center': center}
+    if use_bn:
+      new_state['batch_stats'] = jax.lax.stop_gradient(
+          {'student': student_stats, 'teacher': teacher_stats})
+    return value, (new_state,
                    {'dino_loss': value, 'teacher_temp': temp,
                     'center_norm': jnp.linalg.norm(center), **metrics})
 
   def after_update(params, state, step):
     momentum = ema.cosine_schedule(cfg.momentum_teacher, 1.0, step, total_steps)
+    # Parameters only, as DINO's EMA loop over .parameters(): each network keeps its own
+    # BatchNorm running statistics.
     return {**state, 'teacher': ema.ema_update(state['teacher'], params, momentum)}
 
   return Objective(init=init, loss=loss, after_update=after_update, teacher=('teacher',))

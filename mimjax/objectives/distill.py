@@ -120,6 +120,15 @@ def _check_teacher(config: ml_collections.ConfigDict, teacher_cfg: ml_collection
   if config.distill.init not in ('teacher', 'scratch'):
     raise ValueError(f'config.distill.init={config.distill.init!r}: expected "teacher" or '
                      '"scratch"')
+  if method == 'dino':
+    # The KD heads run with params only; a BatchNorm head would need the teacher's running
+    # statistics (and a choice of batch vs running ones) that this objective does not carry.
+    for name, cfg in (('config', config), (f'the teacher\'s config ({config.teacher})',
+                                           teacher_cfg)):
+      if cfg.get('dino') is not None and cfg.dino.head.get('use_bn', False):
+        raise ValueError(f'{name}: config.dino.head.use_bn=True is not supported by '
+                         'distill.method=dino; use a teacher and student without BatchNorm '
+                         'in the DINO head')
   if config.distill.crops not in ('global', 'all'):
     raise ValueError(f'config.distill.crops={config.distill.crops!r}: expected "global"/"all"')
 

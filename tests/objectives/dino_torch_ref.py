@@ -85,12 +85,18 @@ class VisionTransformer(nn.Module):
 
 
 class DINOHead(nn.Module):
-  def __init__(self, in_dim, out_dim, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-               bottleneck_dim=256):
+  def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3,
+               hidden_dim=2048, bottleneck_dim=256):
     super().__init__()
-    layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+    layers = [nn.Linear(in_dim, hidden_dim)]
+    if use_bn:
+      layers.append(nn.BatchNorm1d(hidden_dim))
+    layers.append(nn.GELU())
     for _ in range(nlayers - 2):
-      layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+      layers.append(nn.Linear(hidden_dim, hidden_dim))
+      if use_bn:
+        layers.append(nn.BatchNorm1d(hidden_dim))
+      layers.append(nn.GELU())
     layers.append(nn.Linear(hidden_dim, bottleneck_dim))
     self.mlp = nn.Sequential(*layers)
     self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
@@ -119,9 +125,10 @@ class MultiCropWrapper(nn.Module):
     return self.head(output)
 
 
-def load_mimjax_params(model: MultiCropWrapper, params) -> None:
+def load_mimjax_params(model: MultiCropWrapper, params, batch_stats=None) -> None:
   """Copies a mimjax DINOModel param tree (numpy leaves) into `model` (Flax (in, out) kernels
-  → torch (out, in); the HWIO patch conv → OIHW)."""
+  → torch (out, in); the HWIO patch conv → OIHW), and with a BatchNorm head (`mlp_{i}` holding
+  scale/bias) the head's `batch_stats` (mean/var → running_mean/var)."""
   t = lambda x: torch.from_numpy(np.array(x, np.float32))
   enc, head = params['encoder'], params['head']
   sd = {'backbone.patch_embed.weight': t(enc['patch_embed']['proj']['kernel']).permute(3, 2, 0, 1),
@@ -139,10 +146,18 @@ def load_mimjax_params(model: MultiCropWrapper, params) -> None:
     for n in ('norm1', 'norm2'):
       sd[pre + n + '.weight'], sd[pre + n + '.bias'] = t(blk[n]['scale']), t(blk[n]['bias'])
     i += 1
+  stats = (batch_stats or {}).get('head', {})
   for name, layer in head.items():
     if name.startswith('mlp_'):
       j = name.split('_')[1]
-      sd[f'head.mlp.{j}.weight'], sd[f'head.mlp.{j}.bias'] = t(layer['kernel']).T, t(layer['bias'])
+      if 'scale' in layer:   # BatchNorm1d
+        sd[f'head.mlp.{j}.weight'], sd[f'head.mlp.{j}.bias'] = t(layer['scale']), t(layer['bias'])
+        sd[f'head.mlp.{j}.running_mean'] = t(stats[name]['mean'])
+        sd[f'head.mlp.{j}.running_var'] = t(stats[name]['var'])
+        sd[f'head.mlp.{j}.num_batches_tracked'] = torch.tensor(0)
+      else:
+        sd[f'head.mlp.{j}.weight'] = t(layer['kernel']).T
+        sd[f'head.mlp.{j}.bias'] = t(layer['bias'])
   sd['head.last_layer.weight_v'] = t(head['last_layer_weight_v']).T
   sd['head.last_layer.weight_g'] = (t(head['last_layer_weight_g']).T if 'last_layer_weight_g'
                                     in head else torch.ones(sd['head.last_layer.weight_v'].shape[0], 1))
@@ -241,22 +256,33 @@ def entropy(p):
   return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
 
 
+def head_batch_stats(model: MultiCropWrapper) -> dict:
+  """The head's BatchNorm running statistics as a mimjax `batch_stats` tree (numpy)."""
+  return {'head': {f'mlp_{i}': {'mean': m.running_mean.numpy().copy(),
+                                'var': m.running_var.numpy().copy()}
+                   for i, m in enumerate(model.head.mlp) if isinstance(m, nn.BatchNorm1d)}}
+
+
 def train(params, batches, *, model_dims: dict, head: dict, lr, min_lr, weight_decay,
           weight_decay_end, momentum_teacher, clip_grad, freeze_last_layer_steps,
           warmup_steps, total_steps, steps_per_epoch, student_temp, teacher_temp,
           warmup_teacher_temp, warmup_teacher_temp_epochs, center_momentum, img_size,
-          log=None) -> list:
+          batch_stats=None, log=None, final=None) -> list:
   """main_dino.py's loop on `batches` (mimjax 'dino' batches), one step per batch, from the
-  mimjax params `params`; returns per-step dicts (loss, teacher/student entropy)."""
+  mimjax params `params` (and head `batch_stats` with `head['use_bn']`); returns per-step
+  dicts (loss, teacher/student entropy). `final`, a dict, receives the trained student and
+  teacher."""
   torch.manual_seed(0)
   torch.set_num_threads(1)   # tiny tensors: threads only contend
   make = lambda: MultiCropWrapper(
       VisionTransformer(img_size, model_dims['patch_size'], model_dims['width'],
                         model_dims['depth'], model_dims['num_heads'], model_dims['mlp_dim']),
-      DINOHead(model_dims['width'], head['out_dim'], head['norm_last_layer'], head['nlayers'],
-               head['hidden_dim'], head['bottleneck_dim']))
+      DINOHead(model_dims['width'], head['out_dim'], head.get('use_bn', False),
+               head['norm_last_layer'], head['nlayers'], head['hidden_dim'],
+               head['bottleneck_dim']))
   student, teacher = make(), make()
-  load_mimjax_params(student, params)
+  load_mimjax_params(student, params, batch_stats)
+  # Both stay in train mode (main_dino.py never calls .eval()): BatchNorm uses batch statistics.
   teacher.load_state_dict(student.state_dict())
   for p in teacher.parameters():
     p.requires_grad = False
@@ -303,13 +329,16 @@ def train(params, batches, *, model_dims: dict, head: dict, lr, min_lr, weight_d
     out.append(row)
     if log is not None:
       log(it, row)
+  if final is not None:
+    final.update(student=student, teacher=teacher)
   return out
 
 
 # ------------------------------------------------------------------------ side by side
-def run_mimjax(config, steps: int, log=print):
+def run_mimjax(config, steps: int, log=print, final=None):
   """`steps` steps of mimjax's jitted train step on `config` (drop path forced to 0);
-  returns (config as run, initial params, the batches, per-step metric rows)."""
+  returns (config as run, (initial params, initial head batch_stats or None), the batches,
+  per-step metric rows); `final`, a dict, receives the final train state."""
   import jax
   from mimjax.data import pipeline
   from mimjax.objectives import dino
@@ -334,6 +363,7 @@ def run_mimjax(config, steps: int, log=print):
                                 batch_size=config.batch_size, num_examples=num_train)
   ts = trainer.init_train_state(objective, tx, key, example)
   params0 = jax.device_get(ts['params'])
+  stats0 = jax.device_get(ts['state'].get('batch_stats', {}).get('student'))
   step_fn = jax.jit(trainer.make_train_step(objective, tx, lr))
   rows = []
   for it, batch in enumerate(batches):
@@ -342,19 +372,25 @@ def run_mimjax(config, steps: int, log=print):
     if log and (it % 20 == 0 or it == steps - 1):
       log(f'mimjax {it:4d} loss {rows[-1]["loss"]:.4f} H_t {rows[-1]["teacher_entropy"]:.3f} '
           f'H_s {rows[-1]["student_entropy"]:.3f}')
-  return config, params0, batches, rows
+  if final is not None:
+    final.update(jax.device_get(ts))
+  return config, (params0, stats0), batches, rows
 
 
-def run_side_by_side(config, steps: int, log=print) -> tuple[list, list]:
+def run_side_by_side(config, steps: int, log=print, final=None) -> tuple[list, list]:
   """Trains `config` (a DINO config, drop path forced to 0) for `steps` steps with mimjax's
   train step and with this reference, same initial params, same batches, same schedules;
-  returns (mimjax rows, torch rows) of per-step metrics."""
+  returns (mimjax rows, torch rows) of per-step metrics. `final`, a dict, receives both
+  runs' end states ('mimjax': train state; 'student', 'teacher': torch modules)."""
   from mimjax.data import pipeline
   from mimjax.models.vit import model_dims as dims_of
   from mimjax import optim
   from mimjax.durations import resolve_steps
 
-  config, params0, batches, ours = run_mimjax(config, steps, log)
+  mimjax_final = {} if final is not None else None
+  config, (params0, stats0), batches, ours = run_mimjax(config, steps, log, mimjax_final)
+  if final is not None:
+    final['mimjax'] = mimjax_final
   num_train = pipeline.num_examples(config.data, 'train')
   total = resolve_steps('total', config, num_train)
   warmup = resolve_steps('warmup', config, num_train, default=0)
@@ -370,6 +406,7 @@ def run_side_by_side(config, steps: int, log=print) -> tuple[list, list]:
       warmup_teacher_temp=d.warmup_teacher_temp,
       warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
       center_momentum=d.center_momentum, img_size=config.model.image_size,
+      batch_stats=stats0, final=final,
       log=(lambda it, r: log(f'torch  {it:4d} loss {r["loss"]:.4f} H_t '
                              f'{r["teacher_entropy"]:.3f} H_s {r["student_entropy"]:.3f}')
            if it % 20 == 0 or it == steps - 1 else None) if log else None)
@@ -400,11 +437,18 @@ def main(argv=None) -> None:
     for p in parts[:-1]:
       target = target[p]
     target[parts[-1]] = ast.literal_eval(value)
+  import time
+  start = time.time()
   ours, theirs = run_side_by_side(config, args.steps)
-  print('step  mimjax_loss  torch_loss  |diff|')
-  for it in list(range(0, args.steps, 20)) + [args.steps - 1]:
-    a, b = ours[it]['loss'], theirs[it]['loss']
-    print(f'{it:4d}  {a:.4f}  {b:.4f}  {abs(a - b):.2e}')
+  print(f'wall {time.time() - start:.0f} s')
+  print('| step | ' + ' | '.join(f'{name} mimjax | {name} torch | {name} abs diff'
+                                  for name in ('loss', 'H(teacher)', 'H(student)')) + ' |')
+  for it in sorted(set(range(0, args.steps, 20)) | {args.steps - 1}):
+    cells = []
+    for key in ('loss', 'teacher_entropy', 'student_entropy'):
+      a, b = ours[it][key], theirs[it][key]
+      cells += [f'{a:.4f}', f'{b:.4f}', f'{abs(a - b):.1e}']
+    print(f'| {it} | ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

@@ -136,3 +136,14 @@ def test_bad_distill_config_errors(tmp_path):
   config.distill.method = 'dino'
   with pytest.raises(ValueError, match="objective 'mae'"):
     distill.make(config)
+
+
+def test_dino_kd_refuses_a_batchnorm_head(tmp_path):
+  # _check_teacher runs on the teacher's config.json before any checkpoint is read.
+  teacher_cfg = mre_dino_config.get_config('tiny')
+  teacher_cfg.dino.head.use_bn = True
+  checkpoint.write_config(str(tmp_path), teacher_cfg)
+  config = distill_config.get_config('tiny,method=dino')
+  config.teacher = str(tmp_path)
+  with pytest.raises(ValueError, match=r'config.dino.head.use_bn'):
+    distill.make(config)
