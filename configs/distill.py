@@ -44,6 +44,8 @@ def get_config(arg: str = 'vit_b,in100,100ep') -> ml_collections.ConfigDict:
     # DINO do not apply to a student that starts from the teacher's weights.
     config.optim.freeze = ()
     config.optim.freeze_epochs = None
+    if parsed.tiny:  # the teacher's (configs/mre_dino.py:tiny) head: no BatchNorm
+      dino.tiny_recipe(config, bn_head=False)
   if parsed.tiny:
     config.total_steps = 60
     config.log_every = 10

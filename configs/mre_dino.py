@@ -10,7 +10,9 @@ ids of each crop it encodes, the teacher those of the 2 global crops. Needs the 
       --config.data.data_dir=S_DATASET_DIR
 
 Rows (paper Tab. 1, ImageNet-100): vit_s,in100,300ep / 600ep and vit_s8,in100,300ep, on the
-recipe of configs/dino.py; `tiny` = configs/dino.py:tiny + the bias.
+recipe of configs/dino.py; `tiny` = configs/dino.py:tiny + the bias, with the BatchNorm-free head
+of `dino.tiny_recipe(bn_head=False)` so that its workdir can be the teacher of
+`configs/distill.py:tiny,method=dino` (the KD objective reads heads without BatchNorm).
 """
 
 import ml_collections
@@ -22,4 +24,6 @@ from configs import mre_mae
 def get_config(arg: str = 'vit_s,in100,300ep') -> ml_collections.ConfigDict:
   config = dino.get_config(arg)
   mre_mae.mre_fields(config)
+  if 'tiny' in (arg or '').split(','):
+    dino.tiny_recipe(config, bn_head=False)
   return config
