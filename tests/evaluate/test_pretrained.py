@@ -46,6 +46,7 @@ def _save_train_state(workdir, config, params, state, step=3):
 def dino_workdir(tmp_path_factory):
   """A DINO train checkpoint whose EMA teacher differs from the student everywhere."""
   config = dino_config.get_config('tiny')
+  dino_config.tiny_recipe(config, bn_head=False)  # a head the KD objective can read
   shapes, state_shapes = jax.eval_shape(dino.make(config).init, jax.random.key(0), _dino_batch())
   student, teacher = _random_like(shapes, 1), _random_like(shapes, 2)
   workdir = str(tmp_path_factory.mktemp('dino'))
