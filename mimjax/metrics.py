@@ -12,6 +12,26 @@ from etils import epath
 from mimjax import workdir as workdir_lib
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX's writer module imports torch when it is installed (the README's set-up has
+  it) only so it can accept torch tensors; mimjax writes floats, and the import cost ~5 s of
+  every training start on 2 cores. Unless torch is already loaded, the import sees torch as
+  absent (a None entry in sys.modules makes `import torch` raise ImportError), then the entry
+  is removed so a later `import torch` works as usual.
+  """
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # clu's writers need TensorFlow
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 def _scalar(v) -> float:
   v = float(np.asarray(v))
   return v if math.isfinite(v) else str(v)  # JSON has no NaN; keep it readable
@@ -25,8 +45,7 @@ class MetricWriter:
     self.path = epath.Path(workdir) / 'metrics.jsonl'
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # clu's writers need TensorFlow
-      self._tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+      self._tb = _summary_writer_class()(str(epath.Path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop records logged after the restored checkpoint (they will be redone)."""
