@@ -48,12 +48,17 @@ def test_torch_mae_loss_equals_ours_on_converted_weights():
   from mimjax.objectives import mae
   config = mae_config.get_config('tiny')
   images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-  params, _ = mae.make(config).init(jax.random.key(0), {'image': images[:1]})
+  # init and the loss each one compiled program (eagerly every primitive compiles on its own)
+  params, _ = jax.jit(mae.make(config).init)(jax.random.key(0), {'image': images[:1]})
   noise = np.random.default_rng(1).random((3, 64)).astype(np.float32)
   x = normalize_images(images)
-  m = masking.random_masking_from_noise(noise, config.mask_ratio)
-  pred = mae.MAE(config).apply({'params': params}, x, m.keep_ids, m.restore_ids)
-  want = float(mae.mae_loss(pred, x, m.mask, norm_pix=True))
+
+  @jax.jit
+  def loss(params, x, noise):
+    m = masking.random_masking_from_noise(noise, config.mask_ratio)
+    pred = mae.MAE(config).apply({'params': params}, x, m.keep_ids, m.restore_ids)
+    return mae.mae_loss(pred, x, m.mask, norm_pix=True)
+  want = float(loss(params, x, noise))
 
   model = bench_torch.from_config(config)
   state = {k: torch.from_numpy(np.array(v)) for k, v in

@@ -88,6 +88,12 @@ def test_block_mask_matches_beit_generator(grid, count, min_patches, max_patches
       assert 0 < max(ref_gen.deltas) <= max_patches
 
 
+# Each masking call one compiled program (eager JAX compiles every primitive on its own: most
+# of these tests' time); sizes and ratios are static.
+_random_masking = jax.jit(masking.random_masking, static_argnums=(1, 2, 3))
+_masked_ids = jax.jit(masking.masked_ids)
+
+
 def test_block_masking_count_blocks_and_determinism():
   fn = jax.jit(lambda k: masking.block_masking(k, 32, (14, 14), 78, 15))
   m = fn(jax.random.key(0))
@@ -97,11 +103,11 @@ def test_block_masking_count_blocks_and_determinism():
   assert not np.array_equal(np.asarray(fn(jax.random.key(1)).mask), mask)
   # Blocks: few 4-connected components, far fewer than uniform random masks of the same count.
   comps = [ndimage.label(x.reshape(14, 14))[1] for x in mask]
-  rand = np.asarray(masking.random_masking(jax.random.key(0), 32, 196, 78 / 196).mask)
+  rand = np.asarray(_random_masking(jax.random.key(0), 32, 196, 78 / 196).mask)
   rand_comps = [ndimage.label(x.reshape(14, 14))[1] for x in rand]
   assert np.mean(comps) < 5 < np.mean(rand_comps)
   # ids: visible patches (mask 0) first, then masked (mask 1), both in raster order.
-  keep, masked = np.asarray(m.keep_ids), np.asarray(masking.masked_ids(m))
+  keep, masked = np.asarray(m.keep_ids), np.asarray(_masked_ids(m))
   assert keep.shape == (32, 118) and masked.shape == (32, 78)
   for b in range(3):
     np.testing.assert_array_equal(keep[b], np.flatnonzero(mask[b] == 0))
@@ -113,19 +119,20 @@ def test_block_masking_count_blocks_and_determinism():
 def test_block_masking_independent_of_device_count():
   assert jax.device_count() == 8
   key = jax.random.key(3)
-  one = masking.block_masking(key, 16, (8, 8), 26, 5)
+  fn = lambda k: masking.block_masking(k, 16, (8, 8), 26, 5).mask
+  one = jax.jit(fn)(key)  # one device
   mesh = jax.make_mesh((8,), ('data',))
-  out = NamedSharding(mesh, P('data'))
-  eight = jax.jit(lambda k: masking.block_masking(k, 16, (8, 8), 26, 5).mask,
-                  out_shardings=out)(key)
-  np.testing.assert_array_equal(np.asarray(eight), np.asarray(one.mask))
+  eight = jax.jit(fn, out_shardings=NamedSharding(mesh, P('data')))(key)
+  assert len(one.sharding.device_set) == 1 and len(eight.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(eight), np.asarray(one))
 
 
 def test_top_up_when_rounds_run_out():
   # One round places one block (< count); the rest are the free cells with lowest noise.
   u = np.full((1, masking.ATTEMPTS, masking.NUM_UNIFORMS), 0.0, np.float32)
   noise = np.arange(64, dtype=np.float32)[::-1].copy()  # lowest noise = last cells
-  mask = np.asarray(masking.block_mask_from_uniforms(u, noise, (8, 8), 20, 4))
+  mask = np.asarray(jax.jit(masking.block_mask_from_uniforms, static_argnums=(2, 3, 4))(
+      u, noise, (8, 8), 20, 4))
   # u = 0: area 4, aspect 0.3 → h = round(√1.2) = 1, w = round(√13.3) = 4 at (0, 0).
   expected = np.zeros(64)
   expected[:4] = 1
@@ -139,14 +146,15 @@ def _cfg(**kw):
 
 def test_make_mask_dispatch_and_errors():
   key = jax.random.key(5)
-  r = masking.make_mask(_cfg(masking='random', mask_ratio=0.6), key, 4, 196)
-  ref = masking.random_masking(key, 4, 196, 0.6)
+  make_mask = lambda cfg: jax.jit(lambda k: masking.make_mask(cfg, k, 4, 196))(key)
+  r = make_mask(_cfg(masking='random', mask_ratio=0.6))
+  ref = _random_masking(key, 4, 196, 0.6)
   np.testing.assert_array_equal(np.asarray(r.keep_ids), np.asarray(ref.keep_ids))
   assert masking.num_masked(_cfg(masking='random', mask_ratio=0.6), 196) == 118  # ⌈117.6⌉
-  b = masking.make_mask(_cfg(masking='block', mask_ratio=0.4), key, 4, 196)
+  b = make_mask(_cfg(masking='block', mask_ratio=0.4))
   np.testing.assert_array_equal(np.asarray(b.mask).sum(1), 78)  # round(78.4), MaskFeat
   assert masking.num_masked(_cfg(masking='block', mask_ratio=75 / 196), 196) == 75
-  np.testing.assert_array_equal(np.asarray(masking.masked_ids(r)).shape, (4, 118))
+  np.testing.assert_array_equal(np.asarray(_masked_ids(r)).shape, (4, 118))
   with pytest.raises(ValueError, match='config.masking'):
     masking.make_mask(_cfg(masking='grid', mask_ratio=0.4), key, 1, 196)
   with pytest.raises(ValueError, match='config.mask_ratio'):

@@ -9,6 +9,9 @@ import pytest
 from configs import mae as mae_config
 from mimjax import plan
 from mimjax import tree
+from mimjax.data import pipeline
+from mimjax.objectives import base as objectives
+from mimjax.train import trainer
 
 HLO = """
   %all-gather-start.1 = (f32[5,64]{1,0}, f32[40,64]{1,0}) all-gather-start(f32[5,64]{1,0} %p), dimensions={0}
@@ -50,7 +53,13 @@ def test_plan_of_tiny_mae_on_8_devices(tiny_plan):
   config = mae_config.get_config('tiny')
   assert (p['devices'], p['global_batch'], p['per_device_batch']) == (8, 64, 8)
   # Unsharded (fsdp 1) float32 params; AdamW holds two moments of the trained ones.
-  params = plan.compile_step(config, plan.mesh_of(8)).built.abstract['params']
+  # The trainer's state as plan.compile_step builds it, without compiling the step again
+  # (the fixture already did: a second compile was most of this test's time).
+  example = pipeline.blank_example(config.data, segments=plan.needs_segments(config))
+  built = trainer.build_step(config, objectives.load(config.objective).make(config),
+                             plan.mesh_of(8), example,
+                             pipeline.num_examples(config.data, 'train'))
+  params = built.abstract['params']
   sizes = {tree.path_name(k): math.prod(x.shape)
            for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert p['params_bytes'] == 4 * sum(sizes.values())

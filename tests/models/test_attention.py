@@ -29,6 +29,8 @@ def test_padded_fused_attention_equals_unpadded_reference_and_xla():
   mask = jnp.asarray(key_mask)[:, None, None, :]
   scale = d ** -0.5
 
+  # Each computation one compiled program: eagerly every primitive compiles on its own.
+  @jax.jit
   def padded(q, k, v):
     return fused_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation='xla',
                            pad_multiple=8)
@@ -36,20 +38,21 @@ def test_padded_fused_attention_equals_unpadded_reference_and_xla():
   out = padded(q, k, v)
   assert out.shape == (b, t, h, d)
   np.testing.assert_allclose(out, _reference(q, k, v, bias, key_mask, scale), atol=2e-6)
-  unpadded = lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=mask, scale=scale, implementation='xla')
+  unpadded = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, scale=scale, implementation='xla'))
   np.testing.assert_allclose(out, unpadded(q, k, v), atol=1e-6)
   # Gradients too: padded query rows and keys must not leak into the real ones.
   loss = lambda f: lambda *a: jnp.sum(f(*a) * jnp.arange(d))
-  g_pad = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
-  g_ref = jax.grad(loss(unpadded), argnums=(0, 1, 2))(q, k, v)
+  g_pad = jax.jit(jax.grad(loss(padded), argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.jit(jax.grad(loss(unpadded), argnums=(0, 1, 2)))(q, k, v)
   for a, r in zip(g_pad, g_ref):
     np.testing.assert_allclose(a, r, atol=1e-5)
   # Padding without cutting the padded keys would give them weight exp(0 + 0): detectable.
   pad = lambda x: jnp.pad(x, ((0, 0), (0, 6), (0, 0), (0, 0)))
-  leaky = jax.nn.dot_product_attention(
+  leaky = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
       q, pad(k), pad(v), bias=jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, 6))),
-      mask=jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 6)), constant_values=True), scale=scale)
+      mask=jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 6)), constant_values=True),
+      scale=scale))(q, k, v)
   assert np.abs(np.asarray(leaky) - np.asarray(out)).max() > 1e-3
 
 
@@ -58,10 +61,10 @@ def test_fused_module_matches_xla_module_with_bias_and_mask():
   bias = jax.random.normal(jax.random.key(2), (2, 4, 50, 50))
   key_mask = jnp.arange(50)[None, :] < jnp.array([[50], [41]])
   xla = Attention(4, implementation='xla')
-  params = xla.init(jax.random.key(3), x)
-  want, _ = xla.apply(params, x, logit_bias=bias, key_mask=key_mask)
-  got, probs = Attention(4, implementation='fused').apply(params, x, logit_bias=bias,
-                                                           key_mask=key_mask)
+  params = jax.jit(xla.init)(jax.random.key(3), x)  # one program each, not one per primitive
+  want, _ = jax.jit(xla.apply)(params, x, logit_bias=bias, key_mask=key_mask)
+  got, probs = jax.jit(Attention(4, implementation='fused').apply)(
+      params, x, logit_bias=bias, key_mask=key_mask)
   assert probs is None
   np.testing.assert_allclose(got, want, atol=2e-5)
 

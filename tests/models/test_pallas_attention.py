@@ -176,7 +176,8 @@ def test_every_mre_mode_equals_einsum_path(mode, sign):
   ids = jax.random.randint(jax.random.key(1), (2, 64), 0, 5)
   keep = jnp.argsort(jax.random.uniform(jax.random.key(2), (2, 64)), axis=1)[:, :25]
   einsum, kernel = _vit('xla', mode, sign), _vit('pallas', mode, sign)
-  params = einsum.init(jax.random.key(3), images, keep_ids=keep, segment_ids=ids)
+  params = jax.jit(lambda r: einsum.init(r, images, keep_ids=keep, segment_ids=ids))(
+      jax.random.key(3))  # one program, not one per primitive
   cot = jax.random.normal(jax.random.key(4), (2, 26, 64))
 
   def value_and_grads(model):

@@ -29,6 +29,16 @@ def _init(cfg, images, keep, masked):
   return jax.jit(proxy.ProxyViT(cfg).init)(jax.random.key(1), images, keep, masked)['params']
 
 
+def _apply(model):
+  """model.apply as one compiled program (eagerly every primitive compiles on its own: most of
+  these tests' time); return_layers is a Python flag."""
+  return jax.jit(model.apply, static_argnames='return_layers')
+
+
+def _encode_for_eval(cfg, enc, images, layer=None):
+  return jax.jit(lambda e, x: proxy.encode_for_eval(cfg, e, x, layer))(enc, images)
+
+
 def test_mask_stream_sees_the_image_only_through_proxies():
   images, keep, masked = _inputs()
   other = images[::-1] * 3.0 + 1.0
@@ -50,15 +60,16 @@ def test_mask_stream_sees_the_image_only_through_proxies():
 def test_img_and_proxy_stream_ignores_mask_stream_and_exports_to_vit():
   cfg = _config(8, pos_embed='sincos')
   images, keep, masked = _inputs(1)
-  model = proxy.ProxyViT(cfg)
+  apply = _apply(proxy.ProxyViT(cfg))
   params = _init(cfg, images, keep, masked)
-  tokens, aux = model.apply({'params': params}, images, keep, masked, return_layers=True)
+  tokens, aux = apply({'params': params}, images, keep, masked, return_layers=True)
   assert tokens.shape == (2, 8 + keep.shape[1], 64)
   # Changing the pretraining-only params leaves [IMG]/[PROXY] untouched.
   changed = jax.tree.map(lambda x: x, params)
   changed['mask_token'] = params['mask_token'] + 1.0
   changed['extra_layers_0'] = jax.tree.map(lambda x: x * 2.0, params['extra_layers_0'])
-  tokens2, aux2 = model.apply({'params': changed}, images, keep, masked)
+  # Same program as `tokens` (return_layers too): the exact comparison is about the params.
+  tokens2, aux2 = apply({'params': changed}, images, keep, masked, return_layers=True)
   np.testing.assert_array_equal(tokens2, tokens)
   assert not np.allclose(aux2['mask_tokens'], aux['mask_tokens'])
   # The exported encoder is a plain ViT (proxies = cls_token + reg_token) with the same outputs.
@@ -68,18 +79,18 @@ def test_img_and_proxy_stream_ignores_mask_stream_and_exports_to_vit():
   assert enc['pos_embed'].shape == (1, 8 + 64, 64)
   vit_cfg = proxy.encoder_config(cfg)
   assert 'proxy' not in vit_cfg and vit_cfg.num_prefix_tokens == 8
-  vit_tokens, vit_aux = ViT(vit_cfg).apply({'params': enc}, images, keep_ids=keep,
-                                           return_layers=True)
+  vit_apply = _apply(ViT(vit_cfg))
+  vit_tokens, vit_aux = vit_apply({'params': enc}, images, keep_ids=keep, return_layers=True)
   np.testing.assert_allclose(vit_tokens, tokens, rtol=1e-6, atol=1e-6)
   for a, b in zip(vit_aux['layers'], aux['layers']):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   # Evaluation read-out at any layer (full image, all 64 patches).
-  full, full_aux = ViT(vit_cfg).apply({'params': enc}, images, return_layers=True)
-  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images, 1), full_aux['layers'][0],
+  full, full_aux = vit_apply({'params': enc}, images, return_layers=True)
+  np.testing.assert_allclose(_encode_for_eval(cfg, enc, images, 1), full_aux['layers'][0],
                              rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images, -1),
+  np.testing.assert_allclose(_encode_for_eval(cfg, enc, images, -1),
                              full_aux['layers'][-1], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(proxy.encode_for_eval(cfg, enc, images), full, rtol=1e-6,
+  np.testing.assert_allclose(_encode_for_eval(cfg, enc, images), full, rtol=1e-6,
                              atol=1e-6)
   np.testing.assert_allclose(pool_tokens(full, 'cls', 8), full[:, :8].mean(1), rtol=1e-6)
   with pytest.raises(ValueError, match='probe layer'):
@@ -118,8 +129,8 @@ def test_mask_stream_matches_torch_reference():
   params = jax.tree.map(  # non-trivial LN affine so a wrong LN shows
       lambda x: x + 0.1 * np.random.default_rng(x.size).normal(size=x.shape).astype(np.float32),
       params)
-  _, aux = proxy.ProxyViT(cfg).apply({'params': params}, images, keep, masked,
-                                     return_layers=True)
+  _, aux = _apply(proxy.ProxyViT(cfg))({'params': params}, images, keep, masked,
+                                       return_layers=True)
   enc = params['encoder']
   pos = _t(enc['pos_embed'])[:, 8:].expand(2, -1, -1)
   m = _t(params['mask_token']) + torch.gather(
@@ -149,16 +160,17 @@ def test_mask_token_baseline_replaces_masked_patches():
   images, _, _ = _inputs(3)
   mask = masking.block_masking(jax.random.key(0), 2, (8, 8), 26, 5).mask
   model = proxy.MaskTokenViT(cfg)
-  params = model.init(jax.random.key(0), images, mask)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images, mask)['params']
   assert set(params) == {'encoder', 'mask_token'}
-  tokens, _ = model.apply({'params': params}, images, mask)
+  apply = _apply(model)
+  tokens, _ = apply({'params': params}, images, mask)
   assert tokens.shape == (2, 65, 64)
   # Masked patches carry no image content: changing pixels only inside masked patches changes
   # nothing; with mask = 0 the model is the plain ViT.
   inside = np.repeat(np.repeat(np.asarray(mask).reshape(2, 8, 8), 4, 1), 4, 2)[..., None]
   edited = images + 5.0 * inside
-  np.testing.assert_allclose(model.apply({'params': params}, edited, mask)[0], tokens,
+  np.testing.assert_allclose(apply({'params': params}, edited, mask)[0], tokens,
                              rtol=1e-5, atol=1e-5)
-  plain, _ = ViT(cfg).apply({'params': params['encoder']}, images)
-  np.testing.assert_allclose(model.apply({'params': params}, images, jnp.zeros_like(mask))[0],
+  plain, _ = _apply(ViT(cfg))({'params': params['encoder']}, images)
+  np.testing.assert_allclose(apply({'params': params}, images, jnp.zeros_like(mask))[0],
                              plain, rtol=1e-6, atol=1e-6)

@@ -75,19 +75,29 @@ def _vit(**seg):
   return ViT(cfg)
 
 
+def _jitted(model):
+  """model's init and apply, each one compiled program: run eagerly, every primitive of the
+  ViT would compile on its own (most of these tests' time)."""
+  init = jax.jit(lambda key, images, ids: model.init(key, images, segment_ids=ids))
+  apply = jax.jit(lambda params, images, ids, return_attention=False: model.apply(
+      params, images, segment_ids=ids, return_attention=return_attention), static_argnums=3)
+  return init, apply
+
+
 def test_zero_bias_equals_plain_vit_and_gradients_reach_u():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 4)
   model = _vit()
-  params = model.init(jax.random.key(2), images, segment_ids=ids)
-  with_bias, _ = model.apply(params, images, segment_ids=ids)
-  plain, _ = model.apply(params, images)
+  init, apply = _jitted(model)
+  params = init(jax.random.key(2), images, ids)
+  with_bias, _ = apply(params, images, ids)
+  plain, _ = apply(params, images, None)
   np.testing.assert_allclose(with_bias, plain, atol=1e-6)  # u = 0 at init
 
-  def loss(p):
-    out, _ = model.apply(p, images, segment_ids=ids)
-    return jnp.sum(out ** 2)
-  grads = jax.grad(loss)(params)['params']['segment_bias']
+  @jax.jit
+  def grad(p):
+    return jax.grad(lambda p: jnp.sum(model.apply(p, images, segment_ids=ids)[0] ** 2))(p)
+  grads = grad(params)['params']['segment_bias']
   assert float(jnp.abs(grads['u_pos']).min()) > 0 and float(jnp.abs(grads['u_neg']).min()) > 0
 
 
@@ -96,10 +106,11 @@ def test_bias_enters_before_scaling_in_attention_maps():
   images = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
   ids = jnp.array([[1] * 8 + [2] * 8])
   model = _vit(mode='shared')
-  params = model.init(jax.random.key(2), images, segment_ids=ids)
-  _, base = model.apply(params, images, segment_ids=ids, return_attention=True)
+  init, apply = _jitted(model)
+  params = init(jax.random.key(2), images, ids)
+  _, base = apply(params, images, ids, True)
   params['params']['segment_bias']['u_pos'] = jnp.full((1, 1), 3.0)
-  _, biased = model.apply(params, images, segment_ids=ids, return_attention=True)
+  _, biased = apply(params, images, ids, True)
   a0, a1 = base['attention'][0][0, 0], biased['attention'][0][0, 0]
   # query 1 (seg 1): ratio of weights on key 2 (same seg) vs key 10 (other seg)
   ratio = (a1[1, 2] / a1[1, 10]) / (a0[1, 2] / a0[1, 10])

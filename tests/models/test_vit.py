@@ -82,12 +82,19 @@ def test_pos_embed_resize_matches_dino_interpolate(old, image, patch):
   np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-7 * np.abs(pos).max() * 10)
 
 
+def _jitted(module):
+  """module's init and apply, each one compiled program: eagerly every primitive compiles on
+  its own (most of these tests' time). Python flags are static."""
+  return jax.jit(module.init), jax.jit(module.apply, static_argnames=(
+      'return_layers', 'return_attention'))
+
+
 def test_attention_matches_manual_with_bias_before_scaling():
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
   bias = jax.random.normal(jax.random.key(2), (2, 1, 5, 5))
-  attn = Attention(num_heads=2)
-  params = attn.init(jax.random.key(0), x)
-  out, probs = attn.apply(params, x, logit_bias=bias, return_attention=True)
+  init, apply = _jitted(Attention(num_heads=2))
+  params = init(jax.random.key(0), x)
+  out, probs = apply(params, x, logit_bias=bias, return_attention=True)
   p = params['params']
   qkv = x @ p['qkv']['kernel'] + p['qkv']['bias']
   q, k, v = [t.reshape(2, 5, 2, 4) for t in jnp.split(qkv, 3, -1)]
@@ -101,10 +108,10 @@ def test_attention_matches_manual_with_bias_before_scaling():
 
 def test_attention_key_mask_and_bf16_softmax_in_float32():
   x = jax.random.normal(jax.random.key(1), (1, 4, 8)).astype(jnp.bfloat16)
-  attn = Attention(num_heads=2, dtype=jnp.bfloat16)
-  params = attn.init(jax.random.key(0), x)
+  init, apply = _jitted(Attention(num_heads=2, dtype=jnp.bfloat16))
+  params = init(jax.random.key(0), x)
   mask = jnp.array([[True, True, False, True]])
-  _, probs = attn.apply(params, x, key_mask=mask, return_attention=True)
+  _, probs = apply(params, x, key_mask=mask, return_attention=True)
   assert probs.dtype == jnp.float32
   np.testing.assert_allclose(probs[..., 2], 0.0)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
@@ -112,14 +119,14 @@ def test_attention_key_mask_and_bf16_softmax_in_float32():
 
 def test_vit_forward_shapes_masking_and_aux():
   cfg = ml_collections.ConfigDict({'variant': 'mu/4', 'image_size': 32})
-  model = ViT(cfg)
+  init, apply = _jitted(ViT(cfg))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = model.init(jax.random.key(1), images)
-  tokens, aux = model.apply(params, images, return_layers=True, return_attention=True)
+  params = init(jax.random.key(1), images)
+  tokens, aux = apply(params, images, return_layers=True, return_attention=True)
   assert tokens.shape == (2, 65, 64)
   assert len(aux['layers']) == 2 and aux['attention'][0].shape == (2, 4, 65, 65)
   keep = jnp.array([[3, 0, 7], [1, 2, 60]])
-  vis, _ = model.apply(params, images, keep_ids=keep)
+  vis, _ = apply(params, images, keep_ids=keep)
   assert vis.shape == (2, 4, 64)
   np.testing.assert_allclose(pool_tokens(tokens, 'mean'), np.asarray(tokens)[:, 1:].mean(1),
                              rtol=1e-5, atol=1e-6)
@@ -133,12 +140,12 @@ def test_keep_ids_select_exactly_the_requested_patches():
   # with no blocks, each token is LayerNorm(its embedding), so the visible run must equal the
   # full run's rows at keep_ids, in keep_ids order.
   cfg = ml_collections.ConfigDict({'variant': 'mu/4', 'image_size': 32, 'depth': 0})
-  model = ViT(cfg)
+  init, apply = _jitted(ViT(cfg))
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = model.init(jax.random.key(1), images)
-  full, _ = model.apply(params, images)
+  params = init(jax.random.key(1), images)
+  full, _ = apply(params, images)
   keep = np.array([[3, 0, 7], [1, 2, 60]])
-  vis, _ = model.apply(params, images, keep_ids=jnp.asarray(keep))
+  vis, _ = apply(params, images, keep_ids=jnp.asarray(keep))
   full = np.asarray(full)
   np.testing.assert_allclose(vis[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(vis[:, 1:], full[np.arange(2)[:, None], 1 + keep], rtol=1e-5,
@@ -149,8 +156,9 @@ def test_keep_ids_select_exactly_the_requested_patches():
 def test_remat_gives_same_output():
   cfg = ml_collections.ConfigDict({'variant': 'mu/4', 'image_size': 32, 'remat': False})
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = ViT(cfg).init(jax.random.key(1), images)
-  a, _ = ViT(cfg).apply(params, images)
+  init, apply = _jitted(ViT(cfg))
+  params = init(jax.random.key(1), images)
+  a, _ = apply(params, images)
   cfg.remat = True
-  b, _ = ViT(cfg).apply(params, images)
+  b, _ = _jitted(ViT(cfg))[1](params, images)
   np.testing.assert_allclose(a, b, atol=1e-6)
