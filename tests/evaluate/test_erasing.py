@@ -47,6 +47,13 @@ class _ReplayRandom:
     return a + int(math.floor(float(v) * (b - a + 1)))
 
 
+# One compiled program per call instead of one per primitive (eager JAX compiles each op on
+# its own: most of these tests' time); the Python options are static.
+_boxes = jax.jit(erasing.erasing_boxes, static_argnums=(6, 7), static_argnames=(
+    'probability', 'min_area', 'max_area', 'min_count', 'max_count'))
+_erase = jax.jit(erasing.random_erasing, static_argnames='probability')
+
+
 def _uniforms(seed, b, k):
   r = np.random.default_rng(seed)
   f = lambda *shape: r.random(shape).astype(np.float32)
@@ -69,7 +76,7 @@ def test_boxes_equal_timm_loop(monkeypatch, height, width, min_count, max_count,
                               min_count=min_count, max_count=max_count, device='cpu')
   x = torch.ones(b, 3, height, width)
   want = (ref(x)[:, 0] == 0).numpy()
-  active, boxes = erasing.erasing_boxes(
+  active, boxes = _boxes(
       *(jnp.asarray(u[k]) for k in ('apply', 'count', 'area', 'aspect', 'top', 'left')),
       height, width, probability=p, min_area=min_area, max_area=max_area,
       min_count=min_count, max_count=max_count)
@@ -96,7 +103,7 @@ def test_statistics_match_timm_random_erasing():
   x = torch.full((n, 3, hw, hw), 7.0)
   ref_mask = (ref(x) != 7.0).any(1).numpy()
   images = jnp.full((n, hw, hw, 3), 7.0)
-  out = np.asarray(erasing.random_erasing(jax.random.PRNGKey(0), images, probability=0.25))
+  out = np.asarray(_erase(jax.random.PRNGKey(0), images, probability=0.25))
   mask = (out != 7.0).any(-1)
   for m in (ref_mask, mask):
     assert abs(m.any(axis=(1, 2)).mean() - 0.25) < 0.025
