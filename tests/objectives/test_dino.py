@@ -204,7 +204,7 @@ def test_teacher_gets_no_gradient_and_ema_follows_cosine_momentum(tiny_dino):
       state)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_state['teacher'])) == 0.0
   moved = jax.tree.map(lambda x: x + 1.0, params)
-  new = obj.after_update(moved, state, 3)
+  new = jax.jit(obj.after_update)(moved, state, 3)  # eager: a compile per op and leaf
   base = config.dino.momentum_teacher
   m = float(ema.cosine_schedule(base, 1.0, 3, config.total_steps))
   assert base < m < 1.0
@@ -245,12 +245,12 @@ def _crop_major_loss(config, params, state, batch):
   return jnp.sum(jnp.where(keep, ce, 0.0)) / (2 * s.shape[0] - 2), t
 
 
-def test_batch_major_layout_gives_the_crop_major_loss_grads_and_center():
+def test_batch_major_layout_gives_the_crop_major_loss_grads_and_center(tiny_dino):
   config = _tiny()
   config.model.drop_path = 0.0      # drop-path masks follow the row order; compare without
   obj = dino.make(config)
   batch = _batch(config, b=3, seed=4)
-  params, state = jax.jit(obj.init)(jax.random.key(0), batch)
+  *_, params, state = tiny_dino     # drop path has no params: the same model's init
   state = {**state, 'center': 0.1 * jax.random.normal(jax.random.key(2), state['center'].shape)}
   ours_fn = lambda p: obj.loss(p, state, batch, jax.random.key(1), 0)
   (value, (new_state, _)), grads = jax.jit(jax.value_and_grad(ours_fn, has_aux=True))(params)
@@ -393,8 +393,11 @@ def test_collapse_metrics_by_hand():
   student = jnp.asarray(rng.normal(size=(b, s, k)), jnp.float32)
   teacher = jnp.asarray(3 * rng.normal(size=(b, 2, k)), jnp.float32)
   center = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
-  loss = dino.dino_loss(student, teacher, center, 0.1, 0.3)
-  m = dino.collapse_metrics(student, teacher, center, 0.1, 0.3, loss)
+
+  def loss_and_metrics(student, teacher, center):  # jit: eagerly each op compiles on its own
+    loss = dino.dino_loss(student, teacher, center, 0.1, 0.3)
+    return dino.collapse_metrics(student, teacher, center, 0.1, 0.3, loss)
+  m = jax.jit(loss_and_metrics)(student, teacher, center)
   softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
       x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
   q = softmax((np.asarray(teacher) - np.asarray(center)) / 0.3)

@@ -97,10 +97,9 @@ def test_mae_kd_is_mae_plus_zero_when_attention_agrees(tmp_path):
   assert float(value) == float(metrics['mae_loss']) == float(ref)
   # A nonzero bias in the teacher makes the maps differ; the student gets a gradient from them.
   state['teacher']['encoder']['segment_bias']['u_pos'] = jnp.full((2, 4), 3.0)
-  att = jax.jit(lambda p: kd.loss(p, state, batch, rng, 0)[1][1]['attention_mse'])
-  assert float(att(params)) > 1e-6
-  g = jax.jit(jax.grad(lambda p: kd.loss(p, state, batch, rng, 0)[1][1]['attention_mse']))(
-      params)
+  att, g = jax.jit(jax.value_and_grad(  # the MSE and its gradient: one compiled program
+      lambda p: kd.loss(p, state, batch, rng, 0)[1][1]['attention_mse']))(params)
+  assert float(att) > 1e-6
   assert float(jnp.abs(g['encoder']['blocks_0']['attn']['qkv']['kernel']).max()) > 0
 
 
@@ -121,8 +120,8 @@ def test_dino_kd_uses_identical_views_without_centering(tmp_path):
   value, _ = jax.jit(lambda p, s: kd.loss(p, s, batch, jax.random.key(2), 0))(params, state)
   # Student = teacher weights and u = 0: both give the same logits z on the 2 global crops.
   crops, _ = dino.multicrop_views(config, batch)
-  z = dino.DINOModel(config).apply({'params': params}, crops[:1])
-  expected = distill.kd_cross_entropy(z, z, 0.1, 0.07)
+  z = jax.jit(lambda p, x: dino.DINOModel(config).apply({'params': p}, x))(params, crops[:1])
+  expected = jax.jit(distill.kd_cross_entropy, static_argnums=(2, 3))(z, z, 0.1, 0.07)
   np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
 
 

@@ -62,19 +62,26 @@ def _objective(tmp_path, pos_embed: str, prefix: int):
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, (8,)).astype(np.int32)}
-  params, state = obj.init(jax.random.key(0), batch)
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)  # eager: a compile per op
   return config, obj, params, state, batch
 
 
-def check_step_trains_pos_embed(config, obj, params, state, batch, prefix):
+def _first_update(config, params):
+  """grads → the real optimizer's first update at `params`, one compiled program for every
+  call (eagerly, each tree op of each leaf compiles on its own)."""
+  tx, _ = optim.make_optimizer(config.optim, params, total_steps=10, warmup_steps=0,
+                               batch_size=config.batch_size)
+  step = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
+  return lambda grads: step(grads, params)
+
+
+def check_step_trains_pos_embed(config, obj, params, state, batch, prefix, first_update):
   """A real fine-tune loss gradient reaches every pos_embed row and AdamW moves them."""
   grads = jax.jit(jax.grad(lambda p: obj.loss(p, state, batch, jax.random.key(1), 0)[0]))(params)
   g = np.asarray(grads['encoder']['pos_embed'])
   assert np.all(np.abs(g[0, prefix:]).sum(-1) > 0)  # every patch row gets a gradient
   assert np.all(np.abs(g[0, :prefix]).sum(-1) > 0)  # and every prefix row
-  tx, _ = optim.make_optimizer(config.optim, params, total_steps=10, warmup_steps=0,
-                               batch_size=config.batch_size)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates = first_update(grads)
   # Adam's first step: Δ = −lr · layer-0 scale · g/(|g| + eps), no decay term.
   want = -config.optim.lr * config.optim.layer_decay ** 3 * g / (np.abs(g) + config.optim.eps)
   np.testing.assert_allclose(updates['encoder']['pos_embed'], want, rtol=1e-4, atol=1e-10)
@@ -99,16 +106,14 @@ def test_finetune_param_groups_match_mae_and_pos_embed_trains(tmp_path, pos_embe
 
   # One AdamW step through the real optimizer with g = 1 everywhere: Adam's normalised
   # update is 1/(1 + eps), so Δp = −lr·scale·(1 + wd·p) exactly where p decays.
-  tx, _ = optim.make_optimizer(config.optim, params, total_steps=10, warmup_steps=0,
-                               batch_size=config.batch_size)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  first_update = _first_update(config, params)
+  updates = first_update(jax.tree.map(jnp.ones_like, params))
   flat_updates = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
   for key, p in flat.items():
     scale, decay = ref[torch_name(key)]
     want = -lr * scale * (1 / (1 + config.optim.eps) + decay * np.asarray(p))
     np.testing.assert_allclose(flat_updates[key], want, rtol=1e-5, atol=1e-9, err_msg=key)
-  check_step_trains_pos_embed(config, obj, params, state, batch, prefix)
+  check_step_trains_pos_embed(config, obj, params, state, batch, prefix, first_update)
 
 
 def test_pretraining_keeps_the_sincos_table_fixed():
@@ -118,7 +123,7 @@ def test_pretraining_keeps_the_sincos_table_fixed():
   assert config.optim.frozen == ('pos_embed$',)
   model = ViT(config.model)
   images = jnp.ones((1, 32, 32, 3))
-  params = model.init(jax.random.key(0), images)['params']
-  g = jax.grad(lambda p: model.apply({'params': p}, images)[0].sum())(params)
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
+  g = jax.jit(jax.grad(lambda p: model.apply({'params': p}, images)[0].sum()))(params)
   assert not np.any(np.asarray(g['pos_embed']))  # stop-gradient, as requires_grad=False
   assert np.any(np.asarray(g['cls_token']))

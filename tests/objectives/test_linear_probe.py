@@ -38,12 +38,12 @@ def test_probe_mean_pool_is_mae_global_pool(tmp_path):
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, (16,)).astype(np.int32)}
-  params, state = obj.init(jax.random.key(0), batch)
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)  # eager: a compile per op
   # A non-trivial final norm, so reading the final-normed tokens would change the features.
   params['encoder']['norm'] = {'scale': rng.uniform(0.5, 2.0, 64).astype(np.float32),
                                'bias': rng.normal(0, 0.5, 64).astype(np.float32)}
   params['head']['linear']['kernel'] = rng.normal(0, 1, (64, 10)).astype(np.float32)
-  ce, _ = obj.loss(params, state, batch, jax.random.key(1), 0)
+  ce, _ = jax.jit(obj.loss, static_argnums=4)(params, state, batch, jax.random.key(1), 0)
 
   timm_model = to_torch.build_timm_model(model_config,
                                          to_torch.vit_to_timm(params['encoder'], model_config))
@@ -86,16 +86,16 @@ def test_semanticmim_recipe_reads_probe_keys_and_uses_a_layernorm_readout(tmp_pa
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, (16,)).astype(np.int32)}
-  params, state = obj.init(jax.random.key(0), batch)
+  params, state = jax.jit(obj.init)(jax.random.key(0), batch)  # eager: a compile per op
   assert state['batch_stats'] == {} and set(params['head']) == {'linear'}  # no BatchNorm
   params['head']['linear']['kernel'] = rng.normal(0, 1, (64, 10)).astype(np.float32)
-  ce, _ = obj.loss(params, state, batch, jax.random.key(1), 0)
+  ce, _ = jax.jit(obj.loss, static_argnums=4)(params, state, batch, jax.random.key(1), 0)
 
   # Official VisionTransformerOurs._format_output('cls_token') at out_indices=probe_layer:
   # ln2(mean of the proxy tokens of the raw block output), ln2 frozen at weight 1 / bias 0.
   from mimjax.models.vit import ViT
-  _, aux = ViT(model_config).apply({'params': params['encoder']},
-                                   normalize_images(batch['image']), return_layers=True)
+  _, aux = jax.jit(lambda p, x: ViT(model_config).apply({'params': p}, x, return_layers=True))(
+      params['encoder'], normalize_images(batch['image']))
   x = np.asarray(aux['layers'][0])[:, :8].mean(1)
   x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
   head = params['head']['linear']
