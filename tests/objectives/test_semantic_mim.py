@@ -75,7 +75,8 @@ def test_loss_equals_hand_computed_masked_hog_mse(proxy):
   images = normalize_images(batch['image'])
   model = semantic_mim.SemanticMIM(config, 108)
   pred = np.asarray(jax.jit(lambda p: model.apply({'params': p}, images, m))(params), np.float64)
-  hog = np.asarray(hog_lib.hog_targets(images, 4, 9, 2, 4), np.float64)
+  hog = np.asarray(jax.jit(hog_lib.hog_targets, static_argnums=(1, 2, 3, 4))(images, 4, 9, 2, 4),
+                   np.float64)  # jit: eagerly every HOG op compiles on its own
   mask = np.asarray(m.mask)
   if proxy:
     ids = np.asarray(masking.masked_ids(m))
@@ -95,19 +96,21 @@ def test_export_and_encode_for_eval_read_layer_7_or_last():
   config = _tiny(smim_config)
   config.model.depth = 8
   obj = semantic_mim.make(config)
-  params, _ = obj.init(jax.random.key(0), _batch(1))
+  params, _ = jax.jit(obj.init)(jax.random.key(0), _batch(1))  # eager: a compile per op
   assert obj.encoder == ('backbone', 'encoder')
   vit_cfg, enc = semantic_mim.export_encoder(config, params)
   assert vit_cfg.num_prefix_tokens == 8 and 'mask_token' not in enc
   images = normalize_images(_batch(2)['image'])
   assert config.probe_layer == 7
   from mimjax.models.vit import ViT
-  last, aux = ViT(vit_cfg).apply({'params': enc}, images, return_layers=True)
-  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images),
-                             aux['layers'][6], rtol=1e-6, atol=1e-6)
+  # One compiled program for the three forwards (eagerly, each op compiles on its own).
+  (last, aux), probe, probe_last = jax.jit(lambda p, e, x: (
+      ViT(vit_cfg).apply({'params': e}, x, return_layers=True),
+      semantic_mim.encode_for_eval(config, p, x),
+      semantic_mim.encode_for_eval(config, p, x, -1)))(params, enc, images)
+  np.testing.assert_allclose(probe, aux['layers'][6], rtol=1e-6, atol=1e-6)
   # -1: the repo's probe reads the last block without the final norm (final_norm=False).
-  np.testing.assert_allclose(semantic_mim.encode_for_eval(config, params, images, -1),
-                             aux['layers'][-1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(probe_last, aux['layers'][-1], rtol=1e-6, atol=1e-6)
   assert not np.allclose(aux['layers'][-1], last, atol=1e-3)
   assert smim_config.get_config('tiny,recipe=repo').probe_layer == -1
   assert smim_config.get_config('vit_b,recipe=repo').mask_ratio == 0.8
