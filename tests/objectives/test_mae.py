@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 import torch
 
 from configs import mae as mae_config
@@ -82,8 +83,8 @@ def test_decoder_unshuffle_matches_official():
   noise = np.random.default_rng(0).random((2, 16)).astype(np.float32)
   m = masking.random_masking_from_noise(jnp.asarray(noise), 0.75)
   tokens = np.random.default_rng(1).normal(size=(2, 5, 12)).astype(np.float32)
-  params = dec.init(jax.random.key(0), jnp.asarray(tokens), m.restore_ids)
-  ours = np.asarray(dec.apply(params, jnp.asarray(tokens), m.restore_ids))
+  params = jax.jit(dec.init)(jax.random.key(0), jnp.asarray(tokens), m.restore_ids)
+  ours = np.asarray(jax.jit(dec.apply)(params, jnp.asarray(tokens), m.restore_ids))
 
   p = jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)), params['params'])
   x = torch.from_numpy(tokens) @ p['embed']['kernel'] + p['embed']['bias']
@@ -97,26 +98,35 @@ def test_decoder_unshuffle_matches_official():
   np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
 
 
-def test_tiny_objective_loss_is_finite_and_has_grad():
+@pytest.fixture(scope='module')
+def tiny_init():
+  """(params, state) of the tiny MAE, one compiled init (eagerly, every primitive compiles on
+  its own) for the tests below: the masking scheme and batch size add no parameters."""
+  batch = {'image': np.zeros((1, 32, 32, 3), np.uint8)}
+  return jax.jit(mae.make(mae_config.get_config('tiny')).init)(jax.random.key(0), batch)
+
+
+def test_tiny_objective_loss_is_finite_and_has_grad(tiny_init):
   config = mae_config.get_config('tiny')
   obj = mae.make(config)
   batch = {'image': np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)}
-  params, state = obj.init(jax.random.key(0), batch)
-  (loss, (_, metrics)), grads = jax.value_and_grad(obj.loss, has_aux=True)(
+  params, state = tiny_init
+  (loss, (_, metrics)), grads = jax.jit(jax.value_and_grad(obj.loss, has_aux=True),
+                                        static_argnums=4)(
       params, state, batch, jax.random.key(1), 0)
   assert np.isfinite(loss) and float(loss) > 0.1
   assert float(jnp.abs(grads['encoder']['pos_embed']).max()) == 0.0  # frozen sincos
   assert float(jnp.abs(grads['encoder']['cls_token']).max()) > 0.0
 
 
-def test_block_masking_through_config_keeps_a_fixed_count():
+def test_block_masking_through_config_keeps_a_fixed_count(tiny_init):
   config = mae_config.get_config('tiny')
   config.masking = 'block'
   config.mask_ratio = 0.5
   obj = mae.make(config)
   batch = {'image': np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)}
-  params, state = obj.init(jax.random.key(0), batch)
-  loss, _ = obj.loss(params, state, batch, jax.random.key(1), 0)
+  params, state = tiny_init
+  loss, _ = jax.jit(obj.loss, static_argnums=4)(params, state, batch, jax.random.key(1), 0)
   assert np.isfinite(loss)
   m = masking.make_mask(config, jax.random.key(1), 2, 64)
   np.testing.assert_array_equal(np.asarray(m.mask).sum(-1), [32, 32])
