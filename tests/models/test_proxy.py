@@ -1,5 +1,7 @@
 """SemanticMIM proxy encoder: information flow, export to a plain ViT, cross block numerics."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,10 +21,15 @@ def _config(num_prefix=8, pos_embed='learned', depth=2):
       'num_prefix_tokens': num_prefix, 'proxy': True})
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per primitive
+def _random_ids(key, b):
+  m = masking.random_masking(key, b, 64, 0.6)
+  return m.keep_ids, masking.masked_ids(m)
+
+
 def _inputs(seed=0, b=2):
   images = jnp.asarray(np.random.default_rng(seed).normal(size=(b, 32, 32, 3)), jnp.float32)
-  m = masking.random_masking(jax.random.key(seed), b, 64, 0.6)
-  return images, m.keep_ids, masking.masked_ids(m)
+  return (images, *_random_ids(jax.random.key(seed), b))
 
 
 def _init(cfg, images, keep, masked):
@@ -158,7 +165,7 @@ def test_mask_token_baseline_replaces_masked_patches():
   cfg = _config(1)
   cfg.proxy = False
   images, _, _ = _inputs(3)
-  mask = masking.block_masking(jax.random.key(0), 2, (8, 8), 26, 5).mask
+  mask = jax.jit(lambda k: masking.block_masking(k, 2, (8, 8), 26, 5).mask)(jax.random.key(0))
   model = proxy.MaskTokenViT(cfg)
   params = jax.jit(model.init)(jax.random.key(0), images, mask)['params']
   assert set(params) == {'encoder', 'mask_token'}
