@@ -20,6 +20,7 @@ from mimjax import ema, optim, sharding
 from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.data.normalize import normalize_images
+from mimjax.models import batchnorm
 from mimjax.objectives import dino, distill
 from mimjax.train import trainer
 from tests.objectives.dino_torch_ref import DINOLoss as TorchDINOLoss  # main_dino.py
@@ -219,8 +220,8 @@ def test_loss_updates_center_from_teacher_outputs(tiny_dino):
   value, (new_state, metrics) = jax.jit(
       lambda p, s: obj.loss(p, s, batch, jax.random.key(1), 0))(params, state)
   crops, _ = dino.multicrop_views(config, batch)
-  teacher = jax.jit(lambda t: dino.DINOModel(config).apply({'params': t}, crops[:1]))(
-      state['teacher'])
+  teacher = jax.jit(lambda t, bs: _heads(config, t, bs, crops[:1], teacher=True))(
+      state['teacher'], state['batch_stats']['teacher'])
   np.testing.assert_allclose(np.asarray(new_state['center']),
                              (1 - config.dino.center_momentum) *
                              np.asarray(teacher).mean(0, keepdims=True), rtol=1e-5, atol=1e-7)
@@ -228,15 +229,26 @@ def test_loss_updates_center_from_teacher_outputs(tiny_dino):
   assert np.isfinite(float(value))
 
 
+def _heads(config, params, batch_stats, crops, *, teacher: bool):
+  """DINO head logits as main_dino.py computes them: student and teacher both in train mode
+  (the tiny head's BatchNorm normalises with the statistics of all rows given), the teacher
+  without drop path."""
+  out, _ = batchnorm.apply(dino.DINOModel(config), params, batch_stats, crops, train=True,
+                           encoder_train=not teacher)
+  return out
+
+
 def _crop_major_loss(config, params, state, batch):
   """The layout DINO itself uses (and mimjax did before): crops stacked crop-major, loss over
-  (crop, batch, K) tensors; an independent transcription to check the batch-major path."""
-  model = dino.DINOModel(config)
+  (crop, batch, K) tensors; an independent transcription to check the batch-major path
+  (BatchNorm statistics over all rows do not depend on their order)."""
   cm = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
   crops = [cm(normalize_images(batch['global'])), cm(normalize_images(batch['local']))]
   b, k = batch['global'].shape[0], config.dino.head.out_dim
-  s = model.apply({'params': params}, crops, train=True).reshape(-1, b, k)
-  t = jax.lax.stop_gradient(model.apply({'params': state['teacher']}, crops[:1]))
+  stats = state['batch_stats']
+  s = _heads(config, params, stats['student'], crops, teacher=False).reshape(-1, b, k)
+  t = jax.lax.stop_gradient(_heads(config, state['teacher'], stats['teacher'], crops[:1],
+                                   teacher=True))
   t = t.reshape(2, b, k)
   log_p = jax.nn.log_softmax(s / config.dino.student_temp, axis=-1)
   q = jax.nn.softmax((t - state['center']) / config.dino.warmup_teacher_temp, axis=-1)
@@ -257,7 +269,9 @@ def test_batch_major_layout_gives_the_crop_major_loss_grads_and_center(tiny_dino
   ref_fn = lambda p: _crop_major_loss(config, p, state, batch)
   (ref, t), ref_grads = jax.jit(jax.value_and_grad(ref_fn, has_aux=True))(params)
   np.testing.assert_allclose(float(value), float(ref), rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads,
+  # The tiny head's BatchNorm sums over all rows: the two layouts sum in another order, so a
+  # few gradient entries (of ~1e-1) differ by a few 1e-7.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads,
                ref_grads)
   np.testing.assert_allclose(np.asarray(new_state['center']),
                              0.9 * np.asarray(state['center']) + 0.1 * np.asarray(t).reshape(
@@ -448,6 +462,7 @@ def test_use_bn_training_matches_the_pytorch_reference_loop():
   from tests.objectives import dino_torch_ref
   config = dino_config.get_config('tiny')
   config.dino.head.use_bn = True
+  config.optim.lr = None          # DINO's rule, 5e-4 × 16/256 = 3.1e-5: the bias bound below
   config.batch_size = 16          # small and fast; 1500 // 16 = 93 steps per epoch
   config.total_steps = 100
   final = {}
@@ -484,13 +499,16 @@ def _assert_not_collapsed(config, rows):
   ln K) and one prototype for every image (H(mean_b q) → 0)."""
   ln_k = np.log(config.dino.head.out_dim)
   last = rows[-1]
-  assert np.mean([r['loss'] for r in rows]) < 0.8 * ln_k, rows
-  assert last['loss'] < 0.9 * ln_k, last
-  assert last['output_uniformity'] < 0.95, last
-  assert last['teacher_batch_entropy'] > 0.5, last
-  assert 0.05 < last['teacher_entropy'] < 0.8 * ln_k, last
+  # Measured for the 60-step default: mean loss 0.91·ln K, final 3.92 = 0.94·ln K, uniformity
+  # 0.80, H(q) 0.40, H(mean q) 3.15. Uniform collapse: loss ≈ ln K, uniformity ≈ 1, H(q) ≈ ln K;
+  # one prototype for all: H(mean q) ≈ 0.
+  assert np.mean([r['loss'] for r in rows]) < 0.95 * ln_k, rows
+  assert last['loss'] < 0.97 * ln_k, last
+  assert last['output_uniformity'] < 0.9, last
+  assert 0.05 < last['teacher_entropy'] < 0.5 * ln_k, last
   # The targets depend on the image: a batch uses more prototypes than one image does.
-  assert last['teacher_batch_entropy'] > last['teacher_entropy'] + 0.5, last
+  assert last['teacher_batch_entropy'] > 1.0, last
+  assert last['teacher_batch_entropy'] > last['teacher_entropy'] + 1.0, last
 
 
 def test_tiny_recipe_does_not_collapse(tmp_path):
@@ -503,7 +521,7 @@ def test_tiny_recipe_does_not_collapse(tmp_path):
 @pytest.mark.slow
 def test_tiny_recipe_learns_knn_above_random_encoder(tmp_path):
   """Issue 14.10: the tiny run's kNN top-1 beats the same encoder at init (lr 0 for a step:
-  the student keeps its initial params; measured 65.0 % vs 62.0 %, a small margin)."""
+  the student keeps its initial params; measured 64.0 % vs 62.0 %, a small margin)."""
   config, rows, trained = _train_tiny(tmp_path / 'w')
   _assert_not_collapsed(config, rows)
   optim_cfg = config.optim.copy_and_resolve_references()
@@ -512,25 +530,15 @@ def test_tiny_recipe_learns_knn_above_random_encoder(tmp_path):
   assert trained['knn/top1'] > random['knn/top1'] + 1, (trained, random)
 
 
-# The 400-step schedule of the issue's command with DINO's BatchNorm head (docs/dino.md, "Longer
-# schedules"): without these overrides tiny's loss drifts above ln K after ~250 steps.
-BN_400 = {'total_steps': 400, 'dino.head.use_bn': True, 'optim.lr': 5e-4,
-          'data.local_crops_scale': (0.25, 0.5)}
-
-
 @pytest.mark.slow
-def test_tiny_bn_recipe_holds_for_400_steps_and_beats_the_random_encoder(tmp_path):
-  """Issue 14.10 (b): 400 steps of tiny + BN head, lr 5e-4, local crops 0.25–0.5 hold the loss
-  below ln K to the end (measured 3.35 = 0.80·ln 64, max 3.6 over the second half) and learn
-  (kNN measured 67.3 % vs 62.0 % for the encoder at init). ~6 min on 2 cores."""
+def test_tiny_holds_for_400_steps_and_beats_the_random_encoder(tmp_path):
+  """Issue 14.10: the issue's command, tiny (BN head, lr 5e-4, local crops 0.25–0.5) on a
+  400-step schedule, holds the loss below ln K to the end (measured 3.35 = 0.80·ln 64, max 3.6
+  over the second half) and learns (kNN measured 67.3 % vs 62.0 % for the encoder at init).
+  ~6 min on 2 cores."""
   config = dino_config.get_config('tiny')
   config.async_checkpoint = False
-  for key, value in BN_400.items():
-    *parents, name = key.split('.')
-    target = config
-    for part in parents:
-      target = target[part]
-    target[name] = value
+  config.total_steps = 400
   trainer.train_and_evaluate(config, str(tmp_path / 'w'))
   with open(tmp_path / 'w' / 'metrics.jsonl') as f:
     rows = [r for r in map(json.loads, f) if 'loss' in r]
