@@ -17,18 +17,5 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # tiny
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # noqa: E402  (after XLA_FLAGS)
-import pytest  # noqa: E402
 
 jax.config.update('jax_threefry_partitionable', True)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (`-n`), tests that share a module-scoped fixture (a trained workdir,
-  a compiled program, the documented-commands runner) go to one worker (`--dist loadgroup`),
-  so the fixture is built once, not once per worker; every other test is spread freely."""
-  for item in items:
-    info = getattr(item, '_fixtureinfo', None)
-    defs = info.name2fixturedefs.values() if info else ()
-    if any(d and d[-1].scope == 'module' for d in defs):
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
