@@ -223,6 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              f'{workdir_lib.describe_changes(changes)}')
     else:
       start = 0
+      # A run killed before its first checkpoint may have logged steps: they are redone.
+      writer.truncate_after(0)
       loader.set_state(initial_data_state)
       ts = jax.jit(init_fn, out_shardings=state_shardings)(rng)
       if config.get('init_from'):

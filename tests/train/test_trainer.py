@@ -169,8 +169,10 @@ def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, caps
   work = str(tmp_path)
   # A run that died after writing config.json, before its first checkpoint (here: another
   # batch size, as after a config error) plus a temp file: the next run starts afresh.
+  # It had logged steps before it died: they are redone, not kept beside the new ones.
   checkpoint.write_config(work, tiny_config(batch_size=6))
   (tmp_path / '.config.json.tmp4242').write_text('{}')
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n')
   trainer.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every=2), work)
   assert json.loads((tmp_path / 'config.json').read_text())['batch_size'] == 16
   # Keys that change what is trained are refused, naming both values, before anything runs.
@@ -194,6 +196,7 @@ def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, caps
   assert [h['event'] for h in history] == ['start', 'resume']
   assert history[1]['step'] == 2 and history[1]['changes']['total_steps'] == [2, 4]
   assert [r['step'] for r in read_metrics(work)] == [1, 2, 4]
+  assert all(r['loss'] < 90 for r in read_metrics(work))
   assert not [n for n in os.listdir(work) if '.tmp' in n and n != '.config.json.tmp4242']
 
 
