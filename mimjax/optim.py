@@ -27,7 +27,8 @@ def peak_lr(config: ml_collections.ConfigDict, batch_size: int) -> float:
 
 
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int,
-                  min_value: float = 0.0, warmup: str = 'linear') -> Callable[[jnp.ndarray], jnp.ndarray]:
+                  min_value: float = 0.0,
+                  warmup: str = 'linear') -> Callable[[jnp.ndarray], jnp.ndarray]:
   """MAE/DINO per-step schedule: linear 0 → peak over warm-up, then half-cycle cosine to min.
 
   warmup='linear' (MAE's adjust_learning_rate): peak·s/W, the peak is reached at step W.

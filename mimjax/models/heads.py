@@ -48,7 +48,7 @@ class TorchBatchNorm1d(nn.Module):
   Statistics are over axis 0 of the global batch (SyncBatchNorm under jit, see
   mimjax/models/batchnorm.py) and in float32."""
   epsilon: float = 1e-5
-  momentum: float = 0.1   # torch convention: running ← (1 − momentum)·running + momentum·batch
+  momentum: float = 0.1   # torch's: running ← (1 − momentum)·running + momentum·batch
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
