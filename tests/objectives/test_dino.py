@@ -16,7 +16,7 @@ import torch
 
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
-from mimjax import ema, optim, sharding
+from mimjax import ema, optim, plan
 from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.data.normalize import normalize_images
@@ -279,25 +279,13 @@ def test_batch_major_layout_gives_the_crop_major_loss_grads_and_center(tiny_dino
 
 
 def _per_device_flops(config, objective, batch, devices):
-  """XLA's cost analysis (per device program) of the compiled train step on `devices` CPU
-  devices, with abstract state and batch sharded as the trainer shards them."""
-  config.mesh.devices = devices
-  mesh = sharding.make_mesh(config.mesh)
+  """XLA's cost analysis (per device program) of the trainer's own train step
+  (trainer.build_step: its optimizer, state and batch shardings) on `devices` CPU devices."""
+  mesh = plan.mesh_of(devices)
   example = {k: v[:1] for k, v in batch.items()}
-  key = jax.random.key(0)
-  shapes = jax.eval_shape(lambda r: objective.init(r, example)[0], key)
-  tx, lr = optim.make_optimizer(config.optim, shapes, total_steps=40, warmup_steps=5,
-                                batch_size=config.batch_size, num_examples=1500)
-  init_fn = lambda r: trainer.init_train_state(objective, tx, r, example)
-  state_sh = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, key))
-  batch_sh = sharding.batch_sharding(mesh)
-  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  state = jax.tree.map(with_sharding, jax.eval_shape(init_fn, key), state_sh)
-  batch = {k: with_sharding(v, batch_sh) for k, v in batch.items()}
-  step = jax.jit(trainer.make_train_step(objective, tx, lr), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
-  cost = step.lower(state, batch).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  built = trainer.build_step(config, objective, mesh, example, 1500)
+  abstract_batch = plan.abstract_batch(example, len(next(iter(batch.values()))), mesh)
+  return plan.flops(built.step_fn.lower(built.abstract, abstract_batch).compile())
 
 
 def _kd_objective(config, batch):
@@ -305,6 +293,7 @@ def _kd_objective(config, batch):
   teacher_cfg = mre_dino_config.get_config('tiny')
   example = {k: v[:1] for k, v in batch.items()}
   teacher_params, _ = dino.make(teacher_cfg).init(jax.random.key(3), example)
+  dino_config.tiny_recipe(config, bn_head=False)  # the KD row's head (configs/distill.py)
   config.distill = distill.default_config()
   config.distill.method = 'dino'
   config.distill.crops = 'all'
@@ -319,6 +308,8 @@ def test_multicrop_step_splits_over_the_data_axis(which):
   module = mre_dino_config if which == 'mre_dino' else dino_config
   make = lambda c, b: (_kd_objective(c, b) if which == 'kd' else dino.make(c))
   batch = _batch(module.get_config('tiny'), b=64, segments=which != 'dino')
+  # What the loader ships to an MRE model (and to the KD teacher): patch ids, not raw maps.
+  batch = pipeline.to_patch_ids(batch, mre_dino_config.get_config('tiny').data)
   flops = []
   for devices in (1, 8):
     config = module.get_config('tiny')
