@@ -137,7 +137,7 @@ def test_modes_probability_and_determinism():
   np.testing.assert_array_equal(a, erasing.random_erasing(key, images))
   assert not np.array_equal(a, erasing.random_erasing(jax.random.PRNGKey(3), images))
   jitted = jax.jit(lambda k, x: erasing.random_erasing(k, x, probability=0.25))(key, images)
-  np.testing.assert_allclose(jitted, a)
+  np.testing.assert_allclose(jitted, a, rtol=1e-6)  # fused vs eager: last-bit rounding
   with pytest.raises(ValueError, match="mode must be one of"):
     erasing.random_erasing(key, images, mode='pixels')
 
