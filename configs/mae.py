@@ -1,6 +1,6 @@
 """MAE pretraining (He et al., 2022), official recipe.
 
-  python -m mimjax.main --config configs/mae.py:tiny --workdir /tmp/mae_tiny
+  python -m mimjax.main --config configs/mae.py:tiny --workdir workdirs/mae_tiny
   python -m mimjax.main --config configs/mae.py:vit_b,in1k,1600ep --workdir W \
       --config.data.data_dir=D --config.model.dtype=bfloat16
 

@@ -20,9 +20,3 @@ def subprocess_env(devices: int = 8, **extra: str) -> dict:
   """os.environ for a subprocess test: CPU, `devices` fake devices, fast compiles, `extra`."""
   return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(devices), **extra)
 
-
-def user_env(devices: int = 1) -> dict:
-  """os.environ for a long subprocess run: CPU, `devices` devices, XLA's default optimisation
-  (compiles ~2× slower than FAST_COMPILE but runs a step ~2× faster: worth it past ~20 steps)."""
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')

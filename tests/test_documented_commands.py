@@ -7,7 +7,7 @@ launchers, `wget`, `nvidia-smi`, `tensorboard` and `pytest` lines are not comman
 library and are not collected. Each command runs once, in the order found, in a temp dir (with
 `configs` linked in) where `/tmp/…` paths are rewritten to that dir; training commands get
 `--config.total_steps=2` appended, benchmarks `--steps 1 --warmup 0`. A command that reads what
-an earlier one writes (an evaluation of /tmp/mae_tiny, a conversion of its checkpoint) first
+an earlier one writes (an evaluation of workdirs/mae_tiny, a conversion of its checkpoint) first
 runs that command (PRODUCERS). Commands that need what cannot exist here are listed in SKIP
 with the reason; nothing is skipped silently.
 
@@ -52,7 +52,6 @@ SLOW = [
 ]
 # Paths a command reads → the documented command that writes them (run first if needed).
 PRODUCERS = {
-    '/tmp/mae_tiny': 'python -m mimjax.main --config configs/mae.py:tiny --workdir /tmp/mae_tiny',
     'workdirs/mae_tiny': ('python -m mimjax.main --config configs/mae.py:tiny '
                           '--workdir workdirs/mae_tiny'),
     '/tmp/sp_tiny': ('python -m mimjax.sam --config configs/sam.py:tiny,superpixel '
@@ -63,12 +62,10 @@ PRODUCERS = {
     '/tmp/mre_mae_tiny': ('python -m mimjax.main --config configs/mre_mae.py:tiny --workdir '
                           '/tmp/mre_mae_tiny --config.data.name=photos '
                           '--config.data.data_dir=/tmp/sp_tiny --config.batch_size=16'),
-    '/tmp/mae_tiny.safetensors': ('python -m mimjax.convert --workdir /tmp/mae_tiny --format '
-                                  'timm --out /tmp/mae_tiny.safetensors --verify'),
-    '/tmp/mae_tiny_mae.pth': ('python -m mimjax.convert --workdir /tmp/mae_tiny --format mae '
-                              '--out /tmp/mae_tiny_mae.pth --verify'),
     'model.safetensors': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format timm '
                           '--out model.safetensors --verify'),
+    'model_mae.pth': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format mae '
+                      '--out model_mae.pth --verify'),
 }
 
 
@@ -240,9 +237,9 @@ def test_as_run_rewrites_paths_and_shortens_training():
                                '--config configs/mae.py:tiny --workdir /r/mae_tiny '
                                f'--config.total_steps={STEPS}')
   knn = ('python -m mimjax.main --config configs/eval/knn.py:tiny --workdir /tmp/k '
-         '--config.pretrained=/tmp/mae_tiny')
+         '--config.pretrained=workdirs/mae_tiny')
   assert not as_run(knn, '/r').endswith(f'--config.total_steps={STEPS}')  # no such key
-  assert _reads(knn) == [PRODUCERS['/tmp/mae_tiny']]
+  assert _reads(knn) == [PRODUCERS['workdirs/mae_tiny']]
 
 
 @pytest.mark.parametrize('name', sorted(collected()))

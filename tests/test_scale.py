@@ -43,7 +43,8 @@ def tiny(name: str, tmp_path_factory) -> ml_collections.ConfigDict:
     workdir = tmp_path_factory.mktemp(f'{name}_teacher')
     example = pipeline.blank_example(teacher_cfg.data, segments=True)
     obj = objectives.load(teacher_cfg.objective).make(teacher_cfg)
-    checkpoint.save_params(str(workdir), teacher_cfg, obj.init(jax.random.key(0), example)[0])
+    params = jax.jit(obj.init)(jax.random.key(0), example)[0]  # one program, not one per op
+    checkpoint.save_params(str(workdir), teacher_cfg, params)
     config.teacher = str(workdir)
   return config
 

@@ -1,8 +1,8 @@
 """Representation analysis without training: attention statistics (AAD, beyond-cls metrics),
 feature spectra, Gardener-style block weight entropy; `--config.plots=True` writes E/plots/.
 
-  python -m mimjax.main --config configs/eval/analysis.py:tiny --workdir /tmp/ana_tiny \
-      --config.pretrained=/tmp/mae_tiny --config.plots=True
+  python -m mimjax.main --config configs/eval/analysis.py:tiny --workdir workdirs/ana_tiny \
+      --config.pretrained=workdirs/mae_tiny --config.plots=True
   python -m mimjax.main --config configs/eval/analysis.py:in1k --workdir E \
       --config.pretrained=W --config.data.data_dir=D --config.plots=True
 

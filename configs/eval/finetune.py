@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained encoder for classification (MAE recipe).
 
-  python -m mimjax.main --config configs/eval/finetune.py:tiny --workdir /tmp/ft_tiny \
-      --config.pretrained=/tmp/mae_tiny
+  python -m mimjax.main --config configs/eval/finetune.py:tiny --workdir workdirs/ft_tiny \
+      --config.pretrained=workdirs/mae_tiny
   python -m mimjax.main --config configs/eval/finetune.py:vit_b,in1k --workdir E \
       --config.pretrained=W --config.data.data_dir=D
 

@@ -1,8 +1,8 @@
 """Weighted kNN (DINO: k = 20, T = 0.07) on frozen features, plus few-shot label fractions,
 without training.
 
-  python -m mimjax.main --config configs/eval/knn.py:tiny --workdir /tmp/knn_tiny \
-      --config.pretrained=/tmp/mae_tiny
+  python -m mimjax.main --config configs/eval/knn.py:tiny --workdir workdirs/knn_tiny \
+      --config.pretrained=workdirs/mae_tiny
   python -m mimjax.main --config configs/eval/knn.py:in1k --workdir E --config.pretrained=W \
       --config.data.data_dir=D
 

@@ -1,7 +1,7 @@
 """Linear probe of a frozen pretrained encoder (MAE protocol; AbMILP / attentive poolings).
 
-  python -m mimjax.main --config configs/eval/linear.py:tiny --workdir /tmp/lin_tiny \
-      --config.pretrained=/tmp/mae_tiny
+  python -m mimjax.main --config configs/eval/linear.py:tiny --workdir workdirs/lin_tiny \
+      --config.pretrained=workdirs/mae_tiny
   python -m mimjax.main --config configs/eval/linear.py:vit_b,in1k,pool=abmilp --workdir E \
       --config.pretrained=W --config.data.data_dir=D
 

@@ -85,7 +85,7 @@ def _load_config(workdir: str) -> ml_collections.ConfigDict:
   """W/config.json with its complete `model` (see `full_model_config`)."""
   if not workdir:
     raise ValueError('config.pretrained is empty: expected a pretraining workdir (or a '
-                     'converted model), e.g. --config.pretrained=/tmp/mae_tiny')
+                     'converted model), e.g. --config.pretrained=workdirs/mae_tiny')
   config = checkpoint.load_config(workdir)
   if 'model' not in config:
     raise ValueError(f'{workdir}/config.json has no `model` section')

@@ -2,11 +2,7 @@
 the DINO AdamW (per-tensor clip, wd cosine, last-layer freeze) vs torch.optim.AdamW, and
 tiny DINO / MRE-DINO runs through the trainer."""
 
-import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +21,7 @@ from mimjax.data.normalize import normalize_images
 from mimjax.models import batchnorm
 from mimjax.objectives import dino, distill
 from mimjax.train import trainer
-from tests.env import user_env
 from tests.objectives.dino_torch_ref import DINOLoss as TorchDINOLoss  # main_dino.py
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def torch_clip_gradients(params, clip):
@@ -389,18 +382,6 @@ def test_tiny_config_trains_through_trainer(tmp_path, capsys, which):
       assert 0 <= json.load(f)['knn/top1'] <= 100
 
 
-def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
-  """Issue 14.9: the step is saved before its evaluators run."""
-  config = _tiny(total_steps=2, log_every=1, checkpoint_every=2, eval_every=2)
-  config.evals = {}
-  def boom(params, state):
-    raise RuntimeError('evaluator failed')
-  objective = dataclasses.replace(dino.make(config), evaluate=boom)
-  with pytest.raises(RuntimeError, match='evaluator failed'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'w'), objective)
-  assert (tmp_path / 'w' / 'checkpoints' / '2').exists()
-
-
 def test_collapse_metrics_by_hand():
   rng = np.random.default_rng(5)
   b, s, k = 3, 4, 7
@@ -512,16 +493,10 @@ def _assert_not_collapsed(config, rows):
 
 
 def test_tiny_recipe_does_not_collapse(tmp_path):
-  """Issue 14.10: the documented command (configs/dino.py's docstring), run as written,
-  ends away from both collapse modes. A subprocess with a user's XLA set-up (one CPU device,
-  XLA's default optimisation): its 60 steps run ~2× faster than this process's fast-compile
-  code would (tests/env.py)."""
-  subprocess.run([sys.executable, '-m', 'mimjax.main', '--config', 'configs/dino.py:tiny',
-                  '--workdir', str(tmp_path / 'w')], cwd=REPO, env=user_env(1), check=True,
-                 capture_output=True, timeout=900)
-  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
-    rows = [r for r in map(json.loads, f) if 'loss' in r]
-  config = dino_config.get_config('tiny')
+  """Issue 14.10: the shipped tiny recipe ends away from both collapse modes. (In-process:
+  57–63 s in the suite; the documented command as a subprocess at XLA's default optimisation
+  took 81 s there, its data pipeline and the other worker competing for 2 cores.)"""
+  config, rows, _ = _train_tiny(tmp_path / 'w')
   assert rows[-1]['step'] == config.total_steps == 60
   _assert_not_collapsed(config, rows)
 

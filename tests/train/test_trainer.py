@@ -1,5 +1,6 @@
 """The training loop: loss falls, data-parallel equivalence, exact resume, NaN stop, errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -100,6 +101,20 @@ def test_resume_in_process_and_on_other_device_count(reference_run, tmp_path):
   # gradients into differences up to ~lr·1e-2, hence the absolute tolerance.
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
+
+
+def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
+  """Issue 14.9 (found on DINO): the step is saved before its evaluators run. The reference
+  run's config, so its compiled step is reused from the persistent cache."""
+  config = tiny_config(checkpoint_every=3)
+  config.eval_every = 3   # when the objective's own evaluate runs
+  config.evals = {}
+  def boom(params, state):
+    raise RuntimeError('evaluator failed')
+  objective = dataclasses.replace(mae.make(config), evaluate=boom)
+  with pytest.raises(RuntimeError, match='evaluator failed'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w'), objective)
+  assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['3']
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
