@@ -53,6 +53,7 @@ def test_configs_found_from_outside_the_repository(tmp_path):
                 cwd=str(tmp_path))
     assert out.returncode == 2
     assert out.stderr.strip() == 'mimjax: error: config.batch_size=0: expected a positive integer'
+    assert not (tmp_path / 'w').exists()  # refused before anything is written
 
 
 def test_workdir_that_is_a_file(tmp_path):

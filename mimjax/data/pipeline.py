@@ -17,7 +17,6 @@ import sys
 import time
 from typing import Any, Optional
 
-import grain
 import ml_collections
 import numpy as np
 
@@ -343,6 +342,9 @@ class Loader:
     self._it = None
 
   def _start(self) -> None:
+    # grain is imported here, not at module level: it costs ~0.8 s, and configs, config
+    # errors, conversion and the SAM stage import this module without reading any data.
+    import grain
     stop = sys.maxsize if self.num_batches is None else self.num_batches
     ds = grain.MapDataset.range(self._step, max(self._step, stop)).map(self._maker)
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, self._threads),

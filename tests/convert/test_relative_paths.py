@@ -12,12 +12,13 @@ from configs import mae as mae_config
 from mimjax import checkpoint
 from mimjax.objectives import mae
 from mimjax.objectives import pretrained
+from tests.env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(cwd, *args):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = subprocess_env(1, PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, '-m', 'mimjax.convert', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
