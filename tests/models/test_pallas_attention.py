@@ -17,6 +17,7 @@ import pytest
 from configs import mre_mae as mre_mae_config
 from mimjax import bench
 from mimjax import optim
+from mimjax.data import pipeline
 from mimjax.models import pallas_attention as pa
 from mimjax.models import segment_bias
 from mimjax.models.attention import Attention
@@ -208,6 +209,8 @@ def test_mre_mae_train_step_equals_einsum_step():
   # step: loss and the AdamW-updated params after one step.
   batch = {'image': np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8),
            'segments': np.random.default_rng(1).integers(0, 6, (4, 32, 32), np.uint8)}
+  # What the loader ships to an MRE model: per-patch ids, not the raw maps.
+  batch = pipeline.to_patch_ids(batch, mre_mae_config.get_config('tiny').data)
   results = []
   for attention in ('xla', 'pallas'):
     config = mre_mae_config.get_config('tiny')
