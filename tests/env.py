@@ -19,4 +19,3 @@ def xla_flags(devices: int = 8) -> str:
 def subprocess_env(devices: int = 8, **extra: str) -> dict:
   """os.environ for a subprocess test: CPU, `devices` fake devices, fast compiles, `extra`."""
   return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(devices), **extra)
-
