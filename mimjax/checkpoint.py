@@ -343,13 +343,19 @@ def _restore_numpy(path: epath.Path) -> Any:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+def saved_steps(workdir: str) -> list:
+  """The steps of W/checkpoints/<step>/ (committed checkpoints), ascending."""
+  ckpt_dir = resolve(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
+      if ckpt_dir.exists() else []
+
+
 def restore_train_state(workdir: str, step: Optional[int] = None) -> dict:
   """{'params', 'state', ...} (numpy) of a workdir's latest (or `step`) train checkpoint; a
   params-only workdir (W/params, e.g. an imported model) gives {'params': ..., 'state': {}}."""
   root = resolve(workdir)
   ckpt_dir = root / 'checkpoints'
-  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
-      if ckpt_dir.exists() else []
+  steps = saved_steps(workdir)
   if step is not None and step not in steps:
     raise FileNotFoundError(f'{ckpt_dir}: no checkpoint for step {step}; found {steps}')
   if steps:

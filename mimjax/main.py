@@ -174,10 +174,22 @@ def main(argv):
     logging.flush()
     print(f'mimjax: error: {e}', file=sys.stderr)
     sys.exit(2)
-  except KeyboardInterrupt:  # during start-up; in the training loop Ctrl-C saves and exits
-    print('mimjax: interrupted (nothing to save yet); re-run the same command to start again',
-          file=sys.stderr)
+  except KeyboardInterrupt:  # start-up, or a second Ctrl-C (the first one saves and exits)
+    print(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', file=sys.stderr)
     sys.exit(130)
+
+
+def _interrupted_state(workdir: str) -> str:
+  """What an interrupted run left: the checkpoint a re-run resumes from, or nothing."""
+  from mimjax import checkpoint  # orbax: only once interrupted
+  try:
+    steps = checkpoint.saved_steps(workdir) if workdir and workdir.strip() else []
+  except OSError:
+    steps = []
+  if steps:
+    return (f'checkpoint {steps[-1]} in {checkpoint.resolve(workdir)}/checkpoints is intact; '
+            're-run the same command to resume from it')
+  return 'nothing saved yet; re-run the same command to start again'
 
 
 if __name__ == '__main__':

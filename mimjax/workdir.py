@@ -22,7 +22,12 @@ _HOST = socket.gethostname()
 
 
 def check_output_dir(path: str, flag: str = '--workdir') -> None:
-  """One clear error when an output directory path names something that is not a directory."""
+  """One clear error when an output directory path is empty (it would mean the current
+  directory: a run would write into a repository clone) or names something that is not a
+  directory."""
+  if not os.fspath(path).strip():
+    raise ValueError(f'{flag} is empty; expected a directory path (new or from an earlier run), '
+                     f'e.g. {flag} workdirs/run1')
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{flag} {path}: exists and is not a directory; expected a '
                           'directory (new or from an earlier run)')

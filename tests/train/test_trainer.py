@@ -117,19 +117,45 @@ def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['3']
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = tiny_config(total_steps=6, checkpoint_every=2, log_every=1)
+def _nan_at(config, steps):
+  """The tiny MAE objective with a NaN loss on the updates from `steps` (0-based step arg)."""
   base = mae.make(config)
 
   def loss(params, state, batch, rng, step):
     value, aux = base.loss(params, state, batch, rng, step)
-    return jax.numpy.where(step >= 3, jax.numpy.nan, value), aux
+    return jax.numpy.where(jax.numpy.isin(step, jax.numpy.asarray(steps)), jax.numpy.nan,
+                           value), aux
+  return Objective(init=base.init, loss=loss)
 
-  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint \\(step 2\\)'):
-    trainer.train_and_evaluate(config, str(tmp_path), Objective(init=base.init, loss=loss))
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
-  params = checkpoint.restore_params(str(tmp_path))
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+def test_nonfinite_step_stops_at_once_and_schedules_never_lag(tmp_path):
+  """Issue 28.8: a skipped step used to roll back optax's count while training went on to the
+  next checkpoint, so the lr applied lagged the lr logged. Now the run stops at the first
+  non-finite step (as the MAE/DINO reference code does), logs it, and saves nothing after it;
+  every checkpoint's optimizer count equals its step. Issue 28.7: param_norm of the skipped
+  step is the kept params' norm, not NaN. Issue 28.1: a NaN on the first step after a resume
+  blames the checkpoint it resumed from, not 'intact'."""
+  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=1)
+  objective = _nan_at(config, [4])  # the update that makes step 5
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'^step 5 had a NaN/Inf loss or gradient \(loss nan, grad_norm 0.0; the '
+                           r'update was not applied\); stopping: the last good checkpoint \(step '
+                           r'4\) in .* is intact'):
+    trainer.train_and_evaluate(config, str(tmp_path), objective)
+  rows = read_metrics(tmp_path)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]  # stopped at once, the NaN step logged
+  assert rows[-1]['loss'] == 'nan' and isinstance(rows[-1]['param_norm'], float)
+  assert rows[-1]['param_norm'] == pytest.approx(rows[-2]['param_norm'], rel=1e-6)  # kept
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  saved = checkpoint.restore_train_state(str(tmp_path))
+  counts = [int(x) for x in jax.tree.leaves(saved['opt_state']) if np.ndim(x) == 0]
+  assert counts and all(c == int(saved['step']) == 4 for c in counts)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'the first step after resuming from .*/checkpoints/4 had a NaN/Inf '
+                           r'.* that checkpoint is suspect \(its files match the digests .*\); '
+                           r'to resume from the one before it, move it aside: mv '):
+    trainer.train_and_evaluate(config, str(tmp_path), objective)
 
 
 def _main_cmd(workdir, *extra):
