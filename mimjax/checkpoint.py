@@ -58,7 +58,39 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; expected a mimjax workdir with config.json '
                             '(written by `python -m mimjax.main` or `python -m mimjax.convert`)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(read_config_json(workdir))
+
+
+def read_config_json(workdir: str) -> Optional[dict]:
+  """W/config.json as a dict (None if absent). A damaged one (truncated, empty, garbage) is
+  restored from the config saved in the newest intact checkpoint, with one warning line;
+  without such a copy, one error line names the file and what to do."""
+  path = resolve(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  try:
+    config = json.loads(path.read_bytes())
+    if isinstance(config, dict):
+      return config
+    why = f'a JSON {type(config).__name__}, not an object'
+  except (ValueError, UnicodeDecodeError) as e:
+    why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+  for step in reversed(saved_steps(workdir)):
+    step_dir = resolve(workdir) / 'checkpoints' / str(step)
+    try:
+      verify_digests(os.fspath(step_dir))
+      with _quiet_orbax():
+        config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / 'config')
+    except Exception:  # pylint: disable=broad-except  (damaged too: try the one before)
+      continue
+    if jax.process_index() == 0:
+      workdir_lib.atomic_write(os.fspath(path), json.dumps(config, indent=2, sort_keys=True))
+    print(f'mimjax: warning: {path} is damaged ({why}); restored it from the config saved in '
+          f'{step_dir}', file=sys.stderr, flush=True)
+    return config
+  raise ValueError(f'{path} is damaged ({why}) and no checkpoint holds a readable copy; put back '
+                   'a good copy, or delete it (a training re-run then writes the command\'s '
+                   'config without comparing it to the old run\'s)')
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,6 @@ JAX's persistent compilation cache lives in $MIMJAX_COMPILATION_CACHE (default
 $XDG_CACHE_HOME/mimjax/jax, i.e. ~/.cache/mimjax/jax; `MIMJAX_COMPILATION_CACHE=off` disables it).
 """
 
-import json
 import os
 import re
 import sys
@@ -66,11 +65,10 @@ def enable_compilation_cache() -> str | None:
 
 def check_eval_rerun(config, workdir: str, allow_change: bool) -> None:
   """An evaluation workdir re-run on another pretrained model would mix two models' results."""
-  path = os.path.join(workdir, 'config.json')
-  if allow_change or not os.path.exists(path):
+  if allow_change or not os.path.exists(os.path.join(workdir, 'config.json')):
     return
-  with open(path) as f:
-    old = json.load(f).get('pretrained')
+  from mimjax import checkpoint  # orbax: only for a re-run
+  old = checkpoint.read_config_json(workdir).get('pretrained')
   norm = lambda p: os.path.abspath(os.path.expanduser(p)) if p and '://' not in p else p
   if norm(old) != norm(config.get('pretrained')):
     raise ValueError(f'{workdir} holds an evaluation of pretrained={old!r}, not '

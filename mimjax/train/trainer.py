@@ -302,11 +302,9 @@ def _resume_config_check(config: ml_collections.ConfigDict, workdir: str,
                          allow_config_change: bool, num_train: int) -> tuple[dict, Any]:
   """(changes from W/config.json to `config`, the old total steps); refuses changes that
   would mix two runs in one workdir."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  old = ckpt_lib.read_config_json(workdir)  # a damaged one comes back from a checkpoint
+  if old is None:
     return {}, None
-  with open(path) as f:
-    old = json.load(f)
   changes = workdir_lib.config_changes(old, json.loads(ckpt_lib.config_to_json(config)))
   refused = workdir_lib.refused_changes(changes)
   if refused and not allow_config_change:

@@ -103,6 +103,49 @@ def test_resume_in_process_and_on_other_device_count(reference_run, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize('damage', ['cut short', 'stray bytes'])
+def test_damaged_metrics_and_config_never_wedge_the_workdir(reference_run, tmp_path, capsys,
+                                                            damage):
+  """Issue 28.2: a metrics.jsonl tail cut short or followed by stray bytes, and a truncated or
+  empty config.json, stopped every re-run with a bare JSON error. Now the log's broken tail is
+  dropped and config.json comes back from the checkpoint, each said in one line, and the
+  resumed run (checkpoint 6 removed: it redoes steps 4-6) matches the reference."""
+  import shutil
+  work = tmp_path / 'w'
+  shutil.copytree(reference_run[1], work)
+  shutil.rmtree(work / 'checkpoints' / '6')
+  metrics, config = work / 'metrics.jsonl', work / 'config.json'
+  text = metrics.read_bytes()
+  if damage == 'cut short':
+    metrics.write_bytes(text[:-40])           # the last record loses its end
+    config.write_bytes(config.read_bytes()[:700])
+  else:
+    stray = np.random.RandomState(0).bytes(300).replace(b'\n', b'x')  # not UTF-8, one line
+    metrics.write_bytes(text + stray)
+    config.write_bytes(b'')
+  capsys.readouterr()
+  trainer.train_and_evaluate(tiny_config(), str(work))
+  err = [l for l in capsys.readouterr().err.splitlines() if 'warning' in l]
+  assert len(err) == 2, err
+  assert err[0].startswith(f'mimjax: warning: {config} is damaged (') and err[0].endswith(
+      f'restored it from the config saved in {work}/checkpoints/3')
+  assert err[1] == (f'mimjax: warning: {metrics}: dropped 1 damaged line(s) (not a JSON record: '
+                    f'cut short or stray bytes); kept 3 record(s)')
+  assert json.loads(config.read_text()) == json.loads((reference_run[1] / 'config.json').read_text())
+  assert [r['loss'] for r in read_metrics(work)] == [r['loss'] for r in read_metrics(reference_run[1])]
+
+
+def test_damaged_config_without_a_checkpoint_copy_is_one_line(tmp_path):
+  (tmp_path / 'config.json').write_text('{"model": {"variant": "B/16", ')
+  with pytest.raises(ValueError) as e:
+    checkpoint.read_config_json(str(tmp_path))
+  assert str(e.value) == (
+      f'{tmp_path}/config.json is damaged (Expecting property name enclosed in double quotes: '
+      'line 1 column 31 (char 30)) and no checkpoint holds a readable copy; put back a good copy, '
+      "or delete it (a training re-run then writes the command's config without comparing it "
+      "to the old run's)")
+
+
 def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
   """Issue 14.9 (found on DINO): the step is saved before its evaluators run. The reference
   run's config, so its compiled step is reused from the persistent cache."""
@@ -311,6 +354,40 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path, uninterrupted):
   subprocess.run(_main_cmd(tmp_path, *FAULT_STEPS), cwd=REPO, env=_env(), check=True,
                  capture_output=True)
   _assert_same_run(uninterrupted, tmp_path, 12)
+
+
+def test_random_in_place_damage_to_a_checkpoint_then_rerun_finishes_identically(
+    tmp_path, uninterrupted):
+  """Issue 28.1: random bytes written over part of a random file of the latest checkpoint (its
+  size unchanged); the re-run sets it aside, resumes from the one before, finishes, and matches
+  the uninterrupted run bit for bit."""
+  import shutil
+  from tests.train.test_workdir import _overwrite_in_place
+  work = tmp_path / 'w'
+  shutil.copytree(uninterrupted, work)
+  latest = work / 'checkpoints' / '12'
+  rng = np.random.RandomState(28)
+  files = sorted(checkpoint._checkpoint_files(str(latest)))
+  victim = files[rng.randint(len(files))]
+  _overwrite_in_place(str(latest / victim), rng, size=5000)
+  out = subprocess.run(_main_cmd(work, *FAULT_STEPS), cwd=REPO, env=_env(), capture_output=True,
+                       text=True)
+  assert out.returncode == 0, out.stderr
+  assert f'checkpoint {latest} is damaged' in out.stderr and 'resuming from step 10' in out.stderr
+  assert os.listdir(work / 'checkpoints.corrupt') == ['12']
+  _assert_same_run(uninterrupted, work, 12)
+
+
+def test_interrupted_message_names_the_intact_checkpoint(tmp_path):
+  """Issue 28.7: a second Ctrl-C said 'nothing to save yet' although checkpoint 10 existed."""
+  from mimjax import main
+  assert main._interrupted_state(str(tmp_path)) == (
+      'nothing saved yet; re-run the same command to start again')
+  for step in ('4', '10'):
+    (tmp_path / 'checkpoints' / step).mkdir(parents=True)
+  assert main._interrupted_state(str(tmp_path)) == (
+      f'checkpoint 10 in {tmp_path}/checkpoints is intact; re-run the same command to resume '
+      'from it')
 
 
 def test_random_sigkills_then_finish_match_uninterrupted_run(tmp_path, uninterrupted):
