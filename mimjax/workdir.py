@@ -166,6 +166,7 @@ RESUMABLE_KEYS = (
     'log_every', 'checkpoint_every', 'keep_checkpoints', 'async_checkpoint',
     'eval_every', 'evals', 'evals.*',
     'data.data_dir', 'data.worker_count', 'data.prefetch', 'data.read_threads',
+    'data.max_maskless_fraction',
     'mesh.*', 'fsdp_min_size', 'grad_accum', 'model.attention', 'model.remat',
 )
 DURATION_KEYS = ('total_steps', 'total_epochs', 'total_examples')

@@ -46,6 +46,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # it to the model's patch size (configs/common.py: ship_segment_ids).
       'segment_patch_size': 0,
       'segment_num_ids': 256,      # ids ≥ this do not vote (model.segment_bias.num_ids)
+      # A training loader that ships patch ids (MRE, KD) refuses a SAM output whose
+      # sam_stats.json says more of its images than this got no mask (1 = never refuse).
+      'max_maskless_fraction': 0.9,
       'crop_scale': (0.2, 1.0),    # RandomResizedCrop area range ('mae')
       'crop_ratio': (3 / 4, 4 / 3),
       'crop_padding': 4,           # reflect padding of the simple random crop ('simple', 'lut')
@@ -103,6 +106,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   _pair(cfg, 'crop_ratio', 0.0)
   if not 0 < cfg.eval_crop_pct <= 1:
     raise ValueError(f'data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct!r}')
+  if not 0 <= cfg.max_maskless_fraction <= 1:
+    raise ValueError('data.max_maskless_fraction must be in [0, 1], got '
+                     f'{cfg.max_maskless_fraction!r}')
   if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
     raise ValueError(f'data.data_dir must be a str or None, got {cfg.data_dir!r}')
 
@@ -163,6 +169,31 @@ def open_source(cfg, split: str) -> tuple[Any, bool]:
   split = _resolve_split(builder.info.splits.keys(), split, path)
   has_segments = 'segments' in builder.info.features
   return builder.as_data_source(split=split), has_segments
+
+
+def check_mask_coverage(cfg, split: str) -> None:
+  """One error line when the run needs segment maps (it ships patch ids: MRE, KD) and the
+  data set's sam_stats.json (written by `python -m mimjax.sam`) says more than
+  `data.max_maskless_fraction` of `split` got no mask: training would silently be plain MAE."""
+  if cfg.name == 'synthetic' or not (cfg.use_segments and cfg.segment_patch_size > 0):
+    return
+  path = os.path.join(_dataset_dir(cfg), 'sam_stats.json')
+  if not os.path.exists(path):
+    return
+  import json
+  try:
+    summary = json.loads(open(path, 'rb').read())['summary']
+    stats = summary.get(split) or next(iter(summary.values()))
+    images, none = int(stats['images']), int(stats['no_mask_images'])
+  except (ValueError, KeyError, TypeError, StopIteration, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is damaged ({type(e).__name__}); re-run the SAM stage that wrote '
+                     'it (python -m mimjax.sam, docs/sam.md)') from None
+  if images and none / images > cfg.max_maskless_fraction:
+    raise ValueError(
+        f'{path}: {none} of {images} {split} images ({none / images:.0%}) got no SAM mask, so '
+        'this run would train on empty segment maps (plain MAE); re-make the masks with the '
+        'right checkpoint or looser thresholds (docs/sam.md), or pass '
+        '--config.data.max_maskless_fraction=1 to train anyway')
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
@@ -402,6 +433,8 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
                      f'the process count {pc}')
   source, has_segments = open_source(data_config, split)
+  if train and has_segments:
+    check_mask_coverage(data_config, split)
   if train and len(source) < global_batch_size:
     # Name what was read: data_dir may point at another set than data.name (a SAM output).
     path = '' if data_config.name == 'synthetic' else _dataset_dir(data_config)
