@@ -42,6 +42,31 @@ def check_writable(path: str, flag: str = '--workdir') -> None:
     raise PermissionError(f'{flag} {path}: {probe} is not writable')
 
 
+def check_output_file(path: str, flag: str = '--out') -> None:
+  """One clear error when an output file path is empty, a directory, under a file, or not
+  writable (instead of IsADirectoryError / FileExistsError tracebacks after the work)."""
+  if not os.fspath(path).strip():
+    raise ValueError(f'{flag} is empty; expected a file name')
+  if os.path.isdir(path):
+    raise ValueError(f'{flag} {path}: is a directory; expected a file name (e.g. '
+                     f'{os.path.join(path, "model.safetensors")})')
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'{flag} {path}: {parent} is a file, not a directory; choose another path')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f'{flag} {path}: {parent} is not writable')
+
+
+def file_mode() -> int:
+  """The mode `open()` gives a new file (0o666 less the umask): for files written via a
+  mkstemp temp file, which is 0600."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def temp_name(path: str) -> str:
   """A sibling temp name that records host and pid (so a later run can tell it is stale)."""
   directory, base = os.path.split(path)
