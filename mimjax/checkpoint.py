@@ -21,10 +21,12 @@ unverified (as do checkpoints written before digests existed).
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -119,6 +121,10 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 DIGESTS = 'digests.json'
 
 
+class CheckpointWriteError(OSError):
+  """Saving a checkpoint failed (e.g. a full disk); the message is one line."""
+
+
 class CorruptCheckpointError(ValueError):
   """A checkpoint's files differ from the digests written when it was committed."""
 
@@ -211,10 +217,15 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict,
            *, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(json.loads(config_to_json(config)))), force=force)
+    """Starts saving `step` (async by default); a failed write, this one's or the previous
+    async one's, is a one-line CheckpointWriteError."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(json.loads(config_to_json(config)))), force=force)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore error types vary)
+      raise self._write_error(e, step) from None
     if jax.process_index() == 0:  # hosts share the workdir: one writer
       self._pending = [f for f in self._pending if not f.done()]
       self._pending.append(self._digests.submit(self._digest_when_committed, step))
@@ -302,8 +313,25 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until the last save is committed and its digests are written."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e, None) from None
     concurrent.futures.wait(self._pending)
+
+  def _write_error(self, e: BaseException, step: Optional[int]) -> 'CheckpointWriteError':
+    """One line: which checkpoint failed, why (a full disk said plainly), what is intact."""
+    text = str(e)
+    failed = re.search(r'(\d+)\.orbax-checkpoint-tmp', text)
+    failed = int(failed.group(1)) if failed else step
+    full = 'No space left on device' in text or getattr(e, 'errno', None) == errno.ENOSPC
+    why = ('no space left on device: free space there or lower --config.keep_checkpoints'
+           if full else _first_line(e))
+    intact = [s for s in saved_steps(os.fspath(self.directory.parent)) if s != failed]
+    left = (f'checkpoint {intact[-1]} is intact' if intact else 'no checkpoint was written yet')
+    return CheckpointWriteError(
+        f'{self.directory}: writing checkpoint {"" if failed is None else failed} failed '
+        f'({why}); {left}; then re-run the same command')
 
   def close(self) -> None:
     self.wait()

@@ -7,6 +7,7 @@ JAX's persistent compilation cache lives in $MIMJAX_COMPILATION_CACHE (default
 $XDG_CACHE_HOME/mimjax/jax, i.e. ~/.cache/mimjax/jax; `MIMJAX_COMPILATION_CACHE=off` disables it).
 """
 
+import errno
 import os
 import re
 import sys
@@ -169,12 +170,29 @@ def main(argv):
       durations.apply_cli_overrides(config, sys.argv)
     run(config, _WORKDIR.value, _ALLOW_CHANGE.value)
   except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirLockedError) as e:
-    logging.flush()
-    print(f'mimjax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(f'mimjax: error: {_one_line(e, _WORKDIR.value)}', 2)
   except KeyboardInterrupt:  # start-up, or a second Ctrl-C (the first one saves and exits)
-    print(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', file=sys.stderr)
-    sys.exit(130)
+    _exit(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', 130)
+
+
+def _one_line(e: BaseException, workdir: str) -> str:
+  """An error as one line; an OSError names its file, or the workdir being written
+  (`[Errno 28] No space left on device` alone does not say where)."""
+  if isinstance(e, OSError) and e.strerror and (e.filename or e.errno == errno.ENOSPC):
+    hint = '; free space there or use another --workdir' if e.errno == errno.ENOSPC else ''
+    return f'{e.filename or os.path.abspath(workdir)}: {e.strerror}{hint}'
+  return ' '.join(str(e).split('\n')) or type(e).__name__
+
+
+def _exit(message: str, status: int) -> None:
+  """Prints the one line and exits now: the `with` blocks have already closed the workdir
+  (checkpoint waited for, lock released, logs flushed), and library threads still alive after a
+  failure (data workers, TensorStore callbacks) or atexit hooks of half-written files
+  (tensorboardX on a full disk) would otherwise keep the process up or print tracebacks."""
+  logging.flush()
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _interrupted_state(workdir: str) -> str:

@@ -126,3 +126,14 @@ def test_compilation_cache_dir(monkeypatch, cache_setting, env, expected):
     monkeypatch.setenv(k, v)
   assert main.enable_compilation_cache() == expected
   assert jax.config.jax_compilation_cache_dir == expected
+
+
+def test_os_errors_name_the_file_or_the_workdir():
+  """Issue 28.5: a full disk at start-up said `[Errno 28] No space left on device`, no path."""
+  import errno
+  assert main._one_line(OSError(errno.ENOSPC, 'No space left on device'), 'w') == (
+      f'{os.path.abspath("w")}: No space left on device; free space there or use another '
+      '--workdir')
+  assert main._one_line(PermissionError(errno.EACCES, 'Permission denied', '/w/x'), 'w') == (
+      '/w/x: Permission denied')
+  assert main._one_line(ValueError('a\nb'), 'w') == 'a b'

@@ -256,3 +256,22 @@ def test_digests_are_written_off_the_training_thread_after_an_async_commit(tmp_p
   ckpt.close()  # waits for the commit and the digests
   assert os.listdir(tmp_path / 'checkpoints') == ['3']
   assert checkpoint.verify_digests(str(tmp_path / 'checkpoints' / '3'))
+
+
+def test_failed_checkpoint_write_is_one_line_naming_the_step_and_what_is_intact(tmp_path):
+  """Issue 28.5: a full disk during a save was 325 lines of orbax tracebacks (log records now
+  dropped by logs.quiet_library_logs, tested in tests/test_logs.py) before a TensorStore line."""
+  _two_checkpoints(tmp_path)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  tmp = tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp'
+  def full(*args, **kwargs):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp}/state/_sharding": '
+                     "Failed to write 46518 bytes to file 9: No space left on device "
+                     "[os_error_code='28']")
+  ckpt.manager.save = full
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    ckpt.save(6, _state(6), {}, ml_collections.ConfigDict())
+  assert str(e.value) == (f'{tmp_path}/checkpoints: writing checkpoint 6 failed (no space left '
+                          'on device: free space there or lower --config.keep_checkpoints); '
+                          'checkpoint 4 is intact; then re-run the same command')
+  ckpt.close()
