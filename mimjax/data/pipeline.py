@@ -279,12 +279,30 @@ def blank_example(data_config: ml_collections.ConfigDict, *, segments: bool,
   return batch
 
 
+class DataReadError(ValueError):
+  """A record of the data set could not be read (a damaged file); one line naming it."""
+
+
+def _split_files(cfg, split: str) -> str:
+  """The record file(s) of a split, for error messages."""
+  if cfg.name == 'synthetic':
+    return ''
+  import glob
+  path = _dataset_dir(cfg)
+  files = sorted(glob.glob(os.path.join(path, f'*-{split}.*')))
+  if len(files) == 1:
+    return files[0]
+  return f'{path} (split {split!r}, {len(files)} files)'
+
+
 class _BatchMaker:
   """Host batch index → batch dict. Picklable so grain worker processes can run it."""
 
   def __init__(self, cfg, source, has_segments: bool, *, global_batch_size: int,
-               process_index: int, process_count: int, seed: int, train: bool):
+               process_index: int, process_count: int, seed: int, train: bool,
+               files: str = ''):
     self.cfg = ml_collections.ConfigDict(cfg.to_dict())  # a plain copy travels to workers
+    self.files = files  # what a read error names
     self.source = source
     self.segments = has_segments and cfg.use_segments
     self.global_batch = global_batch_size
@@ -321,7 +339,14 @@ class _BatchMaker:
   def _read(self, records: np.ndarray) -> list:
     keys = [int(r) for r in records]
     getitems = getattr(self.source, '__getitems__', None)
-    return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+    try:
+      return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+    except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli errors vary)
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataReadError(f'{self.files or "the data set"}: cannot read records {keys[:3]}'
+                          f'{"..." if len(keys) > 3 else ""} ({why}); the file is damaged: '
+                          'rebuild the data set (python -m mimjax.data.build, or the SAM '
+                          'stage that wrote it) or restore it from a copy') from None
 
   def __call__(self, step: int) -> dict:
     records, positions, mask = self.plan(int(step))
@@ -442,7 +467,8 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     raise ValueError(f'data set {read} split {split!r} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower --config.batch_size')
   maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
-                      process_index=pi, process_count=pc, seed=seed, train=train)
+                      process_index=pi, process_count=pc, seed=seed, train=train,
+                      files=_split_files(data_config, split))
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
           'global_batch_size': int(global_batch_size), 'process_count': pc}
   # No process_index: the batch plan is global (step → every host's slice), so one saved
