@@ -173,6 +173,26 @@ def main(argv):
     _exit(f'mimjax: error: {_one_line(e, _WORKDIR.value)}', 2)
   except KeyboardInterrupt:  # start-up, or a second Ctrl-C (the first one saves and exits)
     _exit(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', 130)
+  except Exception as e:  # pylint: disable=broad-except  (JAX's runtime errors have no API type)
+    message = out_of_memory_message(e, config)
+    if message is None:
+      raise
+    _exit(f'mimjax: error: {message}', 2)
+
+
+def out_of_memory_message(e: BaseException, config) -> str | None:
+  """One line for an XLA out-of-memory error (what was asked for, and the knobs that lower
+  it), or None if `e` is something else."""
+  text = str(e)
+  if 'Out of memory' not in text and not ('RESOURCE_EXHAUSTED' in text and 'memory' in text):
+    return None
+  size = re.search(r'allocat\w* (\d+) bytes', text)
+  asked = f' allocating {int(size.group(1)) / 2 ** 30:.1f} GiB' if size else ''
+  accum = config.get('grad_accum', 1)
+  return (f'out of memory{asked} (config.batch_size={config.get("batch_size")}, '
+          f'grad_accum={accum}); lower --config.batch_size, split it into micro-batches with '
+          f'--config.grad_accum={2 * accum}, or use --config.model.remat=True or '
+          '--config.model.dtype=bfloat16')
 
 
 def _one_line(e: BaseException, workdir: str) -> str:

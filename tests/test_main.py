@@ -137,3 +137,15 @@ def test_os_errors_name_the_file_or_the_workdir():
   assert main._one_line(PermissionError(errno.EACCES, 'Permission denied', '/w/x'), 'w') == (
       '/w/x: Permission denied')
   assert main._one_line(ValueError('a\nb'), 'w') == 'a b'
+
+
+def test_out_of_memory_is_one_line_with_the_knobs():
+  """Issue 28.5: an out-of-memory batch was a 40-line traceback (and the process lingered)."""
+  config = ml_collections.ConfigDict({'batch_size': 32768, 'grad_accum': 1})
+  error = RuntimeError('INTERNAL: Error dispatching computation: Out of memory allocating '
+                       '31789031616 bytes.')
+  assert main.out_of_memory_message(error, config) == (
+      'out of memory allocating 29.6 GiB (config.batch_size=32768, grad_accum=1); lower '
+      '--config.batch_size, split it into micro-batches with --config.grad_accum=2, or use '
+      '--config.model.remat=True or --config.model.dtype=bfloat16')
+  assert main.out_of_memory_message(RuntimeError('INTERNAL: something else'), config) is None
