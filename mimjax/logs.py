@@ -1,6 +1,7 @@
 """Console output shared by the entry points: quiet library logs, and the table of results."""
 
 import logging as py_logging
+import os
 import sys
 from typing import Iterable, Mapping, Optional, TextIO
 
@@ -17,7 +18,17 @@ class _DropKnownNoise(py_logging.Filter):
     return not any(n in record.getMessage() for n in KNOWN_NOISE)
 
 
+class _DropReportedErrors(py_logging.Filter):
+  """orbax logs every failed background write with its traceback (a full disk: 300+ lines)
+  and then raises the same error to its caller, which mimjax reports in one line."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and
+                f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in (record.pathname or ''))
+
+
 _NOISE_FILTER = _DropKnownNoise()
+_REPORTED_FILTER = _DropReportedErrors()
 
 
 def quiet_library_logs(tfds_progress: bool = False) -> None:
@@ -33,6 +44,7 @@ def quiet_library_logs(tfds_progress: bool = False) -> None:
   for target in (logging.get_absl_logger(), logging.get_absl_handler(),
                  *py_logging.getLogger().handlers, py_logging.getLogger('jax._src.xla_bridge')):
     target.addFilter(_NOISE_FILTER)  # the same object: adding it twice is a no-op
+    target.addFilter(_REPORTED_FILTER)
   if not tfds_progress:
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()

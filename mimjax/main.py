@@ -7,10 +7,11 @@ JAX's persistent compilation cache lives in $MIMJAX_COMPILATION_CACHE (default
 $XDG_CACHE_HOME/mimjax/jax, i.e. ~/.cache/mimjax/jax; `MIMJAX_COMPILATION_CACHE=off` disables it).
 """
 
-import json
+import errno
 import os
 import re
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -29,6 +30,96 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'it was trained with (the new config is recorded in config.json and history.jsonl).')
 flags.mark_flags_as_required(['config', 'workdir'])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A survivor stops this long after a peer process last showed a sign of life. Heartbeats come
+# from a thread of their own every PEER_BEAT_S, so a host busy compiling, evaluating or writing
+# a checkpoint keeps beating; only a dead, frozen (SIGSTOP, swapping) or unreachable one goes
+# quiet. 30 s rides out such stalls and network blips, and stops well before JAX's coordinator
+# gives up (heartbeat_timeout_seconds=100: a 99-line fatal abort after ~90 s). Override with
+# $MIMJAX_PEER_TIMEOUT_S.
+PEER_TIMEOUT_S = 30.0
+PEER_BEAT_S = 2.0
+
+
+class PeerWatch:
+  """Multi-host: exits this process with one line naming the host once another process of
+  the job stops beating (through JAX's coordination key-value store)."""
+
+  def __init__(self, client, process_id: int, num_processes: int, timeout_s: float):
+    import socket
+    import threading
+    self._client, self._me, self._timeout = client, process_id, timeout_s
+    self._hosts = {process_id: socket.gethostname()}
+    client.key_value_set(f'mimjax/host/{process_id}', self._hosts[process_id], True)
+    self._peers = [p for p in range(num_processes) if p != process_id]
+    self._done = threading.Event()
+    threading.Thread(target=self._run, daemon=True, name='mimjax-peer-watch').start()
+
+  def stop(self) -> None:
+    """The run is over: peers leaving from now on are expected."""
+    self._done.set()
+
+  def settle(self) -> None:
+    """After an unexpected error (a collective whose peer vanished fails at once on CPU):
+    waits long enough for the verdict, so a lost peer is reported as such and not as this
+    process's traceback; returns when every peer still beats."""
+    import time
+    time.sleep(self._timeout + 2 * PEER_BEAT_S)
+
+  def _host(self, p: int) -> str:
+    if p not in self._hosts:
+      try:
+        self._hosts[p] = self._client.key_value_try_get(f'mimjax/host/{p}')
+      except Exception:  # pylint: disable=broad-except  (not written yet, or unreachable)
+        return 'an unknown host'
+    return self._hosts[p]
+
+  def _run(self) -> None:
+    import time
+    beat, seen, last = 0, {}, {}
+    start = reachable = time.monotonic()
+    while True:  # beats on after stop(): a peer still finishing must not think us gone
+      time.sleep(PEER_BEAT_S)
+      now = time.monotonic()
+      try:
+        beat += 1
+        self._client.key_value_set(f'mimjax/beat/{self._me}', str(beat), True)
+        for p in self._peers:
+          try:
+            value = self._client.key_value_try_get(f'mimjax/beat/{p}')
+          except Exception:  # pylint: disable=broad-except  (NOT_FOUND: not started yet)
+            value = None
+          if value is not None and value != seen.get(p):
+            seen[p], last[p] = value, now
+            self._host(p)
+        reachable = now
+      except Exception:  # pylint: disable=broad-except  (the coordinator, process 0, is gone)
+        if now - reachable > self._timeout and not self._done.is_set():
+          self._lost(0, now - reachable)
+        continue
+      quiet = [(now - last.get(p, start), p) for p in self._peers]
+      silent, p = max(quiet, default=(0.0, None))
+      if p is not None and silent > self._timeout and not self._done.is_set():
+        self._lost(p, silent)
+
+  def _lost(self, p: int, silent: float) -> None:
+    what = 'the coordinator, process 0,' if p == 0 and p != self._me else f'process {p}'
+    _exit(f'mimjax: error: lost {what} on {self._host(p)}: no sign of life for {silent:.0f} s '
+          f'(killed, crashed or unreachable; limit {self._timeout:g} s, '
+          f'$MIMJAX_PEER_TIMEOUT_S); stopping process {self._me} too: restart the job to resume '
+          'from the last checkpoint', 1)
+
+
+def watch_peers() -> Optional[PeerWatch]:
+  """A PeerWatch when this is one process of several (after maybe_initialize_distributed)."""
+  import jax
+  from jax._src import distributed
+  if jax.process_count() <= 1 or distributed.global_state.client is None:
+    return None
+  timeout = float(os.environ.get('MIMJAX_PEER_TIMEOUT_S', PEER_TIMEOUT_S))
+  return PeerWatch(distributed.global_state.client, jax.process_index(), jax.process_count(),
+                   timeout)
 
 
 def maybe_initialize_distributed() -> None:
@@ -66,11 +157,10 @@ def enable_compilation_cache() -> str | None:
 
 def check_eval_rerun(config, workdir: str, allow_change: bool) -> None:
   """An evaluation workdir re-run on another pretrained model would mix two models' results."""
-  path = os.path.join(workdir, 'config.json')
-  if allow_change or not os.path.exists(path):
+  if allow_change or not os.path.exists(os.path.join(workdir, 'config.json')):
     return
-  with open(path) as f:
-    old = json.load(f).get('pretrained')
+  from mimjax import checkpoint  # orbax: only for a re-run
+  old = checkpoint.read_config_json(workdir).get('pretrained')
   norm = lambda p: os.path.abspath(os.path.expanduser(p)) if p and '://' not in p else p
   if norm(old) != norm(config.get('pretrained')):
     raise ValueError(f'{workdir} holds an evaluation of pretrained={old!r}, not '
@@ -164,20 +254,75 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     print(f'mimjax: error: {_flag_error(e)}', file=sys.stderr)
     sys.exit(2)
+  peers = None
   try:
     maybe_initialize_distributed()
+    peers = watch_peers()
     enable_compilation_cache()
     with config.unlocked():
       durations.apply_cli_overrides(config, sys.argv)
     run(config, _WORKDIR.value, _ALLOW_CHANGE.value)
+    if peers is not None:
+      peers.stop()
   except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirLockedError) as e:
-    logging.flush()
-    print(f'mimjax: error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:  # during start-up; in the training loop Ctrl-C saves and exits
-    print('mimjax: interrupted (nothing to save yet); re-run the same command to start again',
-          file=sys.stderr)
-    sys.exit(130)
+    _exit(f'mimjax: error: {_one_line(e, _WORKDIR.value)}', 2)
+  except KeyboardInterrupt:  # start-up, or a second Ctrl-C (the first one saves and exits)
+    _exit(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', 130)
+  except Exception as e:  # pylint: disable=broad-except  (JAX's runtime errors have no API type)
+    message = out_of_memory_message(e, config)
+    if message is None:
+      if peers is not None:
+        peers.settle()  # exits with one line if a peer is gone
+      raise
+    _exit(f'mimjax: error: {message}', 2)
+
+
+def out_of_memory_message(e: BaseException, config) -> str | None:
+  """One line for an XLA out-of-memory error (what was asked for, and the knobs that lower
+  it), or None if `e` is something else."""
+  text = str(e)
+  if 'Out of memory' not in text and not ('RESOURCE_EXHAUSTED' in text and 'memory' in text):
+    return None
+  size = re.search(r'allocat\w* (\d+) bytes', text)
+  asked = f' allocating {int(size.group(1)) / 2 ** 30:.1f} GiB' if size else ''
+  accum = config.get('grad_accum', 1)
+  return (f'out of memory{asked} (config.batch_size={config.get("batch_size")}, '
+          f'grad_accum={accum}); lower --config.batch_size, split it into micro-batches with '
+          f'--config.grad_accum={2 * accum}, or use --config.model.remat=True or '
+          '--config.model.dtype=bfloat16')
+
+
+def _one_line(e: BaseException, workdir: str) -> str:
+  """An error as one line; an OSError names its file, or the workdir being written
+  (`[Errno 28] No space left on device` alone does not say where)."""
+  if isinstance(e, OSError) and e.strerror and (e.filename or e.errno == errno.ENOSPC):
+    hint = '; free space there or use another --workdir' if e.errno == errno.ENOSPC else ''
+    return f'{e.filename or os.path.abspath(workdir)}: {e.strerror}{hint}'
+  return ' '.join(str(e).split('\n')) or type(e).__name__
+
+
+def _exit(message: str, status: int) -> None:
+  """Prints the one line and exits now: the `with` blocks have already closed the workdir
+  (checkpoint waited for, lock released, logs flushed), and library threads still alive after a
+  failure (data workers, TensorStore callbacks) or atexit hooks of half-written files
+  (tensorboardX on a full disk) would otherwise keep the process up or print tracebacks."""
+  logging.flush()
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def _interrupted_state(workdir: str) -> str:
+  """What an interrupted run left: the checkpoint a re-run resumes from, or nothing."""
+  from mimjax import checkpoint  # orbax: only once interrupted
+  try:
+    steps = checkpoint.saved_steps(workdir) if workdir and workdir.strip() else []
+  except OSError:
+    steps = []
+  if steps:
+    return (f'checkpoint {steps[-1]} in {checkpoint.resolve(workdir)}/checkpoints is intact; '
+            're-run the same command to resume from it')
+  return 'nothing saved yet; re-run the same command to start again'
 
 
 if __name__ == '__main__':

@@ -37,6 +37,16 @@ def _scalar(v) -> float:
   return v if math.isfinite(v) else str(v)  # JSON has no NaN; keep it readable
 
 
+def _record(line: bytes) -> Optional[dict]:
+  """One metrics.jsonl line as a record with an int step, or None if it is not one."""
+  try:
+    record = json.loads(line.decode())
+  except (ValueError, UnicodeDecodeError):
+    return None
+  ok = isinstance(record, dict) and isinstance(record.get('step', 0), int)
+  return record if ok else None
+
+
 class MetricWriter:
   """Writes one JSON object per log step (process 0 only) and mirrors it to TensorBoard."""
 
@@ -48,11 +58,24 @@ class MetricWriter:
       self._tb = _summary_writer_class()(str(epath.Path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
-    """On resume: drop records logged after the restored checkpoint (they will be redone)."""
+    """On resume: drop records logged after the restored checkpoint (they will be redone).
+    The file is a log: lines that are not JSON records (a tail cut short by a crash or a full
+    disk, stray bytes) are dropped too, with one warning line."""
     if not (self.enabled and self.path.exists()):
       return
-    keep = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get('step', 0) <= step]
+    keep, damaged = [], 0
+    for line in self.path.read_bytes().split(b'\n'):
+      if not line.strip():
+        continue
+      record = _record(line)
+      if record is None:
+        damaged += 1
+      elif record.get('step', 0) <= step:
+        keep.append(line.decode())
+    if damaged:
+      print(f'mimjax: warning: {self.path}: dropped {damaged} damaged line(s) (not a JSON '
+            f'record: cut short or stray bytes); kept {len(keep)} record(s)', file=sys.stderr,
+            flush=True)
     workdir_lib.atomic_write(str(self.path), ''.join(line + '\n' for line in keep))
 
   def write(self, step: int, metrics: dict) -> dict:

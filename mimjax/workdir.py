@@ -22,7 +22,12 @@ _HOST = socket.gethostname()
 
 
 def check_output_dir(path: str, flag: str = '--workdir') -> None:
-  """One clear error when an output directory path names something that is not a directory."""
+  """One clear error when an output directory path is empty (it would mean the current
+  directory: a run would write into a repository clone) or names something that is not a
+  directory."""
+  if not os.fspath(path).strip():
+    raise ValueError(f'{flag} is empty; expected a directory path (new or from an earlier run), '
+                     f'e.g. {flag} workdirs/run1')
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{flag} {path}: exists and is not a directory; expected a '
                           'directory (new or from an earlier run)')
@@ -35,6 +40,31 @@ def check_writable(path: str, flag: str = '--workdir') -> None:
     probe = os.path.dirname(probe)
   if not os.access(probe, os.W_OK | os.X_OK):
     raise PermissionError(f'{flag} {path}: {probe} is not writable')
+
+
+def check_output_file(path: str, flag: str = '--out') -> None:
+  """One clear error when an output file path is empty, a directory, under a file, or not
+  writable (instead of IsADirectoryError / FileExistsError tracebacks after the work)."""
+  if not os.fspath(path).strip():
+    raise ValueError(f'{flag} is empty; expected a file name')
+  if os.path.isdir(path):
+    raise ValueError(f'{flag} {path}: is a directory; expected a file name (e.g. '
+                     f'{os.path.join(path, "model.safetensors")})')
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'{flag} {path}: {parent} is a file, not a directory; choose another path')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f'{flag} {path}: {parent} is not writable')
+
+
+def file_mode() -> int:
+  """The mode `open()` gives a new file (0o666 less the umask): for files written via a
+  mkstemp temp file, which is 0600."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def temp_name(path: str) -> str:
@@ -161,6 +191,7 @@ RESUMABLE_KEYS = (
     'log_every', 'checkpoint_every', 'keep_checkpoints', 'async_checkpoint',
     'eval_every', 'evals', 'evals.*',
     'data.data_dir', 'data.worker_count', 'data.prefetch', 'data.read_threads',
+    'data.max_maskless_fraction',
     'mesh.*', 'fsdp_min_size', 'grad_accum', 'model.attention', 'model.remat',
 )
 DURATION_KEYS = ('total_steps', 'total_epochs', 'total_examples')

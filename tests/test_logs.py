@@ -51,3 +51,26 @@ def test_quiet_library_logs_drops_known_noise_only():
     absl_logger.removeHandler(handler)
     logging.set_verbosity(old_verbosity)
   assert seen == ['a real problem']
+
+
+def test_orbax_errors_it_also_raises_are_dropped_other_errors_kept():
+  """Issue 28.5: each failed background write of a checkpoint was logged with its traceback
+  (300+ lines on a full disk) before the same error reached mimjax's one-line report."""
+  logs.quiet_library_logs(tfds_progress=True)
+  seen = []
+
+  class Keep(py_logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  handler = Keep()
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addHandler(handler)
+  try:
+    for path, message in [('/v/orbax/checkpoint/_src/futures/future.py', 'write failed'),
+                          ('/v/jax/_src/compiler.py', 'a real error')]:
+      absl_logger.handle(absl_logger.makeRecord('absl', py_logging.ERROR, path, 1, message,
+                                                None, None))
+  finally:
+    absl_logger.removeHandler(handler)
+  assert seen == ['a real error']

@@ -27,6 +27,7 @@ def _main(*args, cwd=REPO):
      '--config.total_step: no such config key; did you mean total_steps?'),
     (['--config.model.widht=8'], '--config.model.widht: no such config key; did you mean width?'),
     (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal for int()"),
+    (['--config.optim.lr=nan'], 'config.optim.lr=nan: expected a finite number'),  # issue 28.4
 ])
 def test_bad_override_is_one_line(tmp_path, args, message):
   out = _main('--config', 'configs/mae.py:tiny', '--workdir', str(tmp_path / 'w'), *args)
@@ -64,6 +65,38 @@ def test_workdir_that_is_a_file(tmp_path):
                                 'a directory; expected a directory (new or from an earlier run)')
 
 
+def test_empty_workdir_is_refused(tmp_path):
+  """Issue 28.3: `--workdir ""` trained into the current directory (a repository clone)."""
+  out = _main('--config', os.path.join(REPO, 'configs/mae.py') + ':tiny', '--workdir', '',
+              cwd=str(tmp_path))
+  assert out.returncode == 2
+  assert out.stderr.strip() == ('mimjax: error: --workdir is empty; expected a directory path '
+                                '(new or from an earlier run), e.g. --workdir workdirs/run1')
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('key,value,expected', [
+    ('optim.lr', float('nan'), 'expected a finite number'),
+    ('optim.weight_decay', float('inf'), 'expected a finite number'),
+    ('optim.lr', 0.0, 'expected a value in (0, inf)'),
+    ('optim.b2', 1.0, 'expected a value in [0, 1)'),
+    ('optim.weight_decay', -0.1, 'expected a value in [0, inf)'),
+    ('model.drop_path', 1.0, 'expected a value in [0, 1)'),
+    ('warmup_steps', -1, 'expected a value in [0, inf)'),
+])
+def test_every_number_is_checked_for_finiteness_and_range(key, value, expected):
+  """Issue 28.4: `optim.lr=nan` passed validation and ran NaN steps."""
+  from configs import mae as mae_config
+  from mimjax import validate
+  config = mae_config.get_config('tiny')
+  validate.check_numbers(config)  # the shipped values pass
+  with config.ignore_type():
+    config.update_from_flattened_dict({key: value})
+  with pytest.raises(ValueError) as e:
+    validate.check_numbers(config)
+  assert str(e.value) == f'config.{key}={value}: {expected}'
+
+
 def test_evaluation_rerun_with_another_pretrained_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'pretrained': str(tmp_path / 'a')}))
   same = ml_collections.ConfigDict({'pretrained': str(tmp_path / 'a')})
@@ -93,3 +126,26 @@ def test_compilation_cache_dir(monkeypatch, cache_setting, env, expected):
     monkeypatch.setenv(k, v)
   assert main.enable_compilation_cache() == expected
   assert jax.config.jax_compilation_cache_dir == expected
+
+
+def test_os_errors_name_the_file_or_the_workdir():
+  """Issue 28.5: a full disk at start-up said `[Errno 28] No space left on device`, no path."""
+  import errno
+  assert main._one_line(OSError(errno.ENOSPC, 'No space left on device'), 'w') == (
+      f'{os.path.abspath("w")}: No space left on device; free space there or use another '
+      '--workdir')
+  assert main._one_line(PermissionError(errno.EACCES, 'Permission denied', '/w/x'), 'w') == (
+      '/w/x: Permission denied')
+  assert main._one_line(ValueError('a\nb'), 'w') == 'a b'
+
+
+def test_out_of_memory_is_one_line_with_the_knobs():
+  """Issue 28.5: an out-of-memory batch was a 40-line traceback (and the process lingered)."""
+  config = ml_collections.ConfigDict({'batch_size': 32768, 'grad_accum': 1})
+  error = RuntimeError('INTERNAL: Error dispatching computation: Out of memory allocating '
+                       '31789031616 bytes.')
+  assert main.out_of_memory_message(error, config) == (
+      'out of memory allocating 29.6 GiB (config.batch_size=32768, grad_accum=1); lower '
+      '--config.batch_size, split it into micro-batches with --config.grad_accum=2, or use '
+      '--config.model.remat=True or --config.model.dtype=bfloat16')
+  assert main.out_of_memory_message(RuntimeError('INTERNAL: something else'), config) is None

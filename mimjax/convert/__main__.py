@@ -63,12 +63,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> int:
   """Workdir → timm state dict (.safetensors/.pth) or official MAE {'model': sd} (.pth)."""
+  from mimjax import workdir
   from mimjax.objectives import pretrained
+  workdir.check_output_file(args.out)  # before the work, not a traceback after it
   pre = pretrained.load_pretrained(args.workdir, args.checkpoint_key or 'teacher', args.step)
   config, encoder = pre.config, pre.encoder
   classifier = pre.objective.predict is not None
   for note in to_torch.dropped_params(encoder, config.model):
     print(f'note: {note}')
+  if os.path.exists(args.out):
+    print(f'note: replacing the existing {args.out}')
   heads = {'num_heads': vit_lib.model_dims(config.model)['num_heads']}
   name, kwargs = to_torch.timm_model_name_and_kwargs(config.model)
   if args.format == 'timm':
@@ -152,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logs.quiet_library_logs()
   try:
     return export(args) if args.format else import_(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, OSError, KeyError) as e:
     print(f'mimjax.convert: error: {e}', file=sys.stderr)
     return 2
 

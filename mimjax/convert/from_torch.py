@@ -46,8 +46,14 @@ def _torch_load(path: str) -> Any:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle errors come in many types; name the file once
+    # torch's message is a page of advice (including to retry with weights_only=False, which
+    # would run the file's code); keep the line that says what was refused.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    facts = [l for l in lines if 'weights_only' not in l and not l.startswith(
+        ('Weights only load failed', 'Check the documentation', 'Please file an issue'))]
+    why = (facts or lines)[0].removeprefix('WeightsUnpickler error:').strip()
     raise ValueError(f'{path}: cannot read as a torch checkpoint (weights_only=True, '
-                     f'argparse.Namespace allowed): {e}') from e
+                     f'argparse.Namespace allowed): {why}') from None
 
 
 def read_checkpoint(path: str, checkpoint_key: Optional[str] = None) -> TorchCheckpoint:

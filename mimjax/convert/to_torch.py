@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 import numpy as np
 
+from mimjax import workdir
 from mimjax.convert import keymap
 from mimjax.models import vit as vit_lib
 
@@ -122,6 +123,7 @@ def _atomic_write(path: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, workdir.file_mode())  # mkstemp made it 0600: other users could not read it
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

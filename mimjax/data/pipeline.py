@@ -46,6 +46,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # it to the model's patch size (configs/common.py: ship_segment_ids).
       'segment_patch_size': 0,
       'segment_num_ids': 256,      # ids ≥ this do not vote (model.segment_bias.num_ids)
+      # A training loader that ships patch ids (MRE, KD) refuses a SAM output whose
+      # sam_stats.json says more of its images than this got no mask (1 = never refuse).
+      'max_maskless_fraction': 0.9,
       'crop_scale': (0.2, 1.0),    # RandomResizedCrop area range ('mae')
       'crop_ratio': (3 / 4, 4 / 3),
       'crop_padding': 4,           # reflect padding of the simple random crop ('simple', 'lut')
@@ -103,6 +106,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   _pair(cfg, 'crop_ratio', 0.0)
   if not 0 < cfg.eval_crop_pct <= 1:
     raise ValueError(f'data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct!r}')
+  if not 0 <= cfg.max_maskless_fraction <= 1:
+    raise ValueError('data.max_maskless_fraction must be in [0, 1], got '
+                     f'{cfg.max_maskless_fraction!r}')
   if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
     raise ValueError(f'data.data_dir must be a str or None, got {cfg.data_dir!r}')
 
@@ -163,6 +169,31 @@ def open_source(cfg, split: str) -> tuple[Any, bool]:
   split = _resolve_split(builder.info.splits.keys(), split, path)
   has_segments = 'segments' in builder.info.features
   return builder.as_data_source(split=split), has_segments
+
+
+def check_mask_coverage(cfg, split: str) -> None:
+  """One error line when the run needs segment maps (it ships patch ids: MRE, KD) and the
+  data set's sam_stats.json (written by `python -m mimjax.sam`) says more than
+  `data.max_maskless_fraction` of `split` got no mask: training would silently be plain MAE."""
+  if cfg.name == 'synthetic' or not (cfg.use_segments and cfg.segment_patch_size > 0):
+    return
+  path = os.path.join(_dataset_dir(cfg), 'sam_stats.json')
+  if not os.path.exists(path):
+    return
+  import json
+  try:
+    summary = json.loads(open(path, 'rb').read())['summary']
+    stats = summary.get(split) or next(iter(summary.values()))
+    images, none = int(stats['images']), int(stats['no_mask_images'])
+  except (ValueError, KeyError, TypeError, StopIteration, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is damaged ({type(e).__name__}); re-run the SAM stage that wrote '
+                     'it (python -m mimjax.sam, docs/sam.md)') from None
+  if images and none / images > cfg.max_maskless_fraction:
+    raise ValueError(
+        f'{path}: {none} of {images} {split} images ({none / images:.0%}) got no SAM mask, so '
+        'this run would train on empty segment maps (plain MAE); re-make the masks with the '
+        'right checkpoint or looser thresholds (docs/sam.md), or pass '
+        '--config.data.max_maskless_fraction=1 to train anyway')
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
@@ -248,12 +279,30 @@ def blank_example(data_config: ml_collections.ConfigDict, *, segments: bool,
   return batch
 
 
+class DataReadError(ValueError):
+  """A record of the data set could not be read (a damaged file); one line naming it."""
+
+
+def _split_files(cfg, split: str) -> str:
+  """The record file(s) of a split, for error messages."""
+  if cfg.name == 'synthetic':
+    return ''
+  import glob
+  path = _dataset_dir(cfg)
+  files = sorted(glob.glob(os.path.join(path, f'*-{split}.*')))
+  if len(files) == 1:
+    return files[0]
+  return f'{path} (split {split!r}, {len(files)} files)'
+
+
 class _BatchMaker:
   """Host batch index → batch dict. Picklable so grain worker processes can run it."""
 
   def __init__(self, cfg, source, has_segments: bool, *, global_batch_size: int,
-               process_index: int, process_count: int, seed: int, train: bool):
+               process_index: int, process_count: int, seed: int, train: bool,
+               files: str = ''):
     self.cfg = ml_collections.ConfigDict(cfg.to_dict())  # a plain copy travels to workers
+    self.files = files  # what a read error names
     self.source = source
     self.segments = has_segments and cfg.use_segments
     self.global_batch = global_batch_size
@@ -290,7 +339,14 @@ class _BatchMaker:
   def _read(self, records: np.ndarray) -> list:
     keys = [int(r) for r in records]
     getitems = getattr(self.source, '__getitems__', None)
-    return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+    try:
+      return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+    except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli errors vary)
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataReadError(f'{self.files or "the data set"}: cannot read records {keys[:3]}'
+                          f'{"..." if len(keys) > 3 else ""} ({why}); the file is damaged: '
+                          'rebuild the data set (python -m mimjax.data.build, or the SAM '
+                          'stage that wrote it) or restore it from a copy') from None
 
   def __call__(self, step: int) -> dict:
     records, positions, mask = self.plan(int(step))
@@ -402,6 +458,8 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
                      f'the process count {pc}')
   source, has_segments = open_source(data_config, split)
+  if train and has_segments:
+    check_mask_coverage(data_config, split)
   if train and len(source) < global_batch_size:
     # Name what was read: data_dir may point at another set than data.name (a SAM output).
     path = '' if data_config.name == 'synthetic' else _dataset_dir(data_config)
@@ -409,7 +467,8 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     raise ValueError(f'data set {read} split {split!r} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower --config.batch_size')
   maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
-                      process_index=pi, process_count=pc, seed=seed, train=train)
+                      process_index=pi, process_count=pc, seed=seed, train=train,
+                      files=_split_files(data_config, split))
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
           'global_batch_size': int(global_batch_size), 'process_count': pc}
   # No process_index: the batch plan is global (step → every host's slice), so one saved

@@ -23,6 +23,7 @@ from PIL import Image
 import tqdm
 
 from mimjax import workdir as workdir_lib
+from mimjax.data import pipeline
 from mimjax.data.builders import folder, tfds_io
 from mimjax.data.builders.tfds_io import BuildError
 from mimjax.sam import generator, inputs, sources
@@ -312,3 +313,12 @@ def _report(path: str, name: str, workdir: str, summary: dict) -> None:
           file=sys.stderr)
   print(f'mimjax.sam: wrote {path}\n  train on it with: --config.data.name={name} '
         f'--config.data.data_dir={workdir}', file=sys.stderr)
+  images = sum(s['images'] for s in summary.values())
+  none = sum(s['no_mask_images'] for s in summary.values())
+  if 2 * none > images:
+    print(f'mimjax.sam: WARNING: {none} of {images} images ({none / images:.0%}) got no mask: '
+          'MRE/KD training on them is plain MAE (it refuses a set above '
+          f'{pipeline.default_data_config().max_maskless_fraction:.0%}). Usual cause: a wrong '
+          '--config.checkpoint or --config.model_type, or thresholds too strict '
+          '(--config.amg.pred_iou_thresh, --config.amg.stability_score_thresh); see docs/sam.md',
+          file=sys.stderr)

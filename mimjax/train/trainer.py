@@ -1,6 +1,7 @@
 """The training loop shared by every objective: init/restore, jit step, log, checkpoint."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -83,12 +84,13 @@ def make_train_step(objective: objectives.Objective, tx: optax.GradientTransform
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {'params': new_params, 'opt_state': opt_state, 'state': state}
     old = {k: ts[k] for k in new}
-    # A non-finite step leaves the state untouched, so what we checkpoint is always good.
+    # A non-finite step leaves the state untouched (optax's count included, so the lr/wd
+    # schedules never lag `step`); the loop then stops without saving (`_check_step`).
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     out = {**kept, 'step': step + 1, 'rng': ts['rng'],
            'nonfinite': ts['nonfinite'] + (~finite).astype(jnp.int32)}
     metrics = {**metrics, 'loss': loss, 'lr': lr_schedule(step), 'grad_norm': grad_norm,
-               'param_norm': optax.tree.norm(new_params)}
+               'param_norm': optax.tree.norm(kept['params'])}
     return out, metrics
 
   return train_step
@@ -244,11 +246,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(bar.close)
     record, step, uniform_logs, final_results = {}, start, 0, {}
     last_good = start if ckpt.latest_step() is not None else None
-    t0, images_seen = time.perf_counter(), 0
+    check = functools.partial(_check_step, writer=writer, workdir=workdir, start=start,
+                              restored=None if restored is None else ckpt.restored_verified)
+    t0, images_seen, previous = time.perf_counter(), 0, None
     while step < total_steps:
       batch = sharding.put_batch(next(loader), mesh)
       ts, metrics = step_fn(ts, batch)
       step += 1
+      if previous is not None:  # one step late, so the device always has a step queued
+        check(*previous, last_good=last_good, logged=record)
+      previous = (step, metrics)
       images_seen += config.batch_size
       bar.update(1)
       is_last = step == total_steps
@@ -263,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t0, images_seen = time.perf_counter(), 0
       # Save before evaluating: an evaluator that fails must not cost this step's checkpoint.
       if step % config.checkpoint_every == 0 or is_last or stop:
-        _check_finite(ts, step, last_good, workdir)
+        check(step, metrics, last_good=last_good, logged=record)
+        previous = None
         ckpt.save(step, ts, loader.get_state(), config, force=True)
         last_good = step
       due = [e for e in evaluators if is_last or step % e.every_steps == 0]
@@ -294,11 +302,9 @@ def _resume_config_check(config: ml_collections.ConfigDict, workdir: str,
                          allow_config_change: bool, num_train: int) -> tuple[dict, Any]:
   """(changes from W/config.json to `config`, the old total steps); refuses changes that
   would mix two runs in one workdir."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  old = ckpt_lib.read_config_json(workdir)  # a damaged one comes back from a checkpoint
+  if old is None:
     return {}, None
-  with open(path) as f:
-    old = json.load(f)
   changes = workdir_lib.config_changes(old, json.loads(ckpt_lib.config_to_json(config)))
   refused = workdir_lib.refused_changes(changes)
   if refused and not allow_config_change:
@@ -327,15 +333,33 @@ def _method_name(config: ml_collections.ConfigDict) -> str:
   return config.objective
 
 
-def _check_finite(ts: dict, step: int, last_good: Optional[int], workdir: str) -> None:
-  """Stops with a clear message (before saving) once any step had a NaN/Inf loss or grad."""
-  bad = int(jax.device_get(ts['nonfinite']))
-  if bad:
-    where = (f'the last good checkpoint (step {last_good}) in {workdir}/checkpoints is intact'
-             if last_good is not None else 'no checkpoint was written')
+def _check_step(step: int, metrics: dict, *, writer: metrics_lib.MetricWriter, workdir: str,
+                start: int, restored: Optional[bool], last_good: Optional[int],
+                logged: dict) -> None:
+  """Stops at the first step whose loss or gradient is NaN/Inf, as the MAE and DINO reference
+  code does (`sys.exit(1)`): its update was not applied and nothing after it is saved, so the
+  optimizer count, lr/wd schedules, EMA momentum and teacher temperature all stay on `step`.
+  The step's metrics are logged first. `restored`: None for a fresh run, else whether the
+  checkpoint resumed from matched its digests (the first step after it failing blames it)."""
+  loss, grad_norm = (float(x) for x in jax.device_get((metrics['loss'], metrics['grad_norm'])))
+  if np.isfinite(loss) and np.isfinite(grad_norm):
+    return
+  if logged.get('step') != step:
+    writer.write(step, metrics)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if restored is not None and step == start + 1:
+    how = ('its files match the digests written when it was saved, so suspect a config change '
+           'or the data' if restored else 'it has no digests to check it against')
     raise NonFiniteLossError(
-        f'{bad} step(s) before step {step} had a NaN/Inf loss or gradient (those updates were '
-        f'skipped); stopping: {where}. Lower the learning rate, use float32, or check the data.')
+        f'the first step after resuming from {checkpoints}/{start} had a NaN/Inf loss or '
+        f'gradient: that checkpoint is suspect ({how}); to resume from the one before it, '
+        f'move it aside: mv {checkpoints}/{start} {workdir}/checkpoints.corrupt/{start}')
+  where = (f'the last good checkpoint (step {last_good}) in {checkpoints} is intact'
+           if last_good is not None else 'no checkpoint was written')
+  raise NonFiniteLossError(
+      f'step {step} had a NaN/Inf loss or gradient (loss {loss}, grad_norm {grad_norm}; the '
+      f'update was not applied); stopping: {where}. Lower the learning rate, use float32, or '
+      'check the data.')
 
 
 def _has_checkpoints(workdir: str) -> bool:

@@ -491,3 +491,44 @@ def test_probe_bn_folding_by_hand():
     config.probe = {'pool': 'cls', 'layer': -1, **probe}
     with pytest.raises(ValueError, match='has no timm counterpart'):
       to_torch.classifier_to_timm(config, params, state)
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ('touch pwned',))
+
+
+def test_export_out_errors_file_mode_replacement_and_malicious_pickle(tmp_path, capsys,
+                                                                      monkeypatch):
+  """Issue 28.5/28.7: --out a directory or under a file was a 16-17 line traceback after the
+  work; exported files were mode 0600; an existing --out was replaced without a word; a
+  malicious .pth was our line plus torch's page of advice (to retry with weights_only=False)."""
+  from mimjax import checkpoint
+  cfg = _mae_config()
+  src = str(tmp_path / 'src')
+  checkpoint.save_params(src, cfg, _mae_params(cfg))
+  (tmp_path / 'file').write_text('x')
+  for out, message in [(str(tmp_path), f'--out {tmp_path}: is a directory; expected a file name'),
+                       (str(tmp_path / 'file' / 'm.safetensors'),
+                        f'--out {tmp_path}/file/m.safetensors: {tmp_path}/file is a file, not a '
+                        'directory')]:
+    assert cli.main(['--workdir', src, '--format', 'timm', '--out', out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'mimjax.convert: error: {message}') and err.count('\n') == 1, err
+  out = str(tmp_path / 'm.safetensors')
+  assert cli.main(['--workdir', src, '--format', 'timm', '--out', out]) == 0
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
+  assert 'replacing' not in capsys.readouterr().out
+  assert cli.main(['--workdir', src, '--format', 'timm', '--out', out]) == 0
+  assert f'note: replacing the existing {out}' in capsys.readouterr().out
+  evil = str(tmp_path / 'evil.pth')
+  torch.save({'model': _RunsCode()}, evil)
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['--from', 'timm', '--in', evil, '--workdir', str(tmp_path / 'dst')]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'weights_only set to False' not in err, err
+  assert err.startswith(f'mimjax.convert: error: {evil}: cannot read as a torch checkpoint '
+                        '(weights_only=True, argparse.Namespace allowed): Trying to load unsupported GLOBAL ')
+  assert not os.path.exists(tmp_path / 'pwned')

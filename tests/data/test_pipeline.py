@@ -1,6 +1,7 @@
 """grain loader: shapes, determinism, resume, single-pass eval with mask."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -264,3 +265,22 @@ import time; time.sleep(600)
     alive = [p for p in alive if os.path.exists(f'/proc/{p}') and
              open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z']
   assert not alive, f'workers {alive} outlived their parent'
+
+
+def test_damaged_record_file_is_one_line_naming_it(tmp_path):
+  """Issue 28.5: a corrupt array_record file was a 53-line grain traceback naming no file."""
+  import glob
+  _segments_dataset(str(tmp_path))
+  [path] = glob.glob(str(tmp_path / 'image_folder' / '*' / '*-train.array_record*'))
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:  # same size, bytes changed from the first chunk on
+    f.seek(64)
+    f.write(np.random.RandomState(0).bytes(size - 128))
+  loader = pipeline.make_loader(_cfg(str(tmp_path), name='image_folder', augment='mae'),
+                                global_batch_size=3, seed=0)
+  with pytest.raises(pipeline.DataReadError) as e:
+    next(loader)
+  message = str(e.value)
+  assert message.startswith(f'{path}: cannot read records [') and '\n' not in message, message
+  assert message.endswith('the file is damaged: rebuild the data set (python -m mimjax.data.build, '
+                          'or the SAM stage that wrote it) or restore it from a copy')

@@ -126,6 +126,23 @@ def test_no_mask_and_corrupt_images(folder, tmp_path, monkeypatch, capsys):
   err = capsys.readouterr().err
   assert '2 images, 2 without any mask (all-zero map), 1 corrupt skipped' in err
   assert 'z.png' in open(os.path.join(path, 'skipped_files.txt')).read()
+  # Issue 28.9: said loudly, and MRE/KD training (a loader shipping patch ids) refuses the set
+  # in one line naming sam_stats.json and the override; plain MAE reads it as before.
+  assert ('mimjax.sam: WARNING: 2 of 2 images (100%) got no mask: MRE/KD training on them is '
+          'plain MAE (it refuses a set above 90%).') in err
+  data = pipeline.default_data_config()
+  data.update(name='image_folder', data_dir=str(out / 'b'), image_size=32, augment='mae')
+  assert next(pipeline.make_loader(data, global_batch_size=2, seed=0))['segments'].max() == 0
+  data.segment_patch_size = 8
+  with pytest.raises(ValueError) as e:
+    pipeline.make_loader(data, global_batch_size=2, seed=0)
+  assert str(e.value) == (
+      f'{path}/sam_stats.json: 2 of 2 train images (100%) got no SAM mask, so this run would '
+      'train on empty segment maps (plain MAE); re-make the masks with the right checkpoint or '
+      'looser thresholds (docs/sam.md), or pass --config.data.max_maskless_fraction=1 to train '
+      'anyway')
+  data.max_maskless_fraction = 1.0
+  assert next(pipeline.make_loader(data, global_batch_size=2, seed=0))['segment_ids'].max() == 0
 
 
 def test_failed_start_then_suggested_fix_in_the_same_workdir(folder, tmp_path):

@@ -105,6 +105,76 @@ def test_resume_in_process_and_on_other_device_count(reference_run, tmp_path):
                               b2=optim.b2)
 
 
+@pytest.mark.parametrize('damage', ['cut short', 'stray bytes'])
+def test_damaged_metrics_and_config_never_wedge_the_workdir(reference_run, tmp_path, capsys,
+                                                            damage):
+  """Issue 28.2: a metrics.jsonl tail cut short or followed by stray bytes, and a truncated or
+  empty config.json, stopped every re-run with a bare JSON error. Now the log's broken tail is
+  dropped and config.json comes back from the checkpoint, each said in one line, and the
+  resumed run (checkpoint 6 removed: it redoes steps 4-6) matches the reference."""
+  import shutil
+  work = tmp_path / 'w'
+  shutil.copytree(reference_run[1], work)
+  shutil.rmtree(work / 'checkpoints' / '6')
+  metrics, config = work / 'metrics.jsonl', work / 'config.json'
+  text = metrics.read_bytes()
+  if damage == 'cut short':
+    metrics.write_bytes(text[:-40])           # the last record loses its end
+    config.write_bytes(config.read_bytes()[:700])
+  else:
+    stray = np.random.RandomState(0).bytes(300).replace(b'\n', b'x')  # not UTF-8, one line
+    metrics.write_bytes(text + stray)
+    config.write_bytes(b'')
+  capsys.readouterr()
+  trainer.train_and_evaluate(tiny_config(), str(work))
+  err = [l for l in capsys.readouterr().err.splitlines() if 'warning' in l]
+  assert len(err) == 2, err
+  assert err[0].startswith(f'mimjax: warning: {config} is damaged (') and err[0].endswith(
+      f'restored it from the config saved in {work}/checkpoints/3')
+  assert err[1] == (f'mimjax: warning: {metrics}: dropped 1 damaged line(s) (not a JSON record: '
+                    f'cut short or stray bytes); kept 3 record(s)')
+  assert json.loads(config.read_text()) == json.loads((reference_run[1] / 'config.json').read_text())
+  assert [r['loss'] for r in read_metrics(work)] == [r['loss'] for r in read_metrics(reference_run[1])]
+
+
+def test_random_in_place_damage_to_a_checkpoint_then_rerun_finishes_identically(
+    reference_run, tmp_path, capsys):
+  """Issue 28.1: random bytes written over part of a random array file of the latest checkpoint
+  (its size unchanged); the re-run sets it aside, resumes from the one before, finishes, and
+  matches the uninterrupted run bit for bit."""
+  import shutil
+  from tests.train.test_workdir import _overwrite_in_place
+  work = tmp_path / 'w'
+  shutil.copytree(reference_run[1], work)
+  latest = work / 'checkpoints' / '6'
+  rng = np.random.RandomState(28)
+  arrays = [f for f in checkpoint._checkpoint_files(str(latest)) if '/d/' in f]  # array data
+  victim = arrays[rng.randint(len(arrays))]
+  _overwrite_in_place(str(latest / victim), rng, size=5000)
+  capsys.readouterr()
+  trainer.train_and_evaluate(tiny_config(), str(work))
+  err = capsys.readouterr().err
+  assert f'checkpoint {latest} is damaged' in err and 'resuming from step 3' in err, err
+  assert os.listdir(work / 'checkpoints.corrupt') == ['6']
+  ref = reference_run[1]
+  assert read_metrics(work) == [dict(r, img_per_s=w['img_per_s']) for r, w in
+                                zip(read_metrics(ref), read_metrics(work))]
+  for x, y in zip(jax.tree.leaves(checkpoint.restore_params(str(ref))),
+                  jax.tree.leaves(checkpoint.restore_params(str(work)))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_damaged_config_without_a_checkpoint_copy_is_one_line(tmp_path):
+  (tmp_path / 'config.json').write_text('{"model": {"variant": "B/16", ')
+  with pytest.raises(ValueError) as e:
+    checkpoint.read_config_json(str(tmp_path))
+  assert str(e.value) == (
+      f'{tmp_path}/config.json is damaged (Expecting property name enclosed in double quotes: '
+      'line 1 column 31 (char 30)) and no checkpoint holds a readable copy; put back a good copy, '
+      "or delete it (a training re-run then writes the command's config without comparing it "
+      "to the old run's)")
+
+
 def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
   """Issue 14.9 (found on DINO): the step is saved before its evaluators run. The reference
   run's config, so its compiled step is reused from the persistent cache."""
@@ -119,19 +189,45 @@ def test_failing_evaluator_does_not_cost_the_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['3']
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = tiny_config(total_steps=6, checkpoint_every=2, log_every=1)
+def _nan_at(config, steps):
+  """The tiny MAE objective with a NaN loss on the updates from `steps` (0-based step arg)."""
   base = mae.make(config)
 
   def loss(params, state, batch, rng, step):
     value, aux = base.loss(params, state, batch, rng, step)
-    return jax.numpy.where(step >= 3, jax.numpy.nan, value), aux
+    return jax.numpy.where(jax.numpy.isin(step, jax.numpy.asarray(steps)), jax.numpy.nan,
+                           value), aux
+  return Objective(init=base.init, loss=loss)
 
-  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint \\(step 2\\)'):
-    trainer.train_and_evaluate(config, str(tmp_path), Objective(init=base.init, loss=loss))
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
-  params = checkpoint.restore_params(str(tmp_path))
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+def test_nonfinite_step_stops_at_once_and_schedules_never_lag(tmp_path):
+  """Issue 28.8: a skipped step used to roll back optax's count while training went on to the
+  next checkpoint, so the lr applied lagged the lr logged. Now the run stops at the first
+  non-finite step (as the MAE/DINO reference code does), logs it, and saves nothing after it;
+  every checkpoint's optimizer count equals its step. Issue 28.7: param_norm of the skipped
+  step is the kept params' norm, not NaN. Issue 28.1: a NaN on the first step after a resume
+  blames the checkpoint it resumed from, not 'intact'."""
+  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=1)
+  objective = _nan_at(config, [4])  # the update that makes step 5
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'^step 5 had a NaN/Inf loss or gradient \(loss nan, grad_norm 0.0; the '
+                           r'update was not applied\); stopping: the last good checkpoint \(step '
+                           r'4\) in .* is intact'):
+    trainer.train_and_evaluate(config, str(tmp_path), objective)
+  rows = read_metrics(tmp_path)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]  # stopped at once, the NaN step logged
+  assert rows[-1]['loss'] == 'nan' and isinstance(rows[-1]['param_norm'], float)
+  assert rows[-1]['param_norm'] == pytest.approx(rows[-2]['param_norm'], rel=1e-6)  # kept
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  saved = checkpoint.restore_train_state(str(tmp_path))
+  counts = [int(x) for x in jax.tree.leaves(saved['opt_state']) if np.ndim(x) == 0]
+  assert counts and all(c == int(saved['step']) == 4 for c in counts)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'the first step after resuming from .*/checkpoints/4 had a NaN/Inf '
+                           r'.* that checkpoint is suspect \(its files match the digests .*\); '
+                           r'to resume from the one before it, move it aside: mv '):
+    trainer.train_and_evaluate(config, str(tmp_path), objective)
 
 
 def _main_cmd(workdir, *extra):
@@ -287,6 +383,18 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path, uninterrupted):
   subprocess.run(_main_cmd(tmp_path, *FAULT_STEPS), cwd=REPO, env=_env(), check=True,
                  capture_output=True)
   _assert_same_run(uninterrupted, tmp_path, 12)
+
+
+def test_interrupted_message_names_the_intact_checkpoint(tmp_path):
+  """Issue 28.7: a second Ctrl-C said 'nothing to save yet' although checkpoint 10 existed."""
+  from mimjax import main
+  assert main._interrupted_state(str(tmp_path)) == (
+      'nothing saved yet; re-run the same command to start again')
+  for step in ('4', '10'):
+    (tmp_path / 'checkpoints' / step).mkdir(parents=True)
+  assert main._interrupted_state(str(tmp_path)) == (
+      f'checkpoint 10 in {tmp_path}/checkpoints is intact; re-run the same command to resume '
+      'from it')
 
 
 def test_random_sigkills_then_finish_match_uninterrupted_run(tmp_path, uninterrupted):

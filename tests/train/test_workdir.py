@@ -158,7 +158,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_newest_intact(tmp_path, capsys,
   err = capsys.readouterr().err
   lines = [line for line in err.splitlines() if line.strip()]
   assert len(lines) == 1, err  # one warning, no asyncio/absl spew
-  assert f'checkpoint {step4} is unreadable' in lines[0] and 'resuming from step 2' in lines[0]
+  assert f'checkpoint {step4} is damaged' in lines[0] and 'resuming from step 2' in lines[0]
   # Kept for inspection, out of the way of the step-4 checkpoint the resumed run will write.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   assert os.listdir(tmp_path / 'checkpoints.corrupt') == ['4']
@@ -183,3 +183,95 @@ def test_shape_mismatch_is_one_line_naming_the_param(tmp_path):
   with pytest.raises(ValueError, match=r'params/w: checkpoint \(256, 64\) vs model \(4, 5\)') as e:
     ckpt.restore_latest(_abstract((4, 5)))
   assert '\n' not in str(e.value)
+
+
+# --- content digests: damage that leaves every file readable ---
+
+def _overwrite_in_place(path, rng, size=None):
+  """Random bytes over part of a file, its size unchanged (what a bad disk or stray write does)."""
+  length = os.path.getsize(path)
+  size = min(size or length, length)
+  offset = int(rng.randint(0, length - size + 1))
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    f.write(rng.bytes(size))
+  assert os.path.getsize(path) == length
+
+
+def test_in_place_damage_is_caught_by_digests_and_falls_back(tmp_path, capsys):
+  """Issue 28.1: same-size damage inside an uncompressed array file used to restore wrong values
+  silently; the digests written after the commit catch it."""
+  _two_checkpoints(tmp_path)
+  step4 = tmp_path / 'checkpoints' / '4'
+  files = json.loads((step4 / checkpoint.DIGESTS).read_text())['files']
+  assert set(files) == set(checkpoint._checkpoint_files(str(step4)))  # every file, and only them
+  damaged = _largest_array_file(step4)
+  _overwrite_in_place(damaged, np.random.RandomState(0), size=5000)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  step, state, data = ckpt.restore_latest(_abstract())
+  ckpt.close()
+  assert step == 2 and data == {'pos': 2} and ckpt.restored_verified
+  np.testing.assert_array_equal(state['params']['w'], _state(2)['params']['w'])
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  rel = os.path.relpath(damaged, step4)
+  assert lines == [f'mimjax: warning: checkpoint {step4} is damaged (CorruptCheckpointError: '
+                   f'{rel} does not match its sha256 in digests.json (changed after it was '
+                   f'written)); moved it to {tmp_path}/checkpoints.corrupt/4 and resuming from '
+                   'step 2']
+
+
+def test_unverified_and_damaged_checkpoints_for_readers(tmp_path):
+  """No digests (an older checkpoint): restored, marked unverified. Export/evaluation readers
+  (restore_train_state) refuse a damaged step in one line naming it."""
+  _two_checkpoints(tmp_path)
+  os.remove(tmp_path / 'checkpoints' / '4' / checkpoint.DIGESTS)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  assert ckpt.restore_latest(_abstract())[0] == 4 and ckpt.restored_verified is False
+  ckpt.close()
+  (tmp_path / 'checkpoints' / '2' / 'data' / 'metadata').write_text('{"pos": 3}')
+  with pytest.raises(checkpoint.CorruptCheckpointError,
+                     match=r'checkpoints/2: data/metadata does not match its sha256') as e:
+    checkpoint.restore_train_state(str(tmp_path), step=2)
+  assert '\n' not in str(e.value)
+
+
+def test_unreadable_checkpoint_warning_names_the_cause_not_tensorstore_internals(tmp_path,
+                                                                                capsys):
+  """Issue 28.7: the warning showed `<bound method pybind11_detail_...`."""
+  _two_checkpoints(tmp_path)
+  for step in ('2', '4'):  # without digests, so orbax's own read error is what is reported
+    os.remove(tmp_path / 'checkpoints' / step / checkpoint.DIGESTS)
+  _truncate(_largest_array_file(tmp_path / 'checkpoints' / '4'), 0.5)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  assert ckpt.restore_latest(_abstract())[0] == 2
+  ckpt.close()
+  line = capsys.readouterr().err.strip()
+  assert 'bound method' not in line and 'OUT_OF_RANGE: Error reading "params.w' in line, line
+
+
+def test_digests_are_written_off_the_training_thread_after_an_async_commit(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=True)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {'pos': step}, ml_collections.ConfigDict({'s': step}))
+  ckpt.close()  # waits for the commit and the digests
+  assert os.listdir(tmp_path / 'checkpoints') == ['3']
+  assert checkpoint.verify_digests(str(tmp_path / 'checkpoints' / '3'))
+
+
+def test_failed_checkpoint_write_is_one_line_naming_the_step_and_what_is_intact(tmp_path):
+  """Issue 28.5: a full disk during a save was 325 lines of orbax tracebacks (log records now
+  dropped by logs.quiet_library_logs, tested in tests/test_logs.py) before a TensorStore line."""
+  _two_checkpoints(tmp_path)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  tmp = tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp'
+  def full(*args, **kwargs):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp}/state/_sharding": '
+                     "Failed to write 46518 bytes to file 9: No space left on device "
+                     "[os_error_code='28']")
+  ckpt.manager.save = full
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    ckpt.save(6, _state(6), {}, ml_collections.ConfigDict())
+  assert str(e.value) == (f'{tmp_path}/checkpoints: writing checkpoint 6 failed (no space left '
+                          'on device: free space there or lower --config.keep_checkpoints); '
+                          'checkpoint 4 is intact; then re-run the same command')
+  ckpt.close()
