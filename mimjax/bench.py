@@ -234,8 +234,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from mimjax import logs
   logs.quiet_library_logs()
+  from mimjax import cli
   f = flags.FLAGS
-  config = f.config
+  config = cli.config_value(f['config'], 'mimjax.bench')
   if f.data and f.torch:
     raise app.UsageError('--data times the input pipeline only; drop --torch')
   try:
@@ -261,5 +262,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mimjax import cli
   define_flags()
-  app.run(main)
+  cli.run_absl(main, 'mimjax.bench')

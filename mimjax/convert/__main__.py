@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from mimjax import cli
 from mimjax import logs
 from mimjax.convert import from_torch
 from mimjax.convert import to_torch
@@ -28,7 +29,7 @@ VERIFY_TOLERANCE = 1e-4  # fp32 max |timm − mimjax| on the final tokens
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """Command-line flags (export when --format is given, import when --from is given)."""
-  parser = argparse.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
+  parser = cli.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True,
                       help='mimjax workdir: read for export, written for import')
