@@ -240,7 +240,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     evaluators = make_evaluators(config, objective, mesh)
     preemption = _Preemption()
     cleanup.callback(preemption.restore)
-    bar = metrics_lib.progress_bar(total_steps, start)
+    # A bar on a terminal; in a log file a line every log_every steps or 30 s (logs.Progress).
+    bar = logs.Progress(total_steps, start, per_unit=config.batch_size, every=config.log_every,
+                        enabled=jax.process_index() == 0)
     cleanup.callback(bar.close)
     record, step, uniform_logs, final_results = {}, start, 0, {}
     last_good = start if ckpt.latest_step() is not None else None
