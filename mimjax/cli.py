@@ -7,6 +7,7 @@ argparse programs: `cli.ArgumentParser(prog=...)` in place of `argparse.Argument
 """
 
 import argparse
+import ast
 import functools
 import os
 import re
@@ -57,6 +58,27 @@ def prepare_argv(argv: list, prog: str = 'mimjax') -> None:
   for d in (REPO, package_dir):
     if d not in sys.path:
       sys.path.insert(0, d)
+
+
+def default_row_hint(argv: Sequence[str]) -> str:
+  """'' unless `--config` names a file without `:ROW`: then which row its get_config picked
+  (the paper row, whose data set a newcomer lacks) and the `:tiny` row that runs anywhere."""
+  i = _config_arg_index(argv)
+  if i < 0:
+    return ''
+  path, sep, _ = argv[i].removeprefix('--config=').partition(':')
+  if sep or not os.path.isfile(path):
+    return ''
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  row = next((fn.args.defaults[-1].value for fn in tree.body
+              if isinstance(fn, ast.FunctionDef) and fn.name == 'get_config' and fn.args.defaults
+              and isinstance(fn.args.defaults[-1], ast.Constant)), None)
+  if row is None:
+    return ''
+  shown = os.path.relpath(path, REPO) if os.path.abspath(path).startswith(REPO + os.sep) else path
+  return (f'. --config {shown} without :ROW is its paper row {shown}:{row}; for the laptop '
+          f'smoke test on the embedded data use --config {shown}:tiny')
 
 
 def flag_error(e: BaseException) -> str:

@@ -101,8 +101,8 @@ def main(argv):
     run(config, _WORKDIR.value, _ALLOW_CHANGE.value)
   except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirLockedError) as e:
     logging.flush()
-    print(f'mimjax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    hint = cli.default_row_hint(sys.argv) if isinstance(e, FileNotFoundError) else ''
+    cli.fail('mimjax', f'{e}{hint}')
   except KeyboardInterrupt:  # during start-up; in the training loop Ctrl-C saves and exits
     print('mimjax: interrupted (nothing to save yet); re-run the same command to start again',
           file=sys.stderr)

@@ -23,8 +23,8 @@ def main(argv):
   try:
     path = run.run(cli.config_value(_CONFIG, 'mimjax.sam'), _WORKDIR.value)
   except (ValueError, FileNotFoundError, BuildError, sources.CheckpointError) as e:
-    print(f'mimjax.sam: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    hint = cli.default_row_hint(sys.argv) if isinstance(e, FileNotFoundError) else ''
+    cli.fail('mimjax.sam', f'{e}{hint}')
   if path is None:
     sys.exit(0)
 
