@@ -142,7 +142,8 @@ def import_(args: argparse.Namespace) -> int:
     params = from_torch.torch_to_mae(state_dict, config)
   config.converted_from = os.path.abspath(args.inp)
   checkpoint.save_params(args.workdir, config, params)
-  print(f'wrote {args.workdir}: model {config.model.variant} at {config.model.image_size} px '
+  print(f'wrote {args.workdir}: model {vit_lib.describe_variant(config.model)} at '
+        f'{config.model.image_size} px '
         f'(pos_embed {config.model.pos_embed}); use it with --config.init_from={args.workdir}')
   return 0
 

@@ -192,6 +192,8 @@ def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, caps
     trainer.train_and_evaluate(tiny_config(total_steps=2, mask_ratio=0.5, norm_pix=False), work)
   with pytest.raises(ValueError, match="model.variant: 'mu/4' → 'Ti/16'"):
     trainer.train_and_evaluate(tiny_config(**{'model.variant': 'Ti/16'}), work)
+  with pytest.raises(ValueError, match=r'model.num_heads: 4 → 2\)'):  # the effective value, not None
+    trainer.train_and_evaluate(tiny_config(**{'model.num_heads': 2}), work)
   # Overridden, a width change is still one line naming the param, not orbax's shape error.
   with pytest.raises(ValueError, match=r'does not fit this model: params/decoder/embed/kernel: '
                                        r'checkpoint \(64, 32\) vs model \(192, 32\)'):
