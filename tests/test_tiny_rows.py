@@ -3,7 +3,7 @@ pretraining loss falls, the pretrained encoder's kNN beats the same architecture
 (MAE) fine-tuning beats the linear probe on the same encoder.
 
 Slow (`-m slow`): one test per row, each its full documented command (1-3 minutes on 2 cores).
-Default set: the cheapest row (LUT, 100 steps). Figures measured: docs/evaluation.md.
+Default set: the cheapest row (MAE, the README's main job). Figures measured: docs/evaluation.md.
 """
 
 import importlib
@@ -23,17 +23,20 @@ from tests.env import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# row → (config module, kNN pool). MaskFeat/BEiT train no [CLS] (their loss reads the patch
-# tokens only): their kNN reads the mean of the patch tokens.
+# row → (config module, kNN pool). The masked-image-modeling losses read patch tokens only and
+# leave [CLS] (SemanticMIM: the proxies) nearly untrained in a tiny run, while a random-init
+# [CLS] is already a good random feature of such simple glyphs (MAE: kNN 71.4 at init, 66.0
+# after 300 steps; mean-pooled 62.3 → 67.7): their kNN reads the mean of the patch tokens
+# (MAE's global pool). DINO trains its [CLS].
 ROWS = {
-    'mae': ('mae', 'cls'),
-    'lut': ('lut', 'cls'),
+    'mae': ('mae', 'mean'),
+    'lut': ('lut', 'mean'),
     'maskfeat': ('maskfeat', 'mean'),
     'beit': ('beit', 'mean'),
-    'semantic_mim': ('semantic_mim', 'cls'),
+    'semantic_mim': ('semantic_mim', 'mean'),
     'dino': ('dino', 'cls'),
 }
-CHEAPEST = 'lut'
+CHEAPEST = 'mae'  # the README's main job: 300 steps, ~65 s wall on 2 loaded cores
 
 
 def _run(*args, cwd):
@@ -92,12 +95,17 @@ def test_cheapest_tiny_row_shows_the_papers_direction(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('row', sorted(set(ROWS) - {CHEAPEST}))
 def test_tiny_row_shows_the_papers_direction(row, tmp_path):
-  figures = check_row(row, tmp_path)
-  if row == 'mae':  # MAE's own comparison: fine-tuning ≥ linear probing on the same encoder
-    results = {}
-    for protocol in ('finetune', 'linear'):
-      _run('--config', f'configs/eval/{protocol}.py:tiny', '--workdir',
-           str(tmp_path / protocol), f'--config.pretrained={tmp_path / row}', cwd=tmp_path)
-      with open(tmp_path / protocol / 'results.json') as f:
-        results[protocol] = json.load(f)['eval/top1']
-    assert results['finetune'] >= results['linear'], (figures, results)
+  check_row(row, tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_mae_fine_tuning_beats_linear_probing(tmp_path):
+  """MAE's own comparison on the README's encoder: fine-tuning ≥ linear probing."""
+  _run('--config', 'configs/mae.py:tiny', '--workdir', str(tmp_path / 'mae'), cwd=tmp_path)
+  results = {}
+  for protocol in ('finetune', 'linear'):
+    _run('--config', f'configs/eval/{protocol}.py:tiny', '--workdir', str(tmp_path / protocol),
+         f'--config.pretrained={tmp_path / "mae"}', cwd=tmp_path)
+    with open(tmp_path / protocol / 'results.json') as f:
+      results[protocol] = json.load(f)['eval/top1']
+  assert results['finetune'] >= results['linear'], results

@@ -349,3 +349,13 @@ def test_monitor_whose_split_is_missing_is_skipped_with_one_warning(tmp_path, ca
   assert [line for line in err if 'warning' in line] == [
       "mimjax: warning: config.evals.lin skipped: data set 'digits' has no split 'test'",
       "mimjax: warning: config.evals.spectrum skipped: data set 'digits' has no split 'test'"]
+
+
+def test_runs_are_announced_by_their_method_name():
+  from configs import maskfeat, mre_dino, mre_mae
+  names = {m.__name__.split('.')[-1]: trainer._method_name(m.get_config('tiny'))
+           for m in (maskfeat, mre_dino, mre_mae)}
+  assert names == {'maskfeat': 'maskfeat', 'mre_dino': 'mre_dino', 'mre_mae': 'mre_mae'}
+  assert trainer._method_name(tiny_config()) == 'mae'
+  # mre_dino's tiny row trains on the unlabelled photos: no kNN monitor that would skip itself
+  assert not mre_dino.get_config('tiny').evals
