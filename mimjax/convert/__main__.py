@@ -30,7 +30,7 @@ VERIFY_TOLERANCE = 1e-4  # fp32 max |timm − mimjax| on the final tokens
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """Command-line flags (export when --format is given, import when --from is given)."""
   parser = cli.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True,
                       help='mimjax workdir: read for export, written for import')
   parser.add_argument('--format', choices=('timm', 'mae'), help='export to this format')
