@@ -11,8 +11,8 @@
 
 `config.model` is the student: the teacher's architecture with the bias off (checked against
 T/config.json). The data must still carry `segments` (the teacher uses them). Knobs:
-config.distill.{method, weight (λ = 1), layers ('all'), init ('teacher'), crops, temps}; the
-KD length (100 epochs here) is not given in the paper (docs/mre.md).
+config.distill.{method, weight (λ = 1), layers ('last' as MAE-Lite; or 'all'), init ('teacher'),
+crops, temps}; the KD length (100 epochs here) is not given in the paper (docs/mre.md).
 """
 
 import ml_collections

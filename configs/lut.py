@@ -45,7 +45,8 @@ def get_config(arg: str = 'vit_b,in1k,1600ep') -> ml_collections.ConfigDict:
     config.lut.target_bn_stats = 'batch'
     config.optim.b2 = 0.999
     config.optim.lr_scaling = 'linear'
-  # tiny: 2-layer width-64 ViT on 32-px digits, 256-d heads; well under a minute.
+  # tiny: 2-layer width-64 ViT on 32-px digits, 256-d heads; about a minute on 2 cores
+  # (70 s wall, docs/lut.md).
   common.set_schedule(config, arg, tiny_steps=100, tiny_warmup=10, tiny_log_every=10,
                       tiny_checkpoint_every=100, warmup_epochs=40)
   if arg.tiny:

@@ -8,14 +8,16 @@ Usage: launch/gpu_host.sh --config CONFIG --workdir DIR [options] [-- extra mimj
 
 Runs `python -m mimjax.main --config CONFIG --workdir DIR` in one process that uses every
 visible GPU (restrict with CUDA_VISIBLE_DEVICES). Before starting it checks that JAX sees as
-many GPUs as nvidia-smi lists.
+many GPUs as nvidia-smi lists. It runs in the directory you call it from (relative paths are
+relative to it, as for any command; a relative CONFIG not found there is looked up in this
+checkout) and imports mimjax from this checkout (PYTHONPATH).
 
 Options:
   --config CONFIG   e.g. configs/mae.py:vit_b,in100,800ep
   --workdir DIR     local or gs:// directory (re-running resumes from its checkpoints)
   --python PATH     interpreter (default: .venv/bin/python if present, else python3)
   --no-check        skip the GPU-count check
-  --dry-run         print the command instead of running it
+  --dry-run         print the command (exactly what would run, here) instead of running it
   -h, --help        this help
 
 Example:
@@ -52,8 +54,10 @@ if [[ -z "$PYTHON" ]]; then
 fi
 
 # Let XLA take most of the GPU memory up front (fewer fragmentation OOMs); override if shared.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-CMD=("$PYTHON" -m mimjax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")
+# The command runs here, in the caller's directory: relative paths mean what the caller meant.
+CMD=(env "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+     "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+     "$PYTHON" -m mimjax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")
 
 if [[ $DRY_RUN -eq 1 ]]; then
   printf '%q ' "${CMD[@]}"; echo
@@ -67,10 +71,9 @@ if [[ $CHECK -eq 1 ]]; then
   else
     want=$(nvidia-smi --list-gpus | grep -c '^GPU')
   fi
-  got=$(cd "$ROOT" && "$PYTHON" -c 'import jax; print(jax.local_device_count("gpu"))' 2>/dev/null) \
+  got=$("$PYTHON" -c 'import jax; print(jax.local_device_count("gpu"))' 2>/dev/null) \
     || die "JAX sees no GPU backend: install jax[cuda12] into $PYTHON's environment"
   [[ "$got" == "$want" ]] || die "JAX sees $got GPUs but $want are visible; check the CUDA install"
   echo "gpu_host.sh: $got GPUs"
 fi
-cd "$ROOT"
 exec "${CMD[@]}"

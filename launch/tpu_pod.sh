@@ -22,8 +22,10 @@ Options:
   --project PROJECT    gcloud project                (env TPU_PROJECT, default: gcloud's)
   --type TYPE          accelerator type, e.g. v4-32  (env TPU_TYPE; create)
   --version VERSION    TPU VM runtime                (env TPU_VERSION, default tpu-ubuntu2204-base)
-  --config CONFIG      e.g. configs/mae.py:vit_b,in1k,1600ep   (run)
-  --workdir gs://...   shared workdir; must be gs:// on a multi-host slice      (run)
+  --config CONFIG      e.g. configs/mae.py:vit_b,in1k,1600ep, relative to the checkout
+                       on the workers (run)
+  --workdir gs://...   shared workdir; must be gs:// on a multi-host slice, else an
+                       absolute path on the worker (run)
   --hosts N            expected number of hosts (default: read from gcloud describe)
   --remote-dir DIR     checkout location on the workers (default: mimjax)
   --clean-locks        remove stale /tmp/libtpu_lockfile instead of failing
@@ -160,6 +162,9 @@ case "$COMMAND" in
   run)
     [[ -n "$CONFIG" ]] || die "run needs --config"
     [[ -n "$WORKDIR" ]] || die "run needs --workdir"
+    if [[ "$WORKDIR" != *://* && "$WORKDIR" != /* ]]; then
+      die "--workdir $WORKDIR: a relative path would be taken relative to ~/$REMOTE_DIR on each worker, not to this directory; give gs://... or an absolute path"
+    fi
     if [[ "$(expected_hosts)" != 1 && "$WORKDIR" != gs://* ]]; then
       die "--workdir $WORKDIR: a multi-host slice needs a shared gs:// workdir"
     fi

@@ -136,6 +136,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   from mimjax.data import pipeline
   from mimjax.objectives import base as objectives
   from mimjax import optim, sharding
+  from mimjax.models.vit import describe_variant
   from mimjax.train import trainer
 
   jax.config.update('jax_threefry_partitionable', True)
@@ -186,7 +187,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   peak = (peak_tflops or device_peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
   mem = jax.devices()[0].memory_stats() or {}
   return {
-      'objective': config.objective, 'variant': config.model.variant,
+      'objective': config.objective, 'variant': describe_variant(config.model),
       'image_size': config.model.image_size, 'dtype': config.model.get('dtype', 'float32'),
       'attention': config.model.get('attention', 'xla'),
       'attention_backend': attention_backend(config.model),
@@ -234,8 +235,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from mimjax import logs
   logs.quiet_library_logs()
+  from mimjax import cli
   f = flags.FLAGS
-  config = f.config
+  config = cli.config_value(f['config'], 'mimjax.bench')
   if f.data and f.torch:
     raise app.UsageError('--data times the input pipeline only; drop --torch')
   try:
@@ -261,5 +263,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mimjax import cli
   define_flags()
-  app.run(main)
+  cli.run_absl(main, 'mimjax.bench')

@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimjax import cli
 from mimjax import durations
 from mimjax import logs
 from mimjax import validate
@@ -29,7 +30,6 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir although the config differs from the one '
     'it was trained with (the new config is recorded in config.json and history.jsonl).')
 flags.mark_flags_as_required(['config', 'workdir'])
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # A survivor stops this long after a peer process last showed a sign of life. Heartbeats come
@@ -179,81 +179,11 @@ def run(config, workdir: str, allow_config_change: bool = False):
   return trainer.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 
 
-def _config_arg_index(argv: list) -> int:
-  for i, arg in enumerate(argv):
-    if arg == '--config' and i + 1 < len(argv):
-      return i + 1
-    if arg.startswith('--config='):
-      return i
-  return -1
-
-
-def prepare_argv(argv: list) -> None:
-  """Makes `--config configs/X.py` work wherever the user stands: a relative path that does not
-  exist here is taken relative to the repository, and the directory holding the `configs`
-  package goes on sys.path (config files import `configs.common`). Edits `argv` in place."""
-  i = _config_arg_index(argv)
-  if i < 0:
-    return
-  prefix = '--config=' if argv[i].startswith('--config=') else ''
-  path, sep, arg = argv[i][len(prefix):].partition(':')
-  if not os.path.exists(path) and not os.path.isabs(path) and \
-      os.path.exists(os.path.join(REPO, path)):
-    path = os.path.join(REPO, path)
-    argv[i] = f'{prefix}{path}{sep}{arg}'
-  if not os.path.isfile(path):
-    print(f'mimjax: error: --config {path}: no such file (expected a config file such as '
-          f'configs/mae.py, relative to here or to {REPO})', file=sys.stderr)
-    sys.exit(2)
-  package_dir = os.path.dirname(os.path.abspath(path))
-  while os.path.exists(os.path.join(package_dir, '__init__.py')):
-    package_dir = os.path.dirname(package_dir)
-  for d in (REPO, package_dir):
-    if d not in sys.path:
-      sys.path.insert(0, d)
-
-
-def _flag_error(e: Exception) -> str:
-  """absl/ml_collections flag errors (often a traceback in a string) → one line."""
-  text = str(e)
-  if isinstance(e, (AttributeError, KeyError)):  # unknown --config.key (ml_collections)
-    key = re.search(r'[A-Za-z_][\w]*', text)
-    key = key.group(0) if key else text
-    given = [a.split('=', 1)[0] for a in sys.argv
-             if re.match(rf'--config\.([\w.]*\.)?{re.escape(key)}(=|$)', a)]
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    return (f'{given[0] if given else "--config." + key}: no such config key'
-            + (f'; did you mean {hint.group(1)}?' if hint else ''))
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  if 'Traceback' in text and lines:  # a config file's own error: keep its last line
-    return f'--config: {lines[-1]}'
-  errno = next((l for l in lines if l.startswith('[Errno')), None)
-  if errno:
-    return f'--config: {errno}'
-  return lines[0] if lines else type(e).__name__
-
-
-def parse_flags(argv: list) -> list:
-  """absl's parser, with one-line errors instead of a FATAL traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = _flag_error(e.__context__ or e) if 'Traceback' in str(e) else _flag_error(e)
-  except Exception as e:  # pylint: disable=broad-except  (config files and their overrides)
-    message = _flag_error(e)
-  print(f'mimjax: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_library_logs()
-  try:
-    config = _CONFIG.value  # the config file is loaded lazily, on first access
-  except Exception as e:  # pylint: disable=broad-except
-    print(f'mimjax: error: {_flag_error(e)}', file=sys.stderr)
-    sys.exit(2)
+  config = cli.config_value(_CONFIG)
   peers = None
   try:
     maybe_initialize_distributed()
@@ -265,7 +195,8 @@ def main(argv):
     if peers is not None:
       peers.stop()
   except (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirLockedError) as e:
-    _exit(f'mimjax: error: {_one_line(e, _WORKDIR.value)}', 2)
+    hint = cli.default_row_hint(sys.argv) if isinstance(e, FileNotFoundError) else ''
+    _exit(f'mimjax: error: {_one_line(e, _WORKDIR.value)}{hint}', 2)
   except KeyboardInterrupt:  # start-up, or a second Ctrl-C (the first one saves and exits)
     _exit(f'mimjax: interrupted; {_interrupted_state(_WORKDIR.value)}', 130)
   except Exception as e:  # pylint: disable=broad-except  (JAX's runtime errors have no API type)
@@ -326,5 +257,4 @@ def _interrupted_state(workdir: str) -> str:
 
 
 if __name__ == '__main__':
-  prepare_argv(sys.argv)
-  app.run(main, flags_parser=parse_flags)
+  cli.run_absl(main, 'mimjax')

@@ -1,4 +1,4 @@
-"""Metric logging: W/metrics.jsonl, TensorBoard events and a terminal progress bar."""
+"""Metric logging: W/metrics.jsonl and TensorBoard events."""
 
 import json
 import math
@@ -53,9 +53,8 @@ class MetricWriter:
   def __init__(self, workdir: str, *, enabled: Optional[bool] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = epath.Path(workdir) / 'metrics.jsonl'
-    self._tb = None
-    if self.enabled:
-      self._tb = _summary_writer_class()(str(epath.Path(workdir) / 'tensorboard'))
+    self._tb_dir = str(epath.Path(workdir) / 'tensorboard')
+    self._tb = None  # opened at the first record: a run with nothing to log adds no event file
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop records logged after the restored checkpoint (they will be redone).
@@ -81,6 +80,8 @@ class MetricWriter:
   def write(self, step: int, metrics: dict) -> dict:
     record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     if self.enabled:
+      if self._tb is None:
+        self._tb = _summary_writer_class()(self._tb_dir)
       with self.path.open('a') as f:
         f.write(json.dumps(record) + '\n')
       for k, v in record.items():
@@ -92,10 +93,3 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def progress_bar(total: int, initial: int):
-  """tqdm bar on a terminal; off when stderr is not a TTY (logs, CI) or on other hosts."""
-  from tqdm import tqdm
-  disable = not (sys.stderr.isatty() and jax.process_index() == 0)
-  return tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, unit='step')

@@ -37,11 +37,13 @@ def fake_cpu_devices(n: int) -> None:
 
 
 def _devices_from_argv(argv) -> int:
+  """--devices, read before absl parses the flags (a bad value: 8 here, absl's one-line
+  error later)."""
   for i, arg in enumerate(argv):
-    if arg.startswith('--devices='):
-      return int(arg.split('=', 1)[1])
-    if arg == '--devices' and i + 1 < len(argv):
-      return int(argv[i + 1])
+    value = (arg.split('=', 1)[1] if arg.startswith('--devices=') else
+             argv[i + 1] if arg == '--devices' and i + 1 < len(argv) else None)
+    if value is not None:
+      return int(value) if value.isdigit() and int(value) > 0 else 8
   return 8
 
 
@@ -311,8 +313,12 @@ def main(argv) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from mimjax import cli
+  from mimjax import logs
+  logs.quiet_library_logs()
+  config = cli.config_value(flags.FLAGS['config'], 'mimjax.plan')
   try:
-    p = plan(f.config, f.devices, f.per_device_batch)
+    p = plan(config, f.devices, f.per_device_batch)
   except (ValueError, FileNotFoundError) as e:
     print(f'mimjax.plan: error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -336,6 +342,7 @@ if __name__ == '__main__':
   from absl import app
   from absl import flags
   from ml_collections import config_flags
+  from mimjax import cli
   config_flags.DEFINE_config_file('config', None, 'configs/X.py:ARG', lock_config=True)
   flags.DEFINE_integer('devices', 8, 'Simulated devices (the mesh is data × fsdp over them).')
   flags.DEFINE_integer('per_device_batch', None,
@@ -343,4 +350,4 @@ if __name__ == '__main__':
                        'extrapolate batch-dependent figures linearly to the row\'s batch.')
   flags.DEFINE_string('json', None, 'Also write the plan as JSON to this path.')
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run_absl(main, 'mimjax.plan')

@@ -211,8 +211,10 @@ def main(argv):
     raise app.UsageError('usage: python -m mimjax.tokenizer fit --config C --out codebook.npy')
   if not flags.FLAGS.out:
     raise app.UsageError('--out is required')
+  from mimjax import cli
   f = flags.FLAGS
-  codebook = fit_codebook(f.config, f.num_images, f.vocab_size)
+  codebook = fit_codebook(cli.config_value(f['config'], 'mimjax.tokenizer'), f.num_images,
+                          f.vocab_size)
   np.save(f.out, codebook)
   print(f'wrote {f.out}: codebook {codebook.shape}')
 
@@ -226,5 +228,6 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
+  from mimjax import cli
   _define_flags()
-  app.run(main)
+  cli.run_absl(main, 'mimjax.tokenizer')

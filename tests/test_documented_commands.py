@@ -62,10 +62,10 @@ PRODUCERS = {
     '/tmp/mre_mae_tiny': ('python -m mimjax.main --config configs/mre_mae.py:tiny --workdir '
                           '/tmp/mre_mae_tiny --config.data.name=photos '
                           '--config.data.data_dir=/tmp/sp_tiny --config.batch_size=16'),
-    'model.safetensors': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format timm '
-                          '--out model.safetensors --verify'),
-    'model_mae.pth': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format mae '
-                      '--out model_mae.pth --verify'),
+    'workdirs/mae_tiny.safetensors': ('python -m mimjax.convert --workdir workdirs/mae_tiny '
+                                      '--format timm --out workdirs/mae_tiny.safetensors --verify'),
+    'workdirs/mae_tiny_mae.pth': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format '
+                                  'mae --out workdirs/mae_tiny_mae.pth --verify'),
 }
 
 
@@ -240,6 +240,54 @@ def test_as_run_rewrites_paths_and_shortens_training():
          '--config.pretrained=workdirs/mae_tiny')
   assert not as_run(knn, '/r').endswith(f'--config.total_steps={STEPS}')  # no such key
   assert _reads(knn) == [PRODUCERS['workdirs/mae_tiny']]
+
+
+# Every entry point from a directory that is neither the repository nor holds `configs`, with
+# paths relative to it: a config relative to here (through the temp dir's `configs` link) or
+# one found in the repository, workdirs and outputs relative to here. (entry point, args,
+# what its output must say); the cheap ones run by default, the others with -m slow.
+ELSEWHERE = [
+    ('plan', '--config ../../configs/mae.py:tiny --devices 2', 'per device'),
+    ('convert', '--workdir ../../workdirs/mae_tiny --format timm --out out/m.safetensors',
+     'wrote out/m.safetensors'),
+    ('sam', '--config configs/sam.py:tiny,superpixel --workdir sp', 'photos/1.0.0'),
+    ('bench', '--config configs/mae.py:tiny --steps 1 --warmup 0', 'img_per_s'),
+]
+_SLOW_ELSEWHERE = ('bench',)  # compiles and times a train step: ~40 s on 2 loaded cores
+
+
+@pytest.mark.parametrize('entry,args,says', [
+    pytest.param(*e, marks=[pytest.mark.slow] if e[0] in _SLOW_ELSEWHERE else [])
+    for e in ELSEWHERE])
+def test_entry_points_run_from_another_directory(runner, entry, args, says):
+  if 'workdirs/mae_tiny' in args:
+    assert runner.run(PRODUCERS['workdirs/mae_tiny']).returncode == 0
+  cwd = os.path.join(runner.root, 'elsewhere', entry)
+  os.makedirs(cwd)
+  result = subprocess.run(f'{shlex.quote(sys.executable)} -m mimjax.{entry} {args}', shell=True,
+                          cwd=cwd, env=runner.env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+  assert result.returncode == 0, f'{entry} {args}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}'
+  assert says in result.stdout + result.stderr
+  stray = re.findall(r'^(?:INFO:|I\d{4} ).*', result.stdout + result.stderr, re.M)
+  assert not stray, stray  # no library INFO lines (absl's or Python logging's)
+
+
+def test_tiny_run_logging_to_a_file_prints_periodic_loss_lines(runner):
+  """Off a terminal (nohup, a log file, CI) the README's main job is not silent: one plain
+  line per log step with step, loss, img/s and ETA, and no progress-bar carriage returns."""
+  log = os.path.join(runner.root, 'mae_tiny.log')
+  command = (f'{shlex.quote(sys.executable)} -m mimjax.main --config configs/mae.py:tiny '
+             '--workdir workdirs/logged --config.total_steps=4 --config.log_every=1 '
+             f'> {log} 2>&1')
+  assert subprocess.run(command, shell=True, cwd=runner.root, env=runner.env,
+                        timeout=TIMEOUT_S).returncode == 0
+  with open(log) as f:
+    text = f.read()
+  assert '\r' not in text
+  lines = [l for l in text.splitlines() if re.match(r'mimjax: step \d/4 \(\d+%\), loss ', l)]
+  assert [l.split()[2] for l in lines] == ['1/4', '2/4', '3/4', '4/4'], text
+  assert all('img/s' in l for l in lines[1:]) and 'ETA' in lines[1], text
 
 
 @pytest.mark.parametrize('name', sorted(collected()))

@@ -57,6 +57,17 @@ def test_configs_found_from_outside_the_repository(tmp_path):
     assert not (tmp_path / 'w').exists()  # refused before anything is written
 
 
+def test_config_without_row_names_the_paper_row_and_the_tiny_one(tmp_path):
+  out = _main('--config', 'configs/mae.py', '--workdir', str(tmp_path / 'w'),
+              f'--config.data.data_dir={tmp_path / "tfds"}', cwd=str(tmp_path))
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert "no prepared data set 'imagenet2012'" in out.stderr
+  assert out.stderr.strip().endswith(
+      '--config configs/mae.py without :ROW is its paper row configs/mae.py:vit_b,in1k,1600ep; '
+      'for the laptop smoke test on the embedded data use --config configs/mae.py:tiny')
+  assert not (tmp_path / 'w').exists()
+
+
 def test_workdir_that_is_a_file(tmp_path):
   (tmp_path / 'f').write_text('x')
   out = _main('--config', 'configs/mae.py:tiny', '--workdir', str(tmp_path / 'f'))

@@ -11,6 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 _CODE = '''
 import sys
 from mimjax import metrics
+idle = metrics.MetricWriter(sys.argv[1], enabled=True)  # a re-run with nothing to do
+idle.close()
+import os
+assert not os.path.exists(os.path.join(sys.argv[1], 'tensorboard')), 'an empty event file'
 w = metrics.MetricWriter(sys.argv[1], enabled=True)
 w.write(3, {'loss': 0.5, 'lr': 1e-3})
 w.close()

@@ -58,7 +58,14 @@ def get_config(arg: str = 'vit_b,in1k'):
     config.batch_size = 64
     config.total_steps = 200
     config.warmup_steps = 20
-    config.optim.lr = 1e-3
+    # 200 steps of a 2-block ViT on 1.8k digits underfit through the ImageNet recipe's
+    # regularisers (with Mixup/CutMix, RandAugment and erasing at lr 1e-3: top-1 35.7, the
+    # training loss stays at ln 10; without them: 68.0 at lr 1e-3, 81.5 at 3e-3, linear probe
+    # 67.3 on the same encoder). The tiny row keeps the recipe's shape (layer decay, drop
+    # path, label smoothing, RRC + flip) and turns the regularisers off.
+    config.optim.lr = 3e-3
+    config.finetune.update({'mixup': 0.0, 'cutmix': 0.0, 'reprob': 0.0})
+    config.data.randaug_num_ops = 0
     config.log_every = 20
     config.checkpoint_every = 100
   else:

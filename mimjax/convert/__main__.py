@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from mimjax import cli
 from mimjax import logs
 from mimjax.convert import from_torch
 from mimjax.convert import to_torch
@@ -28,8 +29,8 @@ VERIFY_TOLERANCE = 1e-4  # fp32 max |timm − mimjax| on the final tokens
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """Command-line flags (export when --format is given, import when --from is given)."""
-  parser = argparse.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog='python -m mimjax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True,
                       help='mimjax workdir: read for export, written for import')
   parser.add_argument('--format', choices=('timm', 'mae'), help='export to this format')
@@ -145,7 +146,8 @@ def import_(args: argparse.Namespace) -> int:
     params = from_torch.torch_to_mae(state_dict, config)
   config.converted_from = os.path.abspath(args.inp)
   checkpoint.save_params(args.workdir, config, params)
-  print(f'wrote {args.workdir}: model {config.model.variant} at {config.model.image_size} px '
+  print(f'wrote {args.workdir}: model {vit_lib.describe_variant(config.model)} at '
+        f'{config.model.image_size} px '
         f'(pos_embed {config.model.pos_embed}); use it with --config.init_from={args.workdir}')
   return 0
 

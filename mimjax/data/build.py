@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from mimjax import cli
 from mimjax.data.builders import embedded, folder, tfds_io
 
 NAMES = ('imagenet2012', 'imagenet100', 'image_folder') + embedded.EMBEDDED
@@ -17,8 +18,8 @@ NAMES = ('imagenet2012', 'imagenet100', 'image_folder') + embedded.EMBEDDED
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """The CLI flags."""
-  p = argparse.ArgumentParser(prog='python -m mimjax.data.build', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog='python -m mimjax.data.build', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('name', choices=NAMES)
   p.add_argument('--source', help='input directory (not needed for digits/photos)')
   p.add_argument('--data_dir', default=None,

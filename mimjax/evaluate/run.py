@@ -118,9 +118,15 @@ def write_plots(config: ml_collections.ConfigDict, pretrain_config: ml_collectio
     if 'aad' in details:
       from mimjax.models.vit import model_dims
       written.append(plots.plot_aad(np.asarray(details['aad']),
-                                    os.path.join(out_dir, f'{e.name}_aad.png'),
+                                    os.path.join(out_dir, _plot_name(e.name, 'aad')),
                                     model_dims(config.model)['patch_size']))
     if 'log_svals' in details:
       written.append(plots.plot_spectra(np.asarray(details['log_svals']),
-                                        os.path.join(out_dir, f'{e.name}_spectrum.png')))
+                                        os.path.join(out_dir, _plot_name(e.name, 'spectrum'))))
   return written
+
+
+def _plot_name(evaluator: str, kind: str) -> str:
+  """`<evaluator>_<kind>.png`, or `<kind>.png` when the evaluator is named after it (not
+  `spectrum_spectrum.png`)."""
+  return f'{kind}.png' if evaluator == kind else f'{evaluator}_{kind}.png'

@@ -49,6 +49,14 @@ def model_dims(config: ml_collections.ConfigDict) -> dict:
   return dims
 
 
+def describe_variant(config: ml_collections.ConfigDict) -> str:
+  """'mu/4 (width 64, depth 2, 4 heads, 4-px patches)': the variant name with its sizes (a name
+  such as 'mu', the CPU test size, says nothing by itself)."""
+  d = model_dims(config)
+  return (f'{config.variant} (width {d["width"]}, depth {d["depth"]}, {d["num_heads"]} heads, '
+          f'{d["patch_size"]}-px patches)')
+
+
 def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   """MAE's 1-D sincos: first dim/2 sin(pos·ω), next dim/2 cos(pos·ω), ω_k = 10000^(-k/(dim/2))."""
   if dim % 2:

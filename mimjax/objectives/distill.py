@@ -41,7 +41,11 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'method': 'mae',          # 'mae' (Eq. 10) or 'dino' (Eq. 8); must match the teacher
       'weight': 1.0,            # λ of Eq. 10 (paper: 1)
-      'layers': 'all',          # 'all' or a tuple of block indices (negative = from the end)
+      # MAE-Lite's distillation, which §3.3 follows (mae_lite_distill_exp.py:
+      # distill_attn_idx = (12,)), matches the attention of the last block only: 'last'.
+      # 'all' averages over every block; or block indices, a tuple or '0,-1' (negative = from
+      # the end).
+      'layers': 'last',
       'init': 'teacher',        # 'teacher': start from the teacher's weights | 'scratch'
       'crops': 'global',        # DINO: 'global' (the 2 global crops) or 'all' crops
       'student_temp': 0.1,      # DINO
@@ -52,9 +56,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------ numerics
 def select_layers(maps: Sequence[jnp.ndarray], layers: Any) -> list:
-  """The attention maps of `layers` ('all' or block indices, negative from the end)."""
+  """The attention maps of `layers`: 'last', 'all', or block indices (negative from the end) as
+  a tuple or a comma-separated string ('0,-1', what a `--config.distill.layers=` flag gives)."""
   if layers == 'all':
     return list(maps)
+  if layers == 'last':
+    layers = (-1,)
+  if isinstance(layers, str):
+    try:
+      layers = tuple(int(t) for t in layers.split(',') if t.strip())
+    except ValueError:
+      raise ValueError(f'config.distill.layers={layers!r}: expected "last", "all" or block '
+                       'indices such as "0,-1"') from None
   depth = len(maps)
   out = []
   for i in layers:
@@ -63,12 +76,12 @@ def select_layers(maps: Sequence[jnp.ndarray], layers: Any) -> list:
                        'encoder')
     out.append(maps[int(i)])
   if not out:
-    raise ValueError('config.distill.layers is empty: expected "all" or block indices')
+    raise ValueError('config.distill.layers is empty: expected "last", "all" or block indices')
   return out
 
 
 def attention_mse(student_maps: Sequence[jnp.ndarray], teacher_maps: Sequence[jnp.ndarray],
-                  layers: Any = 'all') -> jnp.ndarray:
+                  layers: Any = 'last') -> jnp.ndarray:
   """Eq. 9 averaged over the chosen layers: mean over layers of MSE(A_s, A_t), each MSE a
   mean over batch, heads, queries and keys of post-softmax attention probabilities."""
   pairs = zip(select_layers(student_maps, layers), select_layers(teacher_maps, layers))

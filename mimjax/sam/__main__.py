@@ -6,6 +6,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mimjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/sam.py:ARG', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output: W/NAME/1.0.0 (TFDS) + W/.sam_work/.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -19,13 +21,13 @@ def main(argv):
   from mimjax.data.builders.tfds_io import BuildError
   from mimjax.sam import run, sources
   try:
-    path = run.run(_CONFIG.value, _WORKDIR.value)
+    path = run.run(cli.config_value(_CONFIG, 'mimjax.sam'), _WORKDIR.value)
   except (ValueError, FileNotFoundError, BuildError, sources.CheckpointError) as e:
-    print(f'mimjax.sam: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    hint = cli.default_row_hint(sys.argv) if isinstance(e, FileNotFoundError) else ''
+    cli.fail('mimjax.sam', f'{e}{hint}')
   if path is None:
     sys.exit(0)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main, 'mimjax.sam')

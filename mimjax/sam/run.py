@@ -20,8 +20,8 @@ from typing import Optional
 import ml_collections
 import numpy as np
 from PIL import Image
-import tqdm
 
+from mimjax import logs
 from mimjax import workdir as workdir_lib
 from mimjax.data import pipeline
 from mimjax.data.builders import folder, tfds_io
@@ -149,7 +149,7 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def process_chunk(inp: inputs.Input, chunk: Chunk, mask_source, config, work: str,
-                  bar: Optional[tqdm.tqdm] = None) -> dict:
+                  bar: Optional[logs.Progress] = None) -> dict:
   """Masks for every example of `chunk`, written to its part file; returns its stats."""
   tasks = inp.splits[chunk.split]
   labels, blobs, maps = [], [], []
@@ -284,8 +284,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   if todo:
     mask_source = sources.make_mask_source(config)
     total = sum(c.stop - c.start for c in todo)
-    desc = f'shard {config.shard_index}/{config.num_shards}'
-    with tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr) as bar:
+    label = f'shard {config.shard_index}/{config.num_shards}: images'
+    with logs.Progress(total, prog='mimjax.sam', label=label) as bar:
       for c in todo:
         process_chunk(inp, c, mask_source, config, work, bar)
   waiting = sorted({c.index % config.num_shards for c in chunks

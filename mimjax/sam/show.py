@@ -96,4 +96,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from mimjax import cli
+  cli.run_absl(main, 'mimjax.sam.show')

@@ -24,6 +24,7 @@ from mimjax import workdir as workdir_lib
 from mimjax.data import pipeline
 from mimjax.durations import resolve_steps
 from mimjax.evaluate.base import make_evaluators, write_results
+from mimjax.models import vit as vit_lib
 from mimjax.objectives import base as objectives
 
 
@@ -242,7 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     evaluators = make_evaluators(config, objective, mesh)
     preemption = _Preemption()
     cleanup.callback(preemption.restore)
-    bar = metrics_lib.progress_bar(total_steps, start)
+    # A bar on a terminal; in a log file a line every log_every steps or 30 s (logs.Progress).
+    bar = logs.Progress(total_steps, start, per_unit=config.batch_size, every=config.log_every,
+                        enabled=jax.process_index() == 0)
     cleanup.callback(bar.close)
     record, step, uniform_logs, final_results = {}, start, 0, {}
     last_good = start if ckpt.latest_step() is not None else None
@@ -305,13 +308,25 @@ def _resume_config_check(config: ml_collections.ConfigDict, workdir: str,
   old = ckpt_lib.read_config_json(workdir)  # a damaged one comes back from a checkpoint
   if old is None:
     return {}, None
-  changes = workdir_lib.config_changes(old, json.loads(ckpt_lib.config_to_json(config)))
+  changes = workdir_lib.config_changes(_effective_dims(old),
+                                       _effective_dims(json.loads(ckpt_lib.config_to_json(config))))
   refused = workdir_lib.refused_changes(changes)
   if refused and not allow_config_change:
     listed = workdir_lib.describe_changes(refused)
     raise ValueError(f'{workdir} was trained with another config ({listed}); '
                      f'{workdir_lib.OVERRIDE_HINT}')
   return changes, resolve_steps('total', ml_collections.ConfigDict(old), num_train)
+
+
+def _effective_dims(config: dict) -> dict:
+  """`config` with the model sizes left at None (the variant's) replaced by their values, so
+  a resume refusal says `model.num_heads: 4 → 2`, not `None → 2`."""
+  model = config.get('model')
+  if not isinstance(model, dict) or not model.get('variant'):
+    return config
+  dims = vit_lib.model_dims(ml_collections.ConfigDict(model))
+  return {**config, 'model': {**model, **{k: v for k, v in dims.items()
+                                          if k in model and model[k] is None}}}
 
 
 def _warn_uniform(record: dict, count: int) -> int:
@@ -327,9 +342,13 @@ def _warn_uniform(record: dict, count: int) -> int:
 
 def _method_name(config: ml_collections.ConfigDict) -> str:
   """The method a config trains: the MaskFeat/BEiT baselines run the semantic_mim objective
-  without proxies, and are announced by their own names."""
+  without proxies, MRE-MAE/MRE-DINO the mae/dino objective with the segment bias on; each is
+  announced by its own name."""
   if config.objective == 'semantic_mim' and not config.model.get('proxy', True):
     return {'hog': 'maskfeat', 'tokens': 'beit'}.get(config.get('target'), config.objective)
+  if config.objective in ('mae', 'dino') and \
+      (config.model.get('segment_bias') or {}).get('enabled'):
+    return f'mre_{config.objective}'
   return config.objective
 
 

@@ -109,4 +109,4 @@ def test_finetune_and_analysis_with_plots(pretrained, tmp_path):
   res = _results(tmp_path / 'ana')
   assert 0 < res['attention/aad/mean'] < 32 * np.sqrt(2)
   assert sorted(os.listdir(tmp_path / 'ana' / 'plots')) == [
-      'attention_aad.png', 'attention_maps.png', 'reconstructions.png', 'spectrum_spectrum.png']
+      'attention_aad.png', 'attention_maps.png', 'reconstructions.png', 'spectrum.png']

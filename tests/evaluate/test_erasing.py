@@ -145,7 +145,9 @@ def test_modes_probability_and_determinism():
 def test_finetune_config_validates_erasing_keys():
   from configs.eval import finetune as finetune_config
   from mimjax.objectives import finetune
-  config = finetune_config.get_config('tiny')
+  tiny = finetune_config.get_config('tiny')  # regularisers off at laptop scale (its docstring)
+  assert (tiny.finetune.reprob, tiny.finetune.mixup, tiny.data.randaug_num_ops) == (0, 0, 0)
+  config = finetune_config.get_config('vit_b,in1k')
   assert (config.finetune.reprob, config.finetune.remode, config.finetune.recount) == (
       0.25, 'pixel', 1)
   assert config.data.augment == 'finetune'

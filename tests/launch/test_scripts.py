@@ -14,16 +14,16 @@ SCRIPTS = ['tpu_pod.sh', 'gpu_host.sh', 'slurm.sbatch']
 def _bin_without_cloud_tools(tmp_path):
   """A PATH holding only the coreutils the scripts use (no gcloud, srun, nvidia-smi)."""
   bindir = tmp_path / 'bin'
-  bindir.mkdir()
-  for tool in ('bash', 'cat', 'dirname', 'grep', 'tr', 'awk', 'sort', 'printf'):
+  bindir.mkdir(exist_ok=True)
+  for tool in ('bash', 'cat', 'dirname', 'grep', 'tr', 'awk', 'sort', 'printf', 'env'):
     found = shutil.which(tool)
-    if found:
+    if found and not (bindir / tool).exists():
       (bindir / tool).symlink_to(found)
   return str(bindir)
 
 
-def _run(args, tmp_path, **kw):
-  env = dict(os.environ, PATH=_bin_without_cloud_tools(tmp_path))
+def _run(args, tmp_path, env_extra=None, **kw):
+  env = dict(os.environ, PATH=_bin_without_cloud_tools(tmp_path), **(env_extra or {}))
   return subprocess.run(['bash', *args], capture_output=True, text=True, env=env, timeout=30, **kw)
 
 
@@ -77,9 +77,59 @@ def test_tpu_pod_multi_host_needs_gcs_workdir(tmp_path):
   assert out.returncode == 2 and 'gs://' in out.stderr
 
 
-def test_gpu_host_dry_run(tmp_path):
-  out = _run([str(LAUNCH / 'gpu_host.sh'), '--config', 'configs/mae.py:tiny', '--workdir', 'W',
-              '--python', 'python3', '--dry-run', '--', '--config.total_steps=5'], tmp_path)
+def _fake_python(tmp_path):
+  """An interpreter that reports where it runs and what it was given."""
+  fake = tmp_path / 'fakepython'
+  fake.write_text('#!/bin/bash\necho "cwd=$PWD"; echo "PYTHONPATH=$PYTHONPATH"; echo "args=$*"\n')
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def test_gpu_host_runs_in_the_callers_directory_and_dry_run_prints_that_command(tmp_path):
+  """Relative paths mean what the caller meant: the run happens where the script is called
+  (not in the checkout), importing this checkout's mimjax; --dry-run prints that command."""
+  caller = tmp_path / 'elsewhere'
+  caller.mkdir()
+  args = [str(LAUNCH / 'gpu_host.sh'), '--config', 'configs/mae.py:tiny', '--workdir',
+          'workdirs/g', '--python', _fake_python(tmp_path), '--no-check', '--',
+          '--config.total_steps=5']
+  env = {'PYTHONPATH': ''}
+  dry = _run(args[:-2] + ['--dry-run'] + args[-2:], tmp_path, cwd=caller, env_extra=env)
+  assert dry.returncode == 0, dry.stderr
+  root = str(LAUNCH.parent)
+  assert dry.stdout.split() == ['env', f'PYTHONPATH={root}', 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9',
+                                _fake_python(tmp_path), '-m', 'mimjax.main',
+                                '--config=configs/mae.py:tiny', '--workdir=workdirs/g',
+                                '--config.total_steps=5']
+  ran = _run(args, tmp_path, cwd=caller, env_extra=env)
+  assert ran.returncode == 0, ran.stderr
+  assert ran.stdout.splitlines() == [
+      f'cwd={caller}', f'PYTHONPATH={root}',
+      'args=-m mimjax.main --config=configs/mae.py:tiny --workdir=workdirs/g '
+      '--config.total_steps=5']
+
+
+def test_tpu_pod_refuses_a_relative_workdir(tmp_path):
+  out = _run([str(LAUNCH / 'tpu_pod.sh'), '--name', 'pod', '--zone', 'z', '--hosts', '1',
+              '--config', 'configs/mae.py:tiny', '--workdir', 'workdirs/t', '--dry-run', 'run'],
+             tmp_path)
+  assert out.returncode == 2 and 'relative to ~/mimjax on each worker' in out.stderr
+  assert out.stdout == ''
+
+
+def test_slurm_runs_in_the_submit_directory(tmp_path):
+  """srun (faked) starts mimjax.main in SLURM_SUBMIT_DIR, the caller's directory."""
+  caller = tmp_path / 'submit'
+  caller.mkdir()
+  bindir = _bin_without_cloud_tools(tmp_path)
+  srun = tmp_path / 'bin' / 'srun'
+  srun.write_text('#!/bin/bash\nif [[ "$*" == *"-c "* ]]; then echo "MIMJAX_JOINED 0 1 1"; '
+                  'else echo "srun cwd=$PWD args=$*"; fi\n')
+  srun.chmod(0o755)
+  env = dict(os.environ, PATH=bindir, SLURM_SUBMIT_DIR=str(caller), MIMJAX_PYTHON='py')
+  out = subprocess.run(['bash', str(LAUNCH / 'slurm.sbatch'), 'configs/mae.py:tiny', 'runs/s',
+                        '--config.seed=1'], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=30)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ['python3', '-m', 'mimjax.main', '--config=configs/mae.py:tiny',
-                                '--workdir=W', '--config.total_steps=5']
+  assert (f'srun cwd={caller} args=--ntasks=1 --kill-on-bad-exit=1 py -m mimjax.main '
+          '--config=configs/mae.py:tiny --workdir=runs/s --config.seed=1') in out.stdout

@@ -50,15 +50,21 @@ def test_attention_mse_by_hand_and_layer_selection():
   s = [jnp.asarray(rng.random((2, 3, 4, 4)), jnp.float32) for _ in range(3)]
   t = [jnp.asarray(rng.random((2, 3, 4, 4)), jnp.float32) for _ in range(3)]
   per = [np.mean((np.asarray(a) - np.asarray(b)) ** 2) for a, b in zip(s, t)]
-  np.testing.assert_allclose(float(distill.attention_mse(s, t)), np.mean(per), rtol=1e-6)
-  np.testing.assert_allclose(float(distill.attention_mse(s, t, (0, -1))),
-                             (per[0] + per[2]) / 2, rtol=1e-6)
+  # the default: the last block only (MAE-Lite's distill_attn_idx = (12,), SAM-helps-SSL §3.3)
+  assert distill.default_config().layers == 'last'
+  np.testing.assert_allclose(float(distill.attention_mse(s, t)), per[2], rtol=1e-6)
+  np.testing.assert_allclose(float(distill.attention_mse(s, t, 'all')), np.mean(per), rtol=1e-6)
+  for layers in ((0, -1), '0,-1'):  # a tuple, or the string a --config.distill.layers= flag gives
+    np.testing.assert_allclose(float(distill.attention_mse(s, t, layers)),
+                               (per[0] + per[2]) / 2, rtol=1e-6)
   # the torch formulation of Eq. 9 on one layer
   ref = F.mse_loss(torch.from_numpy(np.asarray(s[1])), torch.from_numpy(np.asarray(t[1])))
   np.testing.assert_allclose(float(distill.attention_mse(s, t, (1,))), float(ref), rtol=1e-6)
   assert float(distill.attention_mse(s, s)) == 0.0
   with pytest.raises(ValueError, match='config.distill.layers'):
     distill.attention_mse(s, t, (3,))
+  with pytest.raises(ValueError, match='config.distill.layers'):
+    distill.attention_mse(s, t, 'first')
 
 
 def test_kd_cross_entropy_matches_torch():

@@ -290,6 +290,8 @@ def test_resume_rules_leftover_config_changes_width_and_extension(tmp_path, caps
     trainer.train_and_evaluate(tiny_config(total_steps=2, mask_ratio=0.5, norm_pix=False), work)
   with pytest.raises(ValueError, match="model.variant: 'mu/4' → 'Ti/16'"):
     trainer.train_and_evaluate(tiny_config(**{'model.variant': 'Ti/16'}), work)
+  with pytest.raises(ValueError, match=r'model.num_heads: 4 → 2\)'):  # the effective value, not None
+    trainer.train_and_evaluate(tiny_config(**{'model.num_heads': 2}), work)
   # Overridden, a width change is still one line naming the param, not orbax's shape error.
   with pytest.raises(ValueError, match=r'does not fit this model: params/decoder/embed/kernel: '
                                        r'checkpoint \(64, 32\) vs model \(192, 32\)'):
@@ -457,3 +459,13 @@ def test_monitor_whose_split_is_missing_is_skipped_with_one_warning(tmp_path, ca
   assert [line for line in err if 'warning' in line] == [
       "mimjax: warning: config.evals.lin skipped: data set 'digits' has no split 'test'",
       "mimjax: warning: config.evals.spectrum skipped: data set 'digits' has no split 'test'"]
+
+
+def test_runs_are_announced_by_their_method_name():
+  from configs import maskfeat, mre_dino, mre_mae
+  names = {m.__name__.split('.')[-1]: trainer._method_name(m.get_config('tiny'))
+           for m in (maskfeat, mre_dino, mre_mae)}
+  assert names == {'maskfeat': 'maskfeat', 'mre_dino': 'mre_dino', 'mre_mae': 'mre_mae'}
+  assert trainer._method_name(tiny_config()) == 'mae'
+  # mre_dino's tiny row trains on the unlabelled photos: no kNN monitor that would skip itself
+  assert not mre_dino.get_config('tiny').evals

@@ -19,8 +19,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-import tqdm
 
+from mimjax import logs
 from mimjax.data.builders import tfds_io
 from mimjax.data.builders.tfds_io import BuildError
 
@@ -110,8 +110,9 @@ def _examples(tasks: Iterable[Task], total: Optional[int], report: Report, split
   """(key, example) in task order; stops at the first bad file unless skip_corrupt."""
   fn = functools.partial(process_image, resize_shorter=resize_shorter)
   n = 0
-  for name, label, data, err in tqdm.tqdm(_imap(fn, tasks, num_workers), total=total,
-                                          desc=f'{split}', unit='img'):
+  progress = logs.Progress(total, prog='mimjax.data.build', label=f'{split}: images')
+  for name, label, data, err in _imap(fn, tasks, num_workers):
+    progress.update(1)
     if err is not None:
       msg = f'{name}: not a readable image ({err}); expected a JPEG/PNG/... image file'
       if skip_corrupt:
@@ -121,6 +122,7 @@ def _examples(tasks: Iterable[Task], total: Optional[int], report: Report, split
       return
     yield n, {'image': data, 'label': label}
     n += 1
+  progress.close()
   report.written[split] = n
 
 
