@@ -219,13 +219,17 @@ def resize_view(image: Array, segments: Optional[Array],
 
 
 def lut_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
-              size: int) -> tuple[Array, Optional[Array]]:
-  """LUT: view 1 = simple resized crop; view 2 = SRC → jitter (p .8) → 3-augment. Stacked."""
+              size: int, photometric: bool = True) -> tuple[Array, Optional[Array]]:
+  """LUT: view 1 = simple resized crop; view 2 = SRC → jitter (p .8) → 3-augment. Stacked.
+
+  `photometric=False`: crops and flips only (the train step jitters view 2 on the device,
+  mimjax.data.device_augment)."""
   v1, s1 = simple_resized_crop(rng, image, segments, size)
   v2, s2 = simple_resized_crop(rng, image, segments, size)
-  if rng.uniform() < 0.8:
-    v2 = color_jitter(rng, v2)
-  v2 = three_augment(rng, v2)
+  if photometric:
+    if rng.uniform() < 0.8:
+      v2 = color_jitter(rng, v2)
+    v2 = three_augment(rng, v2)
   segs = None if segments is None else np.stack([s1, s2])
   return np.stack([v1, v2]), segs
 
@@ -233,28 +237,35 @@ def lut_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
 def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
                global_size: int, local_size: int, local_number: int,
                global_scale: Sequence[float] = (0.4, 1.0),
-               local_scale: Sequence[float] = (0.05, 0.4)) -> dict:
+               local_scale: Sequence[float] = (0.05, 0.4), photometric: bool = True) -> dict:
   """DINO multi-crop: 2 global (blur 1.0 / 0.1 + solarize 0.2) and N local (blur 0.5) crops.
 
-  Returns {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global',
+  `photometric=False`: crops and flips only (the train step applies the colour jitter,
+  grayscale, blur and solarization on the device, mimjax.data.device_augment). Returns {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global',
   'segments_local' when `segments` is given).
   """
   globals_, gsegs, locals_, lsegs = [], [], [], []
   for k, (blur_p, sol_p) in enumerate(((1.0, 0.0), (0.1, 0.2))):
     del k
     v, s = random_resized_crop(rng, image, segments, global_size, global_scale)
-    v, s = flip_color_gray(rng, v, s)
-    if rng.uniform() < blur_p:
-      v = gaussian_blur(rng, v)
-    if rng.uniform() < sol_p:
-      v = solarize(v)
+    if photometric:
+      v, s = flip_color_gray(rng, v, s)
+      if rng.uniform() < blur_p:
+        v = gaussian_blur(rng, v)
+      if rng.uniform() < sol_p:
+        v = solarize(v)
+    else:
+      v, s = random_hflip(rng, v, s)
     globals_.append(v)
     gsegs.append(s)
   for _ in range(local_number):
     v, s = random_resized_crop(rng, image, segments, local_size, local_scale)
-    v, s = flip_color_gray(rng, v, s)
-    if rng.uniform() < 0.5:
-      v = gaussian_blur(rng, v)
+    if photometric:
+      v, s = flip_color_gray(rng, v, s)
+      if rng.uniform() < 0.5:
+        v = gaussian_blur(rng, v)
+    else:
+      v, s = random_hflip(rng, v, s)
     locals_.append(v)
     lsegs.append(s)
   out = {'global': np.stack(globals_),

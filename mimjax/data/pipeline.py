@@ -26,6 +26,11 @@ from mimjax.data.builders import embedded, tfds_io
 NAMES = ('digits', 'photos', 'image_folder', 'imagenet2012', 'imagenet100', 'synthetic')
 AUGMENTS = ('mae', 'simple', 'lut', 'dino', 'eval', 'none', 'finetune')
 EVAL_SPLITS = ('validation', 'test', 'val')
+AUGMENT_ON = ('device', 'host')
+# Recipes whose photometric ops the train step runs with augment_on='device'
+# (mimjax.data.device_augment.RECIPES); the others have none, or RandAugment ('finetune'),
+# whose colour ops interleave with geometric ones and stay on the host.
+DEVICE_PHOTOMETRIC = ('dino', 'lut')
 _SHUFFLE_SALT = 0x5EED
 _AUG_SALT = 0xA06
 
@@ -37,6 +42,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       'data_dir': '',              # '' → $MIMJAX_DATA_DIR or ~/.cache/mimjax/tfds
       'image_size': 32,            # output side (global crops for 'dino')
       'augment': 'mae',            # one of AUGMENTS (train=True); eval always uses 'eval'
+      # 'device': the photometric part of 'dino' / 'lut' (colour jitter, grayscale, blur,
+      # solarize) runs in the train step (mimjax.data.device_augment); the host only crops and
+      # flips. 'host': all of it here, with PIL (docs/data.md).
+      'augment_on': 'device',
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
       'prefetch': 2,               # batches buffered ahead (per worker)
       'read_threads': 2,           # threads building batches in each process
@@ -82,6 +91,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.name must be one of {NAMES}, got {cfg.name!r}')
   if cfg.augment not in AUGMENTS:
     raise ValueError(f'data.augment must be one of {AUGMENTS}, got {cfg.augment!r}')
+  if cfg.augment_on not in AUGMENT_ON:
+    raise ValueError(f'data.augment_on must be one of {AUGMENT_ON}, got {cfg.augment_on!r}')
   for key in ('image_size', 'local_size', 'synthetic_size', 'num_classes'):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f'data.{key} must be a positive int, got {cfg[key]!r}')
@@ -175,20 +186,26 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
 
 
 # ------------------------------------------------------------------------------- batch building
+def photometric_on_device(cfg) -> bool:
+  """Whether the train step, not the host, applies this config's photometric augmentations."""
+  return cfg.get('augment_on', 'device') == 'device' and cfg.augment in DEVICE_PHOTOMETRIC
+
+
 def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
                     segments: Optional[np.ndarray], augment: str) -> dict:
   """One decoded record → the output fields of `augment` (unbatched)."""
   size = cfg.image_size
+  host_photometric = not photometric_on_device(cfg)
   if augment == 'mae':
     image, segments = aug_lib.mae_view(rng, image, segments, size, tuple(cfg.crop_scale))
   elif augment == 'simple':
     image, segments = aug_lib.simple_resized_crop(rng, image, segments, size, cfg.crop_padding)
   elif augment == 'lut':
-    image, segments = aug_lib.lut_views(rng, image, segments, size)
+    image, segments = aug_lib.lut_views(rng, image, segments, size, host_photometric)
   elif augment == 'dino':
     return aug_lib.dino_views(rng, image, segments, size, cfg.local_size,
                               cfg.local_crops_number, tuple(cfg.global_crops_scale),
-                              tuple(cfg.local_crops_scale))
+                              tuple(cfg.local_crops_scale), host_photometric)
   elif augment == 'finetune':
     image, segments = aug_lib.finetune_view(
         rng, image, segments, size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
