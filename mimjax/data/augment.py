@@ -291,13 +291,22 @@ def patch_segment_ids(segments: Array, patch_size: int, num_ids: int = 256) -> A
   if h % p or w % p:
     raise ValueError(f'segment map {h}x{w} is not a multiple of patch_size {p}')
   x = segments.reshape(*lead, h // p, p, w // p, p)
-  x = np.moveaxis(x, -3, -2).reshape(*lead, h // p, w // p, p * p)
-  ids = np.arange(min(int(segments.max(initial=0)) + 1, int(num_ids)), dtype=segments.dtype)
-  counts = (x[..., None] == ids).sum(axis=-2)  # (..., h/p, w/p, K+1)
-  if counts.shape[-1] == 0:  # num_ids = 0: nothing votes
-    return np.zeros(counts.shape[:-1], np.uint8)
-  # argmax returns the first maximum → the lowest id among tied ones.
-  return counts.argmax(axis=-1).astype(np.uint8)
+  x = np.moveaxis(x, -3, -2).reshape(-1, p * p)  # one row per patch
+  k = min(int(segments.max(initial=0)) + 1, int(num_ids))
+  if k <= 0:  # num_ids = 0: nothing votes
+    return np.zeros((*lead, h // p, w // p), np.uint8)
+  # One bincount over (patch, id) pairs; ids ≥ num_ids go to a discarded extra column.
+  # Chunked so the count table stays ≤ 2**22 entries (a 32 MB int64 table).
+  ids = np.empty(len(x), np.uint8)
+  chunk = max(1, 2 ** 22 // (k + 1))
+  for start in range(0, len(x), chunk):
+    part = x[start:start + chunk].astype(np.intp)
+    part = np.where(part < k, part, k)
+    flat = part + (np.arange(len(part)) * (k + 1))[:, None]
+    counts = np.bincount(flat.ravel(), minlength=len(part) * (k + 1)).reshape(len(part), k + 1)
+    # argmax returns the first maximum → the lowest id among tied ones.
+    ids[start:start + chunk] = counts[:, :k].argmax(axis=-1)
+  return ids.reshape(*lead, h // p, w // p)
 
 
 # --------------------------------------------------------------------------------- RandAugment
