@@ -274,6 +274,7 @@ class _BatchMaker:
     self.source = source
     self.segments = has_segments and cfg.use_segments
     self.global_batch = global_batch_size
+    self.process_count = process_count
     self.batch = global_batch_size // process_count
     self.offset = process_index * self.batch
     self.seed = seed
@@ -409,9 +410,9 @@ class Loader:
     self._it = None  # rebuilt lazily from the new position (drops any prefetched batches)
 
 
-def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                split: str = 'train', train: bool = True) -> Loader:
-  """The host-local loader: global_batch_size // process_count examples per batch."""
+def batch_maker(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                split: str = 'train', train: bool = True) -> _BatchMaker:
+  """The host batch function of a loader (batch index → host batch), without the loader."""
   import jax  # only for the process topology
   validate_data_config(data_config)
   pc, pi = jax.process_count(), jax.process_index()
@@ -425,14 +426,44 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     read = f'{os.path.basename(os.path.dirname(path))!r} ({path})' if path else "'synthetic'"
     raise ValueError(f'data set {read} split {split!r} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower --config.batch_size')
-  maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
-                      process_index=pi, process_count=pc, seed=seed, train=train)
+  return _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
+                     process_index=pi, process_count=pc, seed=seed, train=train)
+
+
+def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                split: str = 'train', train: bool = True) -> Loader:
+  """The host-local loader: global_batch_size // process_count examples per batch."""
+  maker = batch_maker(data_config, global_batch_size=global_batch_size, seed=seed, split=split,
+                      train=train)
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
-          'global_batch_size': int(global_batch_size), 'process_count': pc}
+          'global_batch_size': int(global_batch_size), 'process_count': maker.process_count}
   # No process_index: the batch plan is global (step → every host's slice), so one saved
   # state (process 0's, in the checkpoint) resumes every host.
   return Loader(maker, worker_count=data_config.worker_count, prefetch=data_config.prefetch,
                 read_threads=data_config.read_threads, meta=meta)
+
+
+def encoded_images(data_config: ml_collections.ConfigDict, records, split: str = 'train') -> list:
+  """The stored (encoded JPEG/PNG) bytes of `records`, undecoded (for reference pipelines)."""
+  if data_config.name == 'synthetic':
+    raise ValueError("data.name='synthetic' has no encoded images; use a prepared data set "
+                     '(e.g. image_folder, docs/performance.md)')
+  import tensorflow_datasets as tfds
+  path = _dataset_dir(data_config)
+  builder = tfds_io.load_builder(path)
+  split = _resolve_split(builder.info.splits.keys(), split, path)
+  source = builder.as_data_source(split=split,
+                                  decoders={'image': tfds.decode.SkipDecoding()})
+  return [source[int(r)]['image'] for r in records]
+
+
+def host_cpu_seconds(maker: _BatchMaker, steps) -> float:
+  """CPU time (process time: robust on a loaded machine) this process spends building the
+  host batches `steps` in line: read, decode, augment, collate (worker_count=0, one thread)."""
+  t = time.process_time()
+  for step in steps:
+    maker(step)
+  return time.process_time() - t
 
 
 def benchmark_loader(data_config: ml_collections.ConfigDict, global_batch_size: int,
