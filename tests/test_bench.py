@@ -161,6 +161,7 @@ def test_data_bench_cpu_time_cores_and_the_official_pipeline(jpeg_data):
     bench.bench_data(config, 1, 1, 1000.0, torch_reference=True)
 
 
+@pytest.mark.slow  # compiles a DINO step (~20 s on 2 loaded cores); test_scale compiles it too
 def test_bench_step_reports_the_device_augmentation_share():
   from configs import dino as dino_config
   config = dino_config.get_config('tiny')
