@@ -204,7 +204,7 @@ def sample_params(key: jax.Array, shape: tuple, *, blur_p, solarize_p=0.0, gray_
                   sigma: tuple = BLUR_SIGMA) -> PhotometricParams:
   """DataAugmentationDINO's draws for images of leading shape `shape` (probabilities
   broadcast against it, e.g. (1, 2) per global crop)."""
-  keys = jax.random.split(key, 9)
+  keys = jax.random.split(key, 10)
   u = lambda k: jax.random.uniform(k, shape)
   factor = lambda k, x: jax.random.uniform(k, shape, minval=max(0.0, 1 - x), maxval=1 + x)
   return PhotometricParams(
@@ -217,7 +217,7 @@ def sample_params(key: jax.Array, shape: tuple, *, blur_p, solarize_p=0.0, gray_
       gray=u(keys[6]) < gray_p,
       blur=u(keys[7]) < jnp.asarray(blur_p, jnp.float32),
       sigma=jax.random.uniform(keys[8], shape, minval=sigma[0], maxval=sigma[1]),
-      solarize=u(jax.random.fold_in(keys[8], 1)) < jnp.asarray(solarize_p, jnp.float32))
+      solarize=u(keys[9]) < jnp.asarray(solarize_p, jnp.float32))
 
 
 def dino_params(key: jax.Array, batch: int, num_local: int) -> tuple:
