@@ -159,6 +159,10 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
     example = pipeline.to_patch_ids(
         add_synthetic_segments(example, config.model.segment_bias.num_ids), config.data)
   batch = sharding.put_batch(synthetic_batch(example, config.batch_size), mesh)
+  if pipeline.crops_on_device(config.data):  # boxes must lie on the canvas: ship the loader's
+    batch = sharding.put_batch(jax.tree.map(
+        lambda x: np.repeat(np.asarray(x), config.batch_size, axis=0), example), mesh)
+  example = device_augment.objective_example(config.data, example)
   rng = jax.random.key(0)
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
   # Schedules only shape the lr curve; epoch-based knobs (DINO's last-layer freeze) need a

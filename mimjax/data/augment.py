@@ -278,6 +278,32 @@ def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array]
   return out
 
 
+# ------------------------------------------------------------- crops on the device (crop_on)
+def to_canvas(image: Array, canvas_hw: Sequence[int]) -> tuple[Array, tuple[int, int]]:
+  """(H, W, 3) → a fixed (h_c, w_c, 3) canvas: the image at its top-left (bicubic-shrunk to fit
+  when larger, aspect kept), edge-replicated to the right and bottom; → (canvas, (h, w) of the
+  image on it). Crop boxes index the image on the canvas."""
+  ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
+  h, w = image.shape[:2]
+  if h > ch or w > cw:
+    s = min(ch / h, cw / w)
+    h, w = max(1, min(ch, int(round(h * s)))), max(1, min(cw, int(round(w * s))))
+    image = _resize(image, (h, w), BICUBIC)
+  canvas = np.pad(image, ((0, ch - h), (0, cw - w), (0, 0)), mode='edge')
+  return canvas, (h, w)
+
+
+def crop_plan(rng: np.random.Generator, height: int, width: int, n: int,
+              scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple:
+  """n × (RandomResizedCrop box, flip): the draws `random_resized_crop` → `random_hflip` make,
+  in the same order, as arrays ((n, 4) int32 top/left/h/w, (n,) bool) for the device."""
+  boxes, flips = [], []
+  for _ in range(n):
+    boxes.append(rrc_params(rng, height, width, scale, ratio))
+    flips.append(rng.uniform() < 0.5)
+  return np.asarray(boxes, np.int32).reshape(n, 4), np.asarray(flips, bool)
+
+
 def patch_segment_ids(segments: Array, patch_size: int, num_ids: int = 256) -> Array:
   """(..., H, W) uint8 id map → (..., H/p, W/p): the most frequent id in each p×p patch.
 

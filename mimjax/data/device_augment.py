@@ -258,9 +258,58 @@ def lut(batch: dict, key: jax.Array) -> dict:
 RECIPES = {'dino': dino, 'lut': lut}
 
 
+# ------------------------------------------------------------------ crops on the device (crop_on)
+def resized_crop(canvas: jnp.ndarray, box: jnp.ndarray, flip: jnp.ndarray,
+                 size: int) -> jnp.ndarray:
+  """One (H, W, 3) canvas, box (top, left, h, w), flip → the size×size view, uint8: bicubic
+  (Keys a = −0.5, PIL's) with antialiasing, as torchvision's PIL resized_crop + hflip. Unlike
+  PIL (which crops first), the kernel near the box's edge also reads the pixels just outside
+  it: measured vs PIL, mean 0.19 levels, 99th percentile 1, ≤ 2 inside a 3-px border (up to 10
+  on that border) — tests/data/test_device_augment.py."""
+  top, left, h, w = (box[i].astype(jnp.float32) for i in range(4))
+  scale = jnp.stack([size / h, size / w])
+  out = jax.image.scale_and_translate(
+      jnp.asarray(canvas, jnp.float32), (size, size, canvas.shape[-1]), (0, 1), scale,
+      -jnp.stack([top, left]) * scale, method='cubic', antialias=True)
+  out = jnp.where(flip, out[:, ::-1], out)
+  return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+
+def crop_views(batch: dict, data_config: ml_collections.ConfigDict) -> dict:
+  """A crop_on='device' batch (`canvas`, `boxes_*`, `flips_*`) → the views the host path
+  ships ('mae': `image` (B, S, S, 3); 'dino': `global` (B, 2, G, G, 3), `local` (B, n, L, L, 3))."""
+  out = {k: v for k, v in batch.items()
+         if k != 'canvas' and not k.startswith(('boxes_', 'flips_'))}
+  sizes = {'image': data_config.image_size, 'global': data_config.image_size,
+           'local': data_config.local_size}
+  for key, size in sizes.items():
+    if f'boxes_{key}' not in batch:
+      continue
+    cut = lambda c, b, f, s=size: resized_crop(c, b, f, s)
+    views = jax.vmap(jax.vmap(cut, (None, 0, 0)))(batch['canvas'], batch[f'boxes_{key}'],
+                                                  batch[f'flips_{key}'])
+    out[key] = views[:, 0] if key == 'image' else views
+  return out
+
+
 def for_config(data_config: ml_collections.ConfigDict) -> Optional[Callable[[dict, jax.Array],
                                                                             dict]]:
   """The train step's device augmentation for this data config, or None (host does it all)."""
-  if not pipeline.photometric_on_device(data_config):
-    return None
-  return RECIPES[data_config.augment]
+  photometric = (RECIPES[data_config.augment] if pipeline.photometric_on_device(data_config)
+                 else None)
+  if not pipeline.crops_on_device(data_config):
+    return photometric
+
+  def crops_then_photometric(batch: dict, key: jax.Array) -> dict:
+    batch = crop_views(batch, data_config)
+    return batch if photometric is None else photometric(batch, key)
+
+  return crops_then_photometric
+
+
+def objective_example(data_config: ml_collections.ConfigDict, example: dict) -> dict:
+  """A host example batch as the objective sees it (after any device crops): what objective
+  init needs. The identity unless crop_on='device'."""
+  if not pipeline.crops_on_device(data_config):
+    return example
+  return jax.device_get(jax.jit(lambda b: crop_views(b, data_config))(example))

@@ -31,6 +31,9 @@ AUGMENT_ON = ('device', 'host')
 # (mimjax.data.device_augment.RECIPES); the others have none, or RandAugment ('finetune'),
 # whose colour ops interleave with geometric ones and stay on the host.
 DEVICE_PHOTOMETRIC = ('dino', 'lut')
+# Recipes whose RandomResizedCrop views the device can cut (crop_on='device'): the host ships
+# a fixed-size canvas plus each view's box and flip (mimjax.data.device_augment.crop_views).
+DEVICE_CROPS = ('mae', 'dino')
 _SHUFFLE_SALT = 0x5EED
 _AUG_SALT = 0xA06
 
@@ -46,6 +49,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       # solarize) runs in the train step (mimjax.data.device_augment); the host only crops and
       # flips. 'host': all of it here, with PIL (docs/data.md).
       'augment_on': 'device',
+      # 'device' ('mae', 'dino'): the host ships the decoded image on a fixed `canvas_size`
+      # canvas and each view's RandomResizedCrop box + flip (drawn as the host path draws them);
+      # the train step cuts the views (bicubic, antialiased). 'host': PIL crops (docs/data.md).
+      'crop_on': 'host',
+      'canvas_size': (384, 384),
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
       'prefetch': 2,               # batches buffered ahead (per worker)
       'read_threads': 2,           # threads building batches in each process
@@ -93,6 +101,15 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.augment must be one of {AUGMENTS}, got {cfg.augment!r}')
   if cfg.augment_on not in AUGMENT_ON:
     raise ValueError(f'data.augment_on must be one of {AUGMENT_ON}, got {cfg.augment_on!r}')
+  if cfg.crop_on not in AUGMENT_ON:
+    raise ValueError(f'data.crop_on must be one of {AUGMENT_ON}, got {cfg.crop_on!r}')
+  if cfg.crop_on == 'device' and cfg.augment not in DEVICE_CROPS:
+    raise ValueError(f'data.crop_on=device cuts the views of {DEVICE_CROPS}, not '
+                     f'data.augment={cfg.augment!r}; use crop_on=host')
+  canvas = cfg.canvas_size
+  if (not isinstance(canvas, (tuple, list)) or len(canvas) != 2
+      or not all(isinstance(x, int) and x > 0 for x in canvas)):
+    raise ValueError(f'data.canvas_size must be two positive ints (h, w), got {canvas!r}')
   for key in ('image_size', 'local_size', 'synthetic_size', 'num_classes'):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f'data.{key} must be a positive int, got {cfg[key]!r}')
@@ -186,6 +203,29 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
 
 
 # ------------------------------------------------------------------------------- batch building
+def crops_on_device(cfg) -> bool:
+  """Whether the train step, not the host, cuts this config's RandomResizedCrop views."""
+  return cfg.get('crop_on', 'host') == 'device' and cfg.augment in DEVICE_CROPS
+
+
+def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
+                        segments: Optional[np.ndarray], augment: str) -> dict:
+  """crop_on='device': the canvas and every view group's boxes/flips (host draws only)."""
+  if segments is not None:
+    raise ValueError('data.crop_on=device does not crop segment maps yet (MRE rows); set '
+                     'data.crop_on=host or data.use_segments=False')
+  canvas, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
+  out = {'canvas': canvas}
+  if augment == 'mae':
+    groups = [('image', 1, cfg.crop_scale)]
+  else:
+    groups = [('global', 2, cfg.global_crops_scale),
+              ('local', cfg.local_crops_number, cfg.local_crops_scale)]
+  for key, n, scale in groups:
+    out[f'boxes_{key}'], out[f'flips_{key}'] = aug_lib.crop_plan(rng, h, w, n, tuple(scale))
+  return out
+
+
 def photometric_on_device(cfg) -> bool:
   """Whether the train step, not the host, applies this config's photometric augmentations."""
   return cfg.get('augment_on', 'device') == 'device' and cfg.augment in DEVICE_PHOTOMETRIC
@@ -196,6 +236,8 @@ def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
   """One decoded record → the output fields of `augment` (unbatched)."""
   size = cfg.image_size
   host_photometric = not photometric_on_device(cfg)
+  if augment != 'eval' and crops_on_device(cfg):
+    return device_crop_example(cfg, rng, image, segments, augment)
   if augment == 'mae':
     image, segments = aug_lib.mae_view(rng, image, segments, size, tuple(cfg.crop_scale))
   elif augment == 'simple':
@@ -246,7 +288,7 @@ def collate(outs: list, cfg) -> dict:
   batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
   batch['label'] = batch['label'].astype(np.int32)
   for k, v in batch.items():
-    if k != 'label':
+    if k != 'label' and not k.startswith(('boxes_', 'flips_')):  # crop plans keep their types
       batch[k] = v.astype(np.uint8)
   return to_patch_ids(batch, cfg)
 

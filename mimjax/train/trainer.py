@@ -157,6 +157,7 @@ def build_step(config: ml_collections.ConfigDict, objective: objectives.Objectiv
   total_steps = resolve_steps('total', config, num_train)
   warmup_steps = resolve_steps('warmup', config, num_train, default=0)
   rng = jax.random.key(config.seed)
+  example = device_augment.objective_example(config.data, example)  # crop_on='device'
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
   tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
                                          warmup_steps=warmup_steps,

@@ -372,3 +372,17 @@ def test_resume_is_exact_with_device_augmentation(tmp_path):
   for x, y in zip(jax.tree.leaves(checkpoint.restore_params(str(ref))),
                   jax.tree.leaves(checkpoint.restore_params(str(part)))):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow  # one more DINO compile; tests/data/test_device_augment.py checks the crops
+def test_dino_trains_with_crops_on_the_device(tmp_path):
+  """crop_on='device': the loader ships canvases + boxes, the step cuts the views; the
+  objective is initialised from the cut example and the run trains."""
+  from configs import dino as dino_config
+  config = dino_config.get_config('tiny')
+  config.update(batch_size=8, total_steps=2, log_every=1, checkpoint_every=2,
+                async_checkpoint=False)
+  config.data.update(worker_count=0, crop_on='device', canvas_size=(32, 32))
+  config.evals = {}
+  record = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert record['step'] == 2 and np.isfinite(record['loss'])
