@@ -285,3 +285,12 @@ def test_device_crop_plumbing_and_errors():
     bad[key] = value
     with pytest.raises(ValueError, match=match):
       pipeline.validate_data_config(bad)
+
+
+def test_canvas_is_the_image_edge_padded_or_shrunk_to_fit():
+  image = _images(6, 20, 24)[0]
+  canvas, hw = aug_lib.to_canvas(image, (32, 30))
+  assert hw == (20, 24)
+  np.testing.assert_array_equal(canvas, np.pad(image, ((0, 12), (0, 6), (0, 0)), mode='edge'))
+  canvas, hw = aug_lib.to_canvas(image, (10, 30))  # too tall: bicubic to 10 × 12, aspect kept
+  assert canvas.shape == (10, 30, 3) and hw == (10, 12)
