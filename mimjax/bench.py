@@ -256,6 +256,7 @@ def bench_data(config, steps: int, rounds: int, accelerator_img_per_s: float,
   result.update({
       'augment_on': config.data.augment_on,
       'device_photometric': pipeline.photometric_on_device(config.data),
+      'crop_on': config.data.crop_on,
       'cpu_ms_per_img': round(cpu_ms, 3), 'cpu_ms_per_img_rounds': [round(x, 3) for x in ours],
       'accelerator_img_per_s': accelerator_img_per_s,
       'host_cores_per_accelerator': round(cpu_ms * accelerator_img_per_s / 1e3, 1)})
