@@ -294,3 +294,18 @@ def test_canvas_is_the_image_edge_padded_or_shrunk_to_fit():
   np.testing.assert_array_equal(canvas, np.pad(image, ((0, 12), (0, 6), (0, 0)), mode='edge'))
   canvas, hw = aug_lib.to_canvas(image, (10, 30))  # too tall: bicubic to 10 × 12, aspect kept
   assert canvas.shape == (10, 30, 3) and hw == (10, 12)
+
+
+def test_device_crops_stay_on_their_rows_over_8_devices():
+  cfg = _crop_config()
+  rng = np.random.default_rng(0)
+  rows = [pipeline.augment_example(cfg, rng, _photo(), None, 'dino') for _ in range(8)]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  sharded = NamedSharding(hlo.mesh_of(8), P('data'))
+  fn = lambda b: da.crop_views(b, cfg)
+  compiled = jax.jit(fn, in_shardings=(sharded,), out_shardings=sharded).lower(batch).compile()
+  assert [s for s in hlo.all_gather_sizes(compiled) if s >= 8] == []
+  eight = jax.device_get(compiled(jax.device_put(batch, sharded)))
+  one = jax.device_get(jax.jit(fn)(batch))
+  for k in one:
+    assert np.abs(eight[k].astype(int) - one[k].astype(int)).max() <= 1
