@@ -34,8 +34,15 @@ def define_flags() -> None:
                      '(default: a table of known accelerators, see PEAK_TFLOPS).')
   flags.DEFINE_string('json', None, 'Also write the result as JSON to this path.')
   flags.DEFINE_enum('torch', None, ['eager', 'compile'],
-                    'Also time the PyTorch MAE reference (MAE configs only).')
+                    'Also time the PyTorch MAE reference (MAE configs only); with --data, the '
+                    'official torchvision host pipeline (MAE, DINO) on the same images.')
   flags.DEFINE_integer('torch_threads', None, 'torch CPU threads for --torch (default: torch\'s).')
+  flags.DEFINE_string('make_jpegs', None, 'Write 300 JPEGs at ImageNet sizes cut from the '
+                      'scikit-image photos into this folder (class subfolders) and exit.')
+  flags.DEFINE_integer('rounds', 3, '--data: interleaved CPU-time rounds (medians reported).')
+  flags.DEFINE_float('accelerator_img_per_s', 2400.0,
+                     '--data: step rate (img/s per accelerator) at which to report the host '
+                     'cores each accelerator needs.')
 
 
 # Dense bf16 peaks per device (vendor figures); CPU: a stated estimate of fp32 FMA throughput
@@ -133,7 +140,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   """Times the jitted train step of `config` on a synthetic, device-resident batch."""
   import jax
   import numpy as np
-  from mimjax.data import pipeline
+  from mimjax.data import device_augment, pipeline
   from mimjax.objectives import base as objectives
   from mimjax import optim, sharding
   from mimjax.models.vit import describe_variant
@@ -153,6 +160,10 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
     example = pipeline.to_patch_ids(
         add_synthetic_segments(example, config.model.segment_bias.num_ids), config.data)
   batch = sharding.put_batch(synthetic_batch(example, config.batch_size), mesh)
+  if pipeline.crops_on_device(config.data):  # boxes must lie on the canvas: ship the loader's
+    batch = sharding.put_batch(jax.tree.map(
+        lambda x: np.repeat(np.asarray(x), config.batch_size, axis=0), example), mesh)
+  example = device_augment.objective_example(config.data, example)
   rng = jax.random.key(0)
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
   # Schedules only shape the lr curve; epoch-based knobs (DINO's last-layer freeze) need a
@@ -164,15 +175,18 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, rng),
                                       config.get('fsdp_min_size', 2 ** 16))
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  step = jax.jit(trainer.make_train_step(objective, tx, lr, config.get('grad_accum', 1)),
+  augment = device_augment.for_config(config.data)
+  step = jax.jit(trainer.make_train_step(objective, tx, lr, config.get('grad_accum', 1), augment),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  flops = compiled_flops(compiled)
+  augment_flops = 0.0
+  if augment is not None:  # the same program's share: compiled alone, same batch sharding
+    augment_flops = compiled_flops(jax.jit(augment, in_shardings=(
+        sharding.batch_sharding(mesh), None)).lower(batch, rng).compile())
   # XLA's cost analysis is per device program: scale to the global batch.
   flops_per_img = flops * jax.device_count() / config.batch_size
   for _ in range(warmup):
@@ -195,6 +209,8 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'compile_s': round(compile_s, 2), 'step_ms': round(step_s * 1e3, 3),
       'img_per_s': round(img_s, 1), 'gflops_per_img': round(flops_per_img / 1e9, 3),
+      'device_augment': 'none' if augment is None else config.data.augment,
+      'augment_flops_share': round(augment_flops / flops, 5) if flops else None,
       'mfu': round(flops_per_img * img_s / peak, 4) if flops else None,
       'peak_tflops_total': peak / 1e12,
       'peak_mem_gb': round(mem['peak_bytes_in_use'] / 2 ** 30, 2)
@@ -202,6 +218,58 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
       'peak_host_rss_gb': host_peak_rss_gb(),
       'final_loss': float(m['loss']),
   }
+
+
+def compiled_flops(compiled) -> float:
+  """XLA's cost-analysis FLOPs of a compiled program (per device program); 0 if unknown."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def bench_data(config, steps: int, rounds: int, accelerator_img_per_s: float,
+               torch_reference: bool = False) -> dict:
+  """Host input pipeline: wall img/s of the configured loader, then CPU ms per image (process
+  time, in line, one thread) as the median of `rounds` rounds of `steps` batches each; with
+  `torch_reference`, each round also times the official torchvision pipeline on the same
+  images (interleaved, so load changes hit both alike)."""
+  import numpy as np
+  from mimjax.data import pipeline
+  result = pipeline.benchmark_loader(config.data, config.batch_size, steps)
+  maker = pipeline.batch_maker(config.data, global_batch_size=config.batch_size, seed=0)
+  transform = None
+  if torch_reference:
+    from mimjax import bench_torch
+    transform = bench_torch.official_transform(config.data)
+    if transform is None:
+      raise ValueError(f'--torch with --data: no official pipeline for data.augment='
+                       f'{config.data.augment!r} (have: mae, dino)')
+  ours, theirs = [], []
+  for r in range(rounds):
+    batches = range(r * steps, (r + 1) * steps)
+    images = maker.batch * steps
+    ours.append(pipeline.host_cpu_seconds(maker, batches) * 1e3 / images)
+    if transform is not None:
+      encoded = pipeline.encoded_images(
+          config.data, np.concatenate([maker.plan(b)[0] for b in batches]))
+      theirs.append(bench_torch.official_cpu_seconds(transform, encoded, seed=r) * 1e3 / images)
+  cpu_ms = float(np.median(ours))
+  result.update({
+      'augment_on': config.data.augment_on,
+      'device_photometric': pipeline.photometric_on_device(config.data),
+      'crop_on': config.data.crop_on,
+      'cpu_ms_per_img': round(cpu_ms, 3), 'cpu_ms_per_img_rounds': [round(x, 3) for x in ours],
+      'accelerator_img_per_s': accelerator_img_per_s,
+      'host_cores_per_accelerator': round(cpu_ms * accelerator_img_per_s / 1e3, 1)})
+  if theirs:
+    torch_ms = float(np.median(theirs))
+    result['torch'] = {
+        'pipeline': {'mae': 'MAE transform_train', 'dino': 'DataAugmentationDINO'}[
+            config.data.augment],
+        'cpu_ms_per_img': round(torch_ms, 3), 'cpu_ms_per_img_rounds': [round(x, 3) for x in theirs],
+        'host_cores_per_accelerator': round(torch_ms * accelerator_img_per_s / 1e3, 1)}
+    result['torch_over_mimjax_cpu'] = round(torch_ms / cpu_ms, 2)
+  return result
 
 
 def compare_with_torch(config, steps: int, warmup: int, mode: str, peak_tflops=None,
@@ -237,15 +305,18 @@ def main(argv):
   logs.quiet_library_logs()
   from mimjax import cli
   f = flags.FLAGS
+  if f.make_jpegs:
+    from mimjax.data.builders import embedded
+    n = embedded.write_photo_jpegs(f.make_jpegs)
+    print(f'wrote {n} JPEGs to {f.make_jpegs}')
+    return
   config = cli.config_value(f['config'], 'mimjax.bench')
-  if f.data and f.torch:
-    raise app.UsageError('--data times the input pipeline only; drop --torch')
   try:
     from mimjax.validate import validate_config
     validate_config(config)  # the trainer's start-up checks (e.g. an unknown model.attention)
     if f.data:
-      from mimjax.data import pipeline
-      result = pipeline.benchmark_loader(config.data, config.batch_size, max(f.steps, 1))
+      result = bench_data(config, max(f.steps, 1), max(f.rounds, 1), f.accelerator_img_per_s,
+                          torch_reference=bool(f.torch))
       result['peak_host_rss_gb'] = host_peak_rss_gb()
     elif f.torch:
       result = compare_with_torch(config, f.steps, f.warmup, f.torch, f.peak_tflops,

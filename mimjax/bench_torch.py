@@ -234,3 +234,81 @@ def bench_torch(config: ml_collections.ConfigDict, steps: int, warmup: int,
                       if device.type == 'cuda' else None),
       'final_loss': float(loss.detach()),
   }
+
+
+# ------------------------------------------------------------------- the official host pipelines
+class _PILGaussianBlur:
+  """DINO utils.GaussianBlur: PIL GaussianBlur(radius ~ U(0.1, 2)) with probability p."""
+
+  def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+    self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+  def __call__(self, img):
+    import random
+    from PIL import ImageFilter
+    if random.random() <= self.p:
+      return img.filter(ImageFilter.GaussianBlur(
+          radius=random.uniform(self.radius_min, self.radius_max)))
+    return img
+
+
+class _PILSolarization:
+  """DINO utils.Solarization: PIL ImageOps.solarize (threshold 128) with probability p."""
+
+  def __init__(self, p: float):
+    self.p = p
+
+  def __call__(self, img):
+    import random
+    from PIL import ImageOps
+    return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def official_transform(data_config: ml_collections.ConfigDict):
+  """The official recipe's host transform for `data_config.augment`, ending in uint8 CHW
+  tensors as mimjax ships uint8 (normalisation is on the device in both): MAE main_pretrain.py
+  `transform_train` ('mae'), DINO main_dino.py `DataAugmentationDINO` ('dino'); None for the
+  others."""
+  from PIL import Image
+  from torchvision import transforms as T
+  bicubic = Image.BICUBIC
+  size = data_config.image_size
+  if data_config.augment == 'mae':
+    return T.Compose([T.RandomResizedCrop(size, scale=tuple(data_config.crop_scale),
+                                          interpolation=bicubic),
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+  if data_config.augment != 'dino':
+    return None
+  flip_and_color_jitter = T.Compose([
+      T.RandomHorizontalFlip(p=0.5),
+      T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                    p=0.8),
+      T.RandomGrayscale(p=0.2)])
+  crop = lambda s, scale: T.RandomResizedCrop(s, scale=tuple(scale), interpolation=bicubic)
+  g1 = T.Compose([crop(size, data_config.global_crops_scale), flip_and_color_jitter,
+                  _PILGaussianBlur(1.0), T.PILToTensor()])
+  g2 = T.Compose([crop(size, data_config.global_crops_scale), flip_and_color_jitter,
+                  _PILGaussianBlur(0.1), _PILSolarization(0.2), T.PILToTensor()])
+  local = T.Compose([crop(data_config.local_size, data_config.local_crops_scale),
+                     flip_and_color_jitter, _PILGaussianBlur(0.5), T.PILToTensor()])
+  n = data_config.local_crops_number
+  return lambda img: [g1(img), g2(img)] + [local(img) for _ in range(n)]
+
+
+def official_cpu_seconds(transform, encoded: list, seed: int = 0) -> float:
+  """CPU time (process time, one torch thread) of ImageFolder's loader (PIL open → RGB) plus
+  `transform` on each encoded image, collated into batches of the list's length."""
+  import io
+  import random
+  from PIL import Image
+  from torch.utils.data import default_collate
+  torch.set_num_threads(1)
+  random.seed(seed)
+  torch.manual_seed(seed)
+  t = time.process_time()
+  views = []
+  for raw in encoded:
+    with Image.open(io.BytesIO(raw)) as img:
+      views.append((transform(img.convert('RGB')), 0))
+  default_collate(views)
+  return time.process_time() - t

@@ -118,3 +118,55 @@ def test_bench_step_runs_mre_mae_on_synthetic_segments():
   assert bench.needs_segments(config)
   result = bench.bench_step(config, steps=1, warmup=0)  # fails without `segments` in the batch
   assert result['img_per_s'] > 0 and result['gflops_per_img'] > 0
+
+
+@pytest.fixture(scope='module')
+def jpeg_data(tmp_path_factory):
+  """8 benchmark JPEGs (bench --make_jpegs's writer) built as an image_folder data set."""
+  from mimjax.data import build
+  from mimjax.data.builders import embedded
+  root = tmp_path_factory.mktemp('jpegs')
+  assert embedded.write_photo_jpegs(str(root / 'src'), count=8) == 8
+  assert build.main(['image_folder', '--source', str(root / 'src'), '--data_dir',
+                     str(root / 'data'), '--resize_shorter', '64', '--num_workers', '0']) == 0
+  return str(root / 'data')
+
+
+def _dino_data(data_dir):
+  from configs import dino as dino_config
+  config = dino_config.get_config('tiny')
+  config.data.name, config.data.data_dir = 'image_folder', data_dir
+  config.batch_size = 4
+  return config
+
+
+def test_data_bench_cpu_time_cores_and_the_official_pipeline(jpeg_data):
+  """--data: CPU ms per image per round, cores per accelerator = ms × rate / 1000, and the
+  official DataAugmentationDINO on the same records (2 + n uint8 views per image)."""
+  from mimjax import bench_torch
+  config = _dino_data(jpeg_data)
+  result = bench.bench_data(config, steps=1, rounds=2, accelerator_img_per_s=1000.0,
+                            torch_reference=True)
+  assert result['device_photometric'] and result['augment_on'] == 'device'
+  assert len(result['cpu_ms_per_img_rounds']) == 2 and result['cpu_ms_per_img'] > 0
+  assert result['host_cores_per_accelerator'] == pytest.approx(result['cpu_ms_per_img'], abs=0.1)
+  assert result['torch']['pipeline'] == 'DataAugmentationDINO'
+  assert result['torch']['cpu_ms_per_img'] > 0
+  views = bench_torch.official_transform(config.data)(
+      __import__('PIL.Image').Image.new('RGB', (80, 60)))
+  assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+  assert all(str(v.dtype) == 'torch.uint8' for v in views)
+  config.data.augment = 'simple'
+  with pytest.raises(ValueError, match="no official pipeline for data.augment='simple'"):
+    bench.bench_data(config, 1, 1, 1000.0, torch_reference=True)
+
+
+@pytest.mark.slow  # compiles a DINO step (~20 s on 2 loaded cores); test_scale compiles it too
+def test_bench_step_reports_the_device_augmentation_share():
+  from configs import dino as dino_config
+  config = dino_config.get_config('tiny')
+  config.batch_size = 8
+  result = bench.bench_step(config, steps=1, warmup=0)
+  assert result['device_augment'] == 'dino'
+  # tiny DINO at 32 px: the augmentation is a few % of a 2-block ViT's step (large models: less)
+  assert 0 < result['augment_flops_share'] < 0.2

@@ -62,6 +62,12 @@ PRODUCERS = {
     '/tmp/mre_mae_tiny': ('python -m mimjax.main --config configs/mre_mae.py:tiny --workdir '
                           '/tmp/mre_mae_tiny --config.data.name=photos '
                           '--config.data.data_dir=/tmp/sp_tiny --config.batch_size=16'),
+    '/tmp/jpegs': 'python -m mimjax.bench --make_jpegs /tmp/jpegs',
+    '/tmp/jpeg_data': ('python -m mimjax.data.build image_folder --source /tmp/jpegs '
+                       '--data_dir /tmp/jpeg_data --resize_shorter 256'),
+    '/tmp/jpeg_sp': ('python -m mimjax.sam --config configs/sam.py:vit_b,superpixel --workdir '
+                     '/tmp/jpeg_sp --config.source=image_folder '
+                     '--config.source_data_dir=/tmp/jpeg_data'),
     'workdirs/mae_tiny.safetensors': ('python -m mimjax.convert --workdir workdirs/mae_tiny '
                                       '--format timm --out workdirs/mae_tiny.safetensors --verify'),
     'workdirs/mae_tiny_mae.pth': ('python -m mimjax.convert --workdir workdirs/mae_tiny --format '

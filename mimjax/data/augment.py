@@ -219,13 +219,17 @@ def resize_view(image: Array, segments: Optional[Array],
 
 
 def lut_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
-              size: int) -> tuple[Array, Optional[Array]]:
-  """LUT: view 1 = simple resized crop; view 2 = SRC → jitter (p .8) → 3-augment. Stacked."""
+              size: int, photometric: bool = True) -> tuple[Array, Optional[Array]]:
+  """LUT: view 1 = simple resized crop; view 2 = SRC → jitter (p .8) → 3-augment. Stacked.
+
+  `photometric=False`: crops and flips only (the train step jitters view 2 on the device,
+  mimjax.data.device_augment)."""
   v1, s1 = simple_resized_crop(rng, image, segments, size)
   v2, s2 = simple_resized_crop(rng, image, segments, size)
-  if rng.uniform() < 0.8:
-    v2 = color_jitter(rng, v2)
-  v2 = three_augment(rng, v2)
+  if photometric:
+    if rng.uniform() < 0.8:
+      v2 = color_jitter(rng, v2)
+    v2 = three_augment(rng, v2)
   segs = None if segments is None else np.stack([s1, s2])
   return np.stack([v1, v2]), segs
 
@@ -233,28 +237,35 @@ def lut_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
 def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array],
                global_size: int, local_size: int, local_number: int,
                global_scale: Sequence[float] = (0.4, 1.0),
-               local_scale: Sequence[float] = (0.05, 0.4)) -> dict:
+               local_scale: Sequence[float] = (0.05, 0.4), photometric: bool = True) -> dict:
   """DINO multi-crop: 2 global (blur 1.0 / 0.1 + solarize 0.2) and N local (blur 0.5) crops.
 
-  Returns {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global',
+  `photometric=False`: crops and flips only (the train step applies the colour jitter,
+  grayscale, blur and solarization on the device, mimjax.data.device_augment). Returns {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global',
   'segments_local' when `segments` is given).
   """
   globals_, gsegs, locals_, lsegs = [], [], [], []
   for k, (blur_p, sol_p) in enumerate(((1.0, 0.0), (0.1, 0.2))):
     del k
     v, s = random_resized_crop(rng, image, segments, global_size, global_scale)
-    v, s = flip_color_gray(rng, v, s)
-    if rng.uniform() < blur_p:
-      v = gaussian_blur(rng, v)
-    if rng.uniform() < sol_p:
-      v = solarize(v)
+    if photometric:
+      v, s = flip_color_gray(rng, v, s)
+      if rng.uniform() < blur_p:
+        v = gaussian_blur(rng, v)
+      if rng.uniform() < sol_p:
+        v = solarize(v)
+    else:
+      v, s = random_hflip(rng, v, s)
     globals_.append(v)
     gsegs.append(s)
   for _ in range(local_number):
     v, s = random_resized_crop(rng, image, segments, local_size, local_scale)
-    v, s = flip_color_gray(rng, v, s)
-    if rng.uniform() < 0.5:
-      v = gaussian_blur(rng, v)
+    if photometric:
+      v, s = flip_color_gray(rng, v, s)
+      if rng.uniform() < 0.5:
+        v = gaussian_blur(rng, v)
+    else:
+      v, s = random_hflip(rng, v, s)
     locals_.append(v)
     lsegs.append(s)
   out = {'global': np.stack(globals_),
@@ -265,6 +276,36 @@ def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array]
     out['segments_local'] = (np.stack(lsegs) if lsegs
                              else np.zeros((0, local_size, local_size), np.uint8))
   return out
+
+
+# ------------------------------------------------------------- crops on the device (crop_on)
+def to_canvas(image: Array, canvas_hw: Sequence[int]) -> tuple[Array, tuple[int, int]]:
+  """(H, W, 3) → a fixed (h_c, w_c, 3) canvas: the image at its top-left (bicubic-shrunk to fit
+  when larger, aspect kept), edge-replicated to the right and bottom; → (canvas, (h, w) of the
+  image on it). Crop boxes index the image on the canvas."""
+  ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
+  h, w = image.shape[:2]
+  if h > ch or w > cw:
+    s = min(ch / h, cw / w)
+    h, w = max(1, min(ch, int(round(h * s)))), max(1, min(cw, int(round(w * s))))
+    image = _resize(image, (h, w), BICUBIC)
+  # = np.pad(mode='edge'), written out: 2.4× less CPU (one allocation, three copies)
+  canvas = np.empty((ch, cw) + image.shape[2:], image.dtype)
+  canvas[:h, :w] = image
+  canvas[:h, w:] = image[:, w - 1:w]
+  canvas[h:] = canvas[h - 1:h]
+  return canvas, (h, w)
+
+
+def crop_plan(rng: np.random.Generator, height: int, width: int, n: int,
+              scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple:
+  """n × (RandomResizedCrop box, flip): the draws `random_resized_crop` → `random_hflip` make,
+  in the same order, as arrays ((n, 4) int32 top/left/h/w, (n,) bool) for the device."""
+  boxes, flips = [], []
+  for _ in range(n):
+    boxes.append(rrc_params(rng, height, width, scale, ratio))
+    flips.append(rng.uniform() < 0.5)
+  return np.asarray(boxes, np.int32).reshape(n, 4), np.asarray(flips, bool)
 
 
 def patch_segment_ids(segments: Array, patch_size: int, num_ids: int = 256) -> Array:
@@ -280,13 +321,22 @@ def patch_segment_ids(segments: Array, patch_size: int, num_ids: int = 256) -> A
   if h % p or w % p:
     raise ValueError(f'segment map {h}x{w} is not a multiple of patch_size {p}')
   x = segments.reshape(*lead, h // p, p, w // p, p)
-  x = np.moveaxis(x, -3, -2).reshape(*lead, h // p, w // p, p * p)
-  ids = np.arange(min(int(segments.max(initial=0)) + 1, int(num_ids)), dtype=segments.dtype)
-  counts = (x[..., None] == ids).sum(axis=-2)  # (..., h/p, w/p, K+1)
-  if counts.shape[-1] == 0:  # num_ids = 0: nothing votes
-    return np.zeros(counts.shape[:-1], np.uint8)
-  # argmax returns the first maximum → the lowest id among tied ones.
-  return counts.argmax(axis=-1).astype(np.uint8)
+  x = np.moveaxis(x, -3, -2).reshape(-1, p * p)  # one row per patch
+  k = min(int(segments.max(initial=0)) + 1, int(num_ids))
+  if k <= 0:  # num_ids = 0: nothing votes
+    return np.zeros((*lead, h // p, w // p), np.uint8)
+  # One bincount over (patch, id) pairs; ids ≥ num_ids go to a discarded extra column.
+  # Chunked so the count table stays ≤ 2**22 entries (a 32 MB int64 table).
+  ids = np.empty(len(x), np.uint8)
+  chunk = max(1, 2 ** 22 // (k + 1))
+  for start in range(0, len(x), chunk):
+    part = x[start:start + chunk].astype(np.intp)
+    part = np.where(part < k, part, k)
+    flat = part + (np.arange(len(part)) * (k + 1))[:, None]
+    counts = np.bincount(flat.ravel(), minlength=len(part) * (k + 1)).reshape(len(part), k + 1)
+    # argmax returns the first maximum → the lowest id among tied ones.
+    ids[start:start + chunk] = counts[:, :k].argmax(axis=-1)
+  return ids.reshape(*lead, h // p, w // p)
 
 
 # --------------------------------------------------------------------------------- RandAugment

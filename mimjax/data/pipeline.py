@@ -26,6 +26,14 @@ from mimjax.data.builders import embedded, tfds_io
 NAMES = ('digits', 'photos', 'image_folder', 'imagenet2012', 'imagenet100', 'synthetic')
 AUGMENTS = ('mae', 'simple', 'lut', 'dino', 'eval', 'none', 'finetune')
 EVAL_SPLITS = ('validation', 'test', 'val')
+AUGMENT_ON = ('device', 'host')
+# Recipes whose photometric ops the train step runs with augment_on='device'
+# (mimjax.data.device_augment.RECIPES); the others have none, or RandAugment ('finetune'),
+# whose colour ops interleave with geometric ones and stay on the host.
+DEVICE_PHOTOMETRIC = ('dino', 'lut')
+# Recipes whose RandomResizedCrop views the device can cut (crop_on='device'): the host ships
+# a fixed-size canvas plus each view's box and flip (mimjax.data.device_augment.crop_views).
+DEVICE_CROPS = ('mae', 'dino')
 _SHUFFLE_SALT = 0x5EED
 _AUG_SALT = 0xA06
 
@@ -37,6 +45,15 @@ def default_data_config() -> ml_collections.ConfigDict:
       'data_dir': '',              # '' → $MIMJAX_DATA_DIR or ~/.cache/mimjax/tfds
       'image_size': 32,            # output side (global crops for 'dino')
       'augment': 'mae',            # one of AUGMENTS (train=True); eval always uses 'eval'
+      # 'device': the photometric part of 'dino' / 'lut' (colour jitter, grayscale, blur,
+      # solarize) runs in the train step (mimjax.data.device_augment); the host only crops and
+      # flips. 'host': all of it here, with PIL (docs/data.md).
+      'augment_on': 'device',
+      # 'device' ('mae', 'dino'): the host ships the decoded image on a fixed `canvas_size`
+      # canvas and each view's RandomResizedCrop box + flip (drawn as the host path draws them);
+      # the train step cuts the views (bicubic, antialiased). 'host': PIL crops (docs/data.md).
+      'crop_on': 'host',
+      'canvas_size': (384, 384),
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
       'prefetch': 2,               # batches buffered ahead (per worker)
       'read_threads': 2,           # threads building batches in each process
@@ -85,6 +102,17 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.name must be one of {NAMES}, got {cfg.name!r}')
   if cfg.augment not in AUGMENTS:
     raise ValueError(f'data.augment must be one of {AUGMENTS}, got {cfg.augment!r}')
+  if cfg.augment_on not in AUGMENT_ON:
+    raise ValueError(f'data.augment_on must be one of {AUGMENT_ON}, got {cfg.augment_on!r}')
+  if cfg.crop_on not in AUGMENT_ON:
+    raise ValueError(f'data.crop_on must be one of {AUGMENT_ON}, got {cfg.crop_on!r}')
+  if cfg.crop_on == 'device' and cfg.augment not in DEVICE_CROPS:
+    raise ValueError(f'data.crop_on=device cuts the views of {DEVICE_CROPS}, not '
+                     f'data.augment={cfg.augment!r}; use crop_on=host')
+  canvas = cfg.canvas_size
+  if (not isinstance(canvas, (tuple, list)) or len(canvas) != 2
+      or not all(isinstance(x, int) and x > 0 for x in canvas)):
+    raise ValueError(f'data.canvas_size must be two positive ints (h, w), got {canvas!r}')
   for key in ('image_size', 'local_size', 'synthetic_size', 'num_classes'):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise ValueError(f'data.{key} must be a positive int, got {cfg[key]!r}')
@@ -206,20 +234,51 @@ def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
 
 
 # ------------------------------------------------------------------------------- batch building
+def crops_on_device(cfg) -> bool:
+  """Whether the train step, not the host, cuts this config's RandomResizedCrop views."""
+  return cfg.get('crop_on', 'host') == 'device' and cfg.augment in DEVICE_CROPS
+
+
+def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
+                        segments: Optional[np.ndarray], augment: str) -> dict:
+  """crop_on='device': the canvas and every view group's boxes/flips (host draws only)."""
+  if segments is not None:
+    raise ValueError('data.crop_on=device does not crop segment maps yet (MRE rows); set '
+                     'data.crop_on=host or data.use_segments=False')
+  canvas, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
+  out = {'canvas': canvas}
+  if augment == 'mae':
+    groups = [('image', 1, cfg.crop_scale)]
+  else:
+    groups = [('global', 2, cfg.global_crops_scale),
+              ('local', cfg.local_crops_number, cfg.local_crops_scale)]
+  for key, n, scale in groups:
+    out[f'boxes_{key}'], out[f'flips_{key}'] = aug_lib.crop_plan(rng, h, w, n, tuple(scale))
+  return out
+
+
+def photometric_on_device(cfg) -> bool:
+  """Whether the train step, not the host, applies this config's photometric augmentations."""
+  return cfg.get('augment_on', 'device') == 'device' and cfg.augment in DEVICE_PHOTOMETRIC
+
+
 def augment_example(cfg, rng: Optional[np.random.Generator], image: np.ndarray,
                     segments: Optional[np.ndarray], augment: str) -> dict:
   """One decoded record → the output fields of `augment` (unbatched)."""
   size = cfg.image_size
+  host_photometric = not photometric_on_device(cfg)
+  if augment != 'eval' and crops_on_device(cfg):
+    return device_crop_example(cfg, rng, image, segments, augment)
   if augment == 'mae':
     image, segments = aug_lib.mae_view(rng, image, segments, size, tuple(cfg.crop_scale))
   elif augment == 'simple':
     image, segments = aug_lib.simple_resized_crop(rng, image, segments, size, cfg.crop_padding)
   elif augment == 'lut':
-    image, segments = aug_lib.lut_views(rng, image, segments, size)
+    image, segments = aug_lib.lut_views(rng, image, segments, size, host_photometric)
   elif augment == 'dino':
     return aug_lib.dino_views(rng, image, segments, size, cfg.local_size,
                               cfg.local_crops_number, tuple(cfg.global_crops_scale),
-                              tuple(cfg.local_crops_scale))
+                              tuple(cfg.local_crops_scale), host_photometric)
   elif augment == 'finetune':
     image, segments = aug_lib.finetune_view(
         rng, image, segments, size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio),
@@ -260,7 +319,7 @@ def collate(outs: list, cfg) -> dict:
   batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
   batch['label'] = batch['label'].astype(np.int32)
   for k, v in batch.items():
-    if k != 'label':
+    if k != 'label' and not k.startswith(('boxes_', 'flips_')):  # crop plans keep their types
       batch[k] = v.astype(np.uint8)
   return to_patch_ids(batch, cfg)
 
@@ -306,6 +365,7 @@ class _BatchMaker:
     self.source = source
     self.segments = has_segments and cfg.use_segments
     self.global_batch = global_batch_size
+    self.process_count = process_count
     self.batch = global_batch_size // process_count
     self.offset = process_index * self.batch
     self.seed = seed
@@ -448,9 +508,9 @@ class Loader:
     self._it = None  # rebuilt lazily from the new position (drops any prefetched batches)
 
 
-def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                split: str = 'train', train: bool = True) -> Loader:
-  """The host-local loader: global_batch_size // process_count examples per batch."""
+def batch_maker(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                split: str = 'train', train: bool = True) -> _BatchMaker:
+  """The host batch function of a loader (batch index → host batch), without the loader."""
   import jax  # only for the process topology
   validate_data_config(data_config)
   pc, pi = jax.process_count(), jax.process_index()
@@ -466,15 +526,45 @@ def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: in
     read = f'{os.path.basename(os.path.dirname(path))!r} ({path})' if path else "'synthetic'"
     raise ValueError(f'data set {read} split {split!r} has {len(source)} examples, fewer than '
                      f'one global batch of {global_batch_size}; lower --config.batch_size')
-  maker = _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
-                      process_index=pi, process_count=pc, seed=seed, train=train,
-                      files=_split_files(data_config, split))
+  return _BatchMaker(data_config, source, has_segments, global_batch_size=global_batch_size,
+                     process_index=pi, process_count=pc, seed=seed, train=train,
+                     files=_split_files(data_config, split))
+
+
+def make_loader(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                split: str = 'train', train: bool = True) -> Loader:
+  """The host-local loader: global_batch_size // process_count examples per batch."""
+  maker = batch_maker(data_config, global_batch_size=global_batch_size, seed=seed, split=split,
+                      train=train)
   meta = {'name': data_config.name, 'split': split, 'seed': int(seed), 'train': bool(train),
-          'global_batch_size': int(global_batch_size), 'process_count': pc}
+          'global_batch_size': int(global_batch_size), 'process_count': maker.process_count}
   # No process_index: the batch plan is global (step → every host's slice), so one saved
   # state (process 0's, in the checkpoint) resumes every host.
   return Loader(maker, worker_count=data_config.worker_count, prefetch=data_config.prefetch,
                 read_threads=data_config.read_threads, meta=meta)
+
+
+def encoded_images(data_config: ml_collections.ConfigDict, records, split: str = 'train') -> list:
+  """The stored (encoded JPEG/PNG) bytes of `records`, undecoded (for reference pipelines)."""
+  if data_config.name == 'synthetic':
+    raise ValueError("data.name='synthetic' has no encoded images; use a prepared data set "
+                     '(e.g. image_folder, docs/performance.md)')
+  import tensorflow_datasets as tfds
+  path = _dataset_dir(data_config)
+  builder = tfds_io.load_builder(path)
+  split = _resolve_split(builder.info.splits.keys(), split, path)
+  source = builder.as_data_source(split=split,
+                                  decoders={'image': tfds.decode.SkipDecoding()})
+  return [source[int(r)]['image'] for r in records]
+
+
+def host_cpu_seconds(maker: _BatchMaker, steps) -> float:
+  """CPU time (process time: robust on a loaded machine) this process spends building the
+  host batches `steps` in line: read, decode, augment, collate (worker_count=0, one thread)."""
+  t = time.process_time()
+  for step in steps:
+    maker(step)
+  return time.process_time() - t
 
 
 def benchmark_loader(data_config: ml_collections.ConfigDict, global_batch_size: int,

@@ -21,6 +21,7 @@ from mimjax import metrics as metrics_lib
 from mimjax import optim
 from mimjax import sharding
 from mimjax import workdir as workdir_lib
+from mimjax.data import device_augment
 from mimjax.data import pipeline
 from mimjax.durations import resolve_steps
 from mimjax.evaluate.base import make_evaluators, write_results
@@ -53,14 +54,26 @@ def _split_micro(batch: dict, accum: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+# Folded into the step key for the device augmentation's key: the objective keeps the step key
+# itself (and micro-batch j its fold_in(·, j), j < grad_accum), so no draw is shared.
+AUGMENT_PURPOSE = 0x6A75_6700
+
+
 def make_train_step(objective: objectives.Objective, tx: optax.GradientTransformation,
-                    lr_schedule, grad_accum: int = 1):
-  """Returns train_step(train_state, batch) -> (train_state, metrics); jit it with shardings."""
+                    lr_schedule, grad_accum: int = 1,
+                    augment: Optional[Callable[[dict, jax.Array], dict]] = None):
+  """Returns train_step(train_state, batch) -> (train_state, metrics); jit it with shardings.
+
+  `augment(batch, key)`: the device augmentation of the whole (global) batch, before the loss
+  and before micro-batching (mimjax.data.device_augment.for_config(config.data)); its key is
+  the step's key folded with AUGMENT_PURPOSE, so a resumed run redraws the same parameters."""
   grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
 
   def train_step(ts: dict, batch: dict):
     step = ts['step']
     rng = jax.random.fold_in(jax.random.wrap_key_data(ts['rng']), step)
+    if augment is not None:
+      batch = augment(batch, jax.random.fold_in(rng, AUGMENT_PURPOSE))
     params = ts['params']
     if grad_accum == 1:
       (loss, (state, metrics)), grads = grad_fn(params, ts['state'], batch, rng, step)
@@ -147,6 +160,7 @@ def build_step(config: ml_collections.ConfigDict, objective: objectives.Objectiv
   total_steps = resolve_steps('total', config, num_train)
   warmup_steps = resolve_steps('warmup', config, num_train, default=0)
   rng = jax.random.key(config.seed)
+  example = device_augment.objective_example(config.data, example)  # crop_on='device'
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
   tx, lr_schedule = optim.make_optimizer(config.optim, params_shape, total_steps=total_steps,
                                          warmup_steps=warmup_steps,
@@ -157,7 +171,8 @@ def build_step(config: ml_collections.ConfigDict, objective: objectives.Objectiv
   state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
-  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1))),
+  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1)),
+                                    device_augment.for_config(config.data)),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))

@@ -175,6 +175,15 @@ def test_host_patch_ids_equal_the_former_device_computation(high, num_ids):
     np.testing.assert_array_equal(host, _device_patch_ids(seg, p, num_ids))
 
 
+def test_patch_ids_over_several_count_chunks():
+  """The bincount counts ≤ 2**22 (patch, id) pairs at a time: 2·144·128 one-pixel patches with
+  256 ids take two chunks; every patch's id is its pixel (ids ≥ num_ids give 0)."""
+  seg = np.random.default_rng(0).integers(0, 256, (2, 144, 128), dtype=np.int64).astype(np.uint8)
+  np.testing.assert_array_equal(augment.patch_segment_ids(seg, 1), seg)
+  np.testing.assert_array_equal(augment.patch_segment_ids(seg, 1, 100),
+                                np.where(seg < 100, seg, 0))
+
+
 # ------------------------------------------------------------------------- RandAugment (timm)
 def _timm_rand_augment():
   """The RandAugment that timm's create_transform builds for MAE fine-tuning (reference)."""

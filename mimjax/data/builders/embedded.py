@@ -51,6 +51,32 @@ def photo_array(name: str) -> np.ndarray:
   return np.ascontiguousarray(img[..., :3].astype(np.uint8))
 
 
+# ImageNet-like sizes (the common 500×375 / 375×500 / 500×333, 640×480, some 1024×768).
+JPEG_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480), (500, 375), (1024, 768))
+
+
+def write_photo_jpegs(out_dir: str, count: int = 300, quality: int = 90, seed: int = 0) -> int:
+  """`count` JPEGs at ImageNet sizes cut from the scikit-image photos (random crops of the 18
+  samples, bicubic to JPEG_SIZES in turn), as out_dir/class_{i % 2}/{i:04d}.jpg: an image
+  folder for input-pipeline benchmarks (docs/performance.md). Returns the number written."""
+  rng = np.random.default_rng(seed)
+  photos = [photo_array(name) for name in PHOTOS]
+  for i in range(count):
+    img = photos[i % len(photos)]
+    w, h = JPEG_SIZES[i % len(JPEG_SIZES)]
+    ih, iw = img.shape[:2]
+    # the largest crop of the target's aspect ratio, scaled by U(0.5, 1), at a random place
+    s = rng.uniform(0.5, 1.0) * min(ih / h, iw / w)
+    ch, cw = max(1, int(h * s)), max(1, int(w * s))
+    top, left = rng.integers(0, ih - ch + 1), rng.integers(0, iw - cw + 1)
+    crop = Image.fromarray(img[top:top + ch, left:left + cw])
+    folder = os.path.join(out_dir, f'class_{i % 2}')
+    os.makedirs(folder, exist_ok=True)
+    crop.resize((w, h), Image.Resampling.BICUBIC).save(
+        os.path.join(folder, f'{i:04d}.jpg'), 'JPEG', quality=quality)
+  return count
+
+
 def _digits_examples(split: str) -> Iterator[tuple[int, dict]]:
   images, labels = digits_arrays(split)
   for i, (img, lab) in enumerate(zip(images, labels)):
