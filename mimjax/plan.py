@@ -162,8 +162,9 @@ class Compiled(NamedTuple):
   batch: dict             # the abstract batch it was compiled for
   lower_s: float
   compile_s: float
-  global_flops: float     # the whole step's FLOPs: cost analysis of the program before SPMD
-                          # partitioning (what one device would do alone), no extra compile
+  global_flops: Optional[float]  # the whole step's FLOPs: cost analysis of the program before
+                          # SPMD partitioning (what one device would do alone), no extra
+                          # compile; None for TPU (compile on one chip for the reference)
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh,
@@ -185,12 +186,13 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered))
 
 
-def flops(compiled) -> float:
-  """FLOPs of a compiled program per device, or of a lowered one in all (XLA cost analysis)."""
+def flops(compiled) -> Optional[float]:
+  """FLOPs of a compiled program per device, or of a lowered one in all (XLA cost analysis);
+  None where the backend gives none (a TPU lowering: the compiled program's are per chip)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]
-  return float(cost.get('flops', 0.0))
+  return None if cost is None else float(cost.get('flops', 0.0))
 
 
 def mesh_of(n: int):

@@ -1,7 +1,8 @@
 """Device mesh ('data', 'fsdp'), parameter and batch shardings, host → global arrays."""
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -34,6 +35,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
 def default_mesh() -> Mesh:
   """A data-parallel mesh over every device (what `make_mesh` gives an empty config)."""
   return make_mesh(ml_collections.ConfigDict({}))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn`, traced under `mesh` (its abstract mesh): the model's kernels then compile for that
+  mesh's devices and split over its batch axes (mimjax.models.pallas_attention.platform and
+  per_device), also when the devices are a TPU topology compiled for on a CPU host."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,12 +14,18 @@ row sums of dS over same-segment and different-segment pairs, which (× scale, s
 batch and rows) are d u_pos and d u_neg. Sequences are padded to the tile size; padded keys
 are masked in-kernel and padded query rows are dropped. Details: docs/performance.md.
 
-On CPU the kernels run in Pallas interpret mode (what the tests check); on GPU they lower
-through Triton and on TPU through Mosaic — neither was run on hardware here (see the docs).
+The kernels follow the devices they are compiled for: the platform of the mesh the caller
+traces under (`jax.sharding.use_abstract_mesh`, as the trainer's step does), else jax's default
+backend. On CPU they run in Pallas interpret mode (what the tests check); on GPU they lower
+through Triton and on TPU through Mosaic — compiled for TPU by XLA:TPU on a CPU host
+(`mimjax.plan --target`), never run on hardware here (see the docs). Neither Mosaic nor Triton
+calls can be partitioned by XLA, so under a mesh the kernels run inside `shard_map`: each
+device on its own rows of the batch (mesh axes 'data', 'fsdp'), heads and sequence local.
 """
 
 import dataclasses
 import functools
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from mimjax.models.segment_bias import SegmentTerms
 
@@ -34,6 +41,18 @@ from mimjax.models.segment_bias import SegmentTerms
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers for a · bᵀ
 MAX_BLOCK = 128
+# The mesh axes the batch is split over: mimjax.sharding.BATCH_AXES (models sit below sharding
+# in the layers; tests/models/test_pallas_attention.py checks the two agree).
+BATCH_AXES = ('data', 'fsdp')
+
+
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the devices of the mesh being traced under (set by
+  `jax.sharding.use_abstract_mesh`/`jax.set_mesh`), else jax's default backend. A TPU mesh of
+  compile-only devices on a CPU host thus gets TPU kernels."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def block_size(n: int) -> int:
@@ -312,15 +331,16 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, scale: fl
   `segments` (ids (B, T), u_pos / u_neg (H,)) switches the MRE bias on; the query ids are
   `segments.ids` and the key ids `kv_segment_ids` (default: the same ids, self-attention).
   Block sizes default to `block_size` of each length. `backend` ('cpu' = interpret mode,
-  'gpu' = Triton, 'tpu' = Mosaic) defaults to jax's default backend; naming one lets a CPU
-  host lower the kernels for another platform.
+  'gpu' = Triton, 'tpu' = Mosaic) defaults to `platform()`; naming one lets a CPU host lower
+  one kernel by hand for another platform. Under a mesh the call is split over its batch axes
+  (`per_device`).
   """
   bsz, t, h, d = q.shape
   s_len = k.shape[1]
   block_q = block_q or block_size(t)
   block_k = block_k or block_size(s_len)
   tq, tk = pl.cdiv(t, block_q) * block_q, pl.cdiv(s_len, block_k) * block_k
-  st = _Static(float(scale), s_len, block_q, block_k, backend or jax.default_backend())
+  st = _Static(float(scale), s_len, block_q, block_k, backend or platform())
   to_kernel = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), 2, n)  # (B, H, T_pad, D)
   qid = kid = u_pos = u_neg = None
   if segments is not None:
@@ -330,6 +350,45 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, scale: fl
     kid = _pad_to(kv_ids, 1, tk).reshape(bsz, tk // block_k, 1, block_k)    # (B, nk, 1, bk)
     u = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (h,)).reshape(h, 1, 1)
     u_pos, u_neg = u(segments.u_pos), u(segments.u_neg)
-  out = _attention(st, to_kernel(q, tq), to_kernel(k, tk), to_kernel(v, tk),
-                   qid, kid, u_pos, u_neg)
+  kernel = lambda q, k, v, qid, kid, u_pos, u_neg: _attention(st, q, k, v, qid, kid, u_pos,
+                                                              u_neg)
+  out = per_device(kernel, 5)(to_kernel(q, tq), to_kernel(k, tk), to_kernel(v, tk),
+                              qid, kid, u_pos, u_neg)
   return jnp.swapaxes(out[:, :, :t], 1, 2)
+
+
+def per_device(fn, num_batched: int):
+  """`fn` run by every device of the current mesh on its own rows: its first `num_batched`
+  arguments (None allowed) are split on their leading (batch) dim over the mesh's free batch
+  axes, the rest replicated (their gradients summed); its one output is split like the batch.
+  Without a mesh (or with every axis already manual, e.g. inside the caller's shard_map) it is
+  `fn` itself. A batch that does not divide over those axes (the batch of one an init traces)
+  is replicated: every device runs the whole call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  if not free:
+    return fn
+  axes = tuple(a for a in BATCH_AXES if a in free)
+
+  def call(*args):
+    given = [i for i, a in enumerate(args) if a is not None]  # shard_map takes no None
+    split = math.prod(mesh.shape[a] for a in axes)
+    if split == 1 or args[given[0]].shape[0] % split:
+      split = 1
+    spec = P(axes) if split > 1 else P()
+    # Replicated arguments go in as one copy per device (a leading axis split like the batch),
+    # so the transpose of the broadcast sums their per-device gradients: the kernels' outputs
+    # carry no varying-axes types, hence check_vma=False, which would not sum them itself.
+    copies = lambda i, x: x if i < num_batched else jnp.broadcast_to(x, (split,) + x.shape)
+
+    def local(*xs):
+      full = [None] * len(args)
+      for i, x in zip(given, xs):
+        full[i] = x if i < num_batched else x[0]
+      return fn(*full)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec,
+                         axis_names=set(free), check_vma=False)(
+                             *(copies(i, args[i]) for i in given))
+
+  return call
