@@ -2,7 +2,7 @@
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -12,9 +12,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')  # FSDP shards the batch too; params only over 'fsdp'.
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """Mesh (data, fsdp) over the first `devices` devices (-1: all); `data=-1` fills the rest."""
-  devices = jax.devices()
+def make_mesh(config: ml_collections.ConfigDict, devices: Optional[list] = None) -> Mesh:
+  """Mesh (data, fsdp) over the first `config.devices` of `devices` (default jax.devices(),
+  -1: all); `data=-1` fills the rest. `devices` may be compile-only (a TPU topology's)."""
+  devices = jax.devices() if devices is None else list(devices)
   if config.get('devices', -1) not in (-1, None):
     if not 0 < config.devices <= len(devices):
       raise ValueError(f'config.mesh.devices={config.devices}: have {len(devices)} devices')
