@@ -125,12 +125,16 @@ def batch_all_gathers(hlo_text: str, global_batch: int) -> list:
 
 
 def scaling_problems(step: 'Compiled', n: int, global_batch: int,
-                     tolerance: float = 0.15) -> list:
-  """What keeps a step compiled on n devices from dividing its work (`step.global_flops`, the
-  unpartitioned program's FLOPs; within 1 % of a 1-device compile, tests/test_scale.py):
-  per-device FLOPs off 1/n by more than `tolerance`, and batch-shaped all-gathers. Empty
-  when the step splits its batch over the devices."""
-  f1, fn = step.global_flops, flops(step.compiled)
+                     tolerance: float = 0.15, whole_flops: Optional[float] = None) -> list:
+  """What keeps a step compiled on n devices from dividing its work: per-device FLOPs off 1/n
+  of the whole step's by more than `tolerance`, and batch-shaped all-gathers. The whole
+  step's FLOPs are `whole_flops` (a 1-device compile's) or else `step.global_flops` (the
+  unpartitioned program's; within 1 % of a 1-device compile on CPU, tests/test_scale.py;
+  None for TPU). Empty when the step splits its batch over the devices."""
+  f1, fn = whole_flops or step.global_flops, flops(step.compiled)
+  if f1 is None:
+    raise ValueError('scaling_problems: no whole-step FLOPs (a TPU lowering has no cost '
+                     'analysis): pass whole_flops from a 1-device compile')
   problems = []
   ratio = fn * n / f1 if f1 else float('inf')
   if abs(ratio - 1) > tolerance:
