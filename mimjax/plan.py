@@ -57,6 +57,7 @@ def _devices_from_argv(argv) -> int:
 if __name__ == '__main__':  # before jax is imported anywhere
   fake_cpu_devices(_devices_from_argv(sys.argv))
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from typing import Any, NamedTuple, Optional  # noqa: E402
@@ -195,8 +196,23 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   t0 = time.perf_counter()
   lowered = built.step_fn.lower(built.abstract, batch)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  with _cache_off_unless(set(mesh.devices.flat) <= set(jax.devices())):
+    compiled = lowered.compile()
   return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered))
+
+
+@contextlib.contextmanager
+def _cache_off_unless(runnable: bool):
+  """The persistent compilation cache off unless the devices are this host's: an executable
+  for compile-only devices (a TPU topology on a CPU host) cannot be loaded back (jax warns
+  'PjRtCompiler must be constructed with a Client'), so it is neither written nor read."""
+  old = jax.config.jax_enable_compilation_cache
+  if not runnable:
+    jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', old)
 
 
 def flops(compiled) -> Optional[float]:
