@@ -20,6 +20,7 @@ from configs import mae as mae_config
 from mimjax import checkpoint as ckpt_lib
 from mimjax.train import trainer
 from tests.env import subprocess_env
+from tests.trained import assert_trained_params_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -121,17 +122,14 @@ def test_two_processes_match_single_process_and_share_one_workdir(tmp_path):
     assert os.path.exists(os.path.join(ckpt_dir, str(STEPS), item, 'commit_success.txt')), item
   state_files = os.listdir(os.path.join(ckpt_dir, str(STEPS), 'state'))
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(state_files), state_files
-  got = ckpt_lib.restore_params(multi)
-  want = ckpt_lib.restore_params(str(tmp_path / 'single'))
-  flat_got, flat_want = (dict(_flatten(t)) for t in (got, want))
-  assert flat_got.keys() == flat_want.keys() and flat_got
-  for name in flat_want:
-    a, b = flat_got[name], flat_want[name]
-    if name.endswith('qkv/bias'):
-      # The key bias has an exactly zero gradient (softmax is shift-invariant per query), so
-      # Adam turns float round-off into ±lr steps whose signs depend on reduction order: skip it.
-      a, b = np.delete(a.reshape(3, -1), 1, axis=0), np.delete(b.reshape(3, -1), 1, axis=0)
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+  # Two processes reduce in another order than one: tight everywhere, except the key bias
+  # (exactly zero gradient), held to Adam's own bound (tests/trained.py).
+  optim = mae_config.get_config('tiny').optim
+  lrs = [r['lr'] for r in map(json.loads, open(os.path.join(multi, 'metrics.jsonl')))]
+  assert len(lrs) == STEPS
+  assert_trained_params_close(ckpt_lib.restore_params(multi),
+                              ckpt_lib.restore_params(str(tmp_path / 'single')), lrs=lrs,
+                              b1=optim.b1, b2=optim.b2)
 
 
 @pytest.mark.slow
@@ -147,10 +145,3 @@ def test_two_processes_resume_from_shared_checkpoint(tmp_path):
   np.testing.assert_allclose([l for _, l in _losses(multi)],
                              [l for _, l in _losses(reference)], rtol=1e-5)
 
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, f'{prefix}/{k}')
-  else:
-    yield prefix, np.asarray(tree)

@@ -114,3 +114,25 @@ def test_cli_duration_override_unsets_the_other_units():
   assert resolve_steps('total', config, 1000) == 10
   config.batch_size = 100
   assert resolve_steps('warmup', config, 1000) == 400  # warmup_epochs untouched (40)
+
+
+def test_adam_step_bound_of_the_trained_params_helper_holds_and_is_attained():
+  """tests/trained.py holds the key bias (exactly zero gradient) to adam_step_bound: optax's Adam
+  stays under it for gradients of any scale, and the Cauchy–Schwarz history reaches it."""
+  import optax
+  from tests.trained import adam_step_bound
+  b1, b2, steps = 0.9, 0.95, 8
+  tx = optax.scale_by_adam(b1, b2, eps=0.0)
+  rng = np.random.default_rng(0)
+  grads = rng.standard_normal((steps, 4096)) * np.exp(rng.uniform(-20, 5, (steps, 4096)))
+  update = jax.jit(tx.update)
+  state = tx.init(jnp.zeros(4096))
+  for t in range(steps):
+    u, state = update(jnp.asarray(grads[t], jnp.float32), state)
+    assert float(jnp.abs(u).max()) <= adam_step_bound(b1, b2, t + 1) * (1 + 1e-5)  # f32 eps
+  # Equality: g at step s ∝ (b1/b2)^(T−s), the last step's update is the bound itself.
+  state = tx.init(jnp.zeros(1))
+  for s in range(1, steps + 1):
+    u, state = update(jnp.full(1, (b1 / b2) ** (steps - s), jnp.float32), state)
+  np.testing.assert_allclose(float(u[0]), adam_step_bound(b1, b2, steps), rtol=1e-5)
+  assert adam_step_bound(b1, b2, 1) == 1.0   # the first step is g/|g|
