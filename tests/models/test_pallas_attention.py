@@ -120,6 +120,30 @@ def test_plain_cross_attention_with_other_key_length():
   _assert_close(got[:4], _value_and_grads(ref, q, k, v, cot, u_pos, u_neg)[:4], F32_TOL)
 
 
+@pytest.mark.parametrize('blocks', [
+    # each kernel tiles its own way (the key ids are re-tiled per kernel): forward 64×64,
+    # dQ 64 rows × 16 keys, dK/dV 16 rows × 32 keys
+    pa.BlockSizes(pa.Tiles(64, 64), pa.Tiles(64, 16), pa.Tiles(16, 32)),
+    pytest.param(pa.default_blocks(50, 50, 32, 'gpu'), marks=pytest.mark.slow),  # GPU's tiles
+])
+def test_own_tiles_per_kernel_and_head_dim_padded_to_a_power_of_two(blocks):
+  # D = 20 runs as 32 (zero columns, dropped from the output), as ViT-H/14's 80 runs as 128
+  q, k, v, cot, ids, u_pos, u_neg = _inputs(2, 50, 2, 20, None, 4)
+  assert pa.kernel_head_dim(20, 'cpu') == 32 and pa.kernel_head_dim(80, 'gpu') == 128
+  kernel = lambda q, k, v, up, un: pa.flash_attention(
+      q, k, v, scale=0.25, segments=SegmentTerms(ids, up, un), blocks=blocks)
+  ref = lambda q, k, v, up, un: reference(q, k, v, ids, up, un, 0.25)
+  _assert_close(_value_and_grads(kernel, q, k, v, cot, u_pos, u_neg),
+                _value_and_grads(ref, q, k, v, cot, u_pos, u_neg), F32_TOL)
+
+
+def test_tiles_must_be_powers_of_two():
+  with pytest.raises(ValueError, match='powers of two ≥ 16'):
+    pa.Tiles(48, 64)
+  with pytest.raises(ValueError, match='powers of two ≥ 16'):
+    pa.Tiles(64, 8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('t', [785, 301])   # B/8 at 224 px: 7 tiles per axis; 3 tiles, odd
 def test_long_sequences(t):
