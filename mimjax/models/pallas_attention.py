@@ -173,6 +173,13 @@ def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
   return s, pos, neg
 
 
+def _key_tile(j, bk: int, k_ref, v_ref, kid_ref):
+  """Key tile j of whole-sequence K, V refs: its start, K, V and key ids (None without bias)."""
+  start = pl.multiple_of(j * bk, bk)
+  rows = pl.ds(start, bk)
+  return start, k_ref[rows, :], v_ref[rows, :], None if kid_ref is None else kid_ref[j]
+
+
 def _fwd_kernel(*refs, st: _Static, bk: int, num_k: int, use_bias: bool):
   """One query tile: stream all key tiles, online softmax; writes O and the log-sum-exp."""
   if use_bias:
@@ -180,16 +187,13 @@ def _fwd_kernel(*refs, st: _Static, bk: int, num_k: int, use_bias: bool):
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    qid = u_pos = u_neg = None
+    qid = kid_ref = u_pos = u_neg = None
   q = q_ref[...]
   bq = q.shape[0]
 
   def body(j, carry):
     acc, m, l = carry
-    start = pl.multiple_of(j * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kid = kid_ref[j] if use_bias else None
+    start, k, v, kid = _key_tile(j, bk, k_ref, v_ref, kid_ref)
     s, _, _ = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m - m_new)
@@ -213,15 +217,12 @@ def _dq_kernel(*refs, st: _Static, bk: int, num_k: int, use_bias: bool):
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    qid = u_pos = u_neg = None
+    qid = kid_ref = u_pos = u_neg = None
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
   def body(j, carry):
     dq, dup, dun = carry
-    start = pl.multiple_of(j * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kid = kid_ref[j] if use_bias else None
+    start, k, v, kid = _key_tile(j, bk, k_ref, v_ref, kid_ref)
     s, pos, neg = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
     p = jnp.exp(s - lse)                       # recomputed, never stored
     dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
