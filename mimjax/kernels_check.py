@@ -10,8 +10,9 @@ memory than one block may have, or fails to lower:
   python -m mimjax.kernels_check
   python -m mimjax.kernels_check --arch sm_90a --seq 197 --head-dim 64
 
-Compiling every default shape takes a few minutes on two cores (each kernel is compiled once
-per distinct Triton IR and target). Run times need a GPU and are not measured here.
+Every default shape: about two minutes on two cores with a cold Triton cache, ~35 s once
+~/.triton holds the kernels (each distinct Triton IR and target is compiled once). Run times
+need a GPU and are not measured here.
 """
 
 import argparse
