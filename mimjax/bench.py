@@ -171,12 +171,14 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   tx, lr = optim.make_optimizer(config.optim, params_shape, total_steps=1000, warmup_steps=10,
                                 batch_size=config.batch_size,
                                 num_examples=pipeline.num_examples(data_cfg, 'train'))
-  init_fn = lambda r: trainer.init_train_state(objective, tx, r, example)
+  init_fn = sharding.traced_on(mesh,
+                               lambda r: trainer.init_train_state(objective, tx, r, example))
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, rng),
                                       config.get('fsdp_min_size', 2 ** 16))
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
   augment = device_augment.for_config(config.data)
-  step = jax.jit(trainer.make_train_step(objective, tx, lr, config.get('grad_accum', 1), augment),
+  step = jax.jit(sharding.traced_on(mesh, trainer.make_train_step(
+                    objective, tx, lr, config.get('grad_accum', 1), augment)),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   t = time.perf_counter()

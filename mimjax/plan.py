@@ -2,23 +2,32 @@
 
   python -m mimjax.plan --config configs/mae.py:vit_b,in1k,1600ep --devices 64 \
       --per_device_batch 2
+  python -m mimjax.plan --config configs/mae.py:tiny --target tpu:v5e:2x2
 
-Fakes `--devices` CPU devices (XLA_FLAGS, set before jax is imported), builds the trainer's
-exact train step (mimjax.train.trainer.build_step) for the row's model, image size and global
-batch, and compiles it ahead of time on abstract inputs (jax.ShapeDtypeStruct; params and
-optimizer state come from jax.eval_shape: no data set, no weights). It reports per device:
-parameter + optimizer-state bytes (from the state's shardings), the compiled program's
-argument/temporary bytes (compiled.memory_analysis()), FLOPs (compiled.cost_analysis()), the
-collectives in the program (count and result bytes by kind) and whether the peak fits the
-memory of named accelerators.
+Builds the trainer's exact train step (mimjax.train.trainer.build_step) for the row's model,
+image size and global batch, and compiles it ahead of time on abstract inputs
+(jax.ShapeDtypeStruct; params and optimizer state come from jax.eval_shape: no data set, no
+weights) for one of two targets:
+- `--devices N` (default 8): N fake CPU devices (XLA_FLAGS, set before jax is imported),
+  compiled by XLA:CPU;
+- `--target tpu:TOPOLOGY` (any name jax.experimental.topologies accepts: v5e:2x2, v5e:16x16,
+  v4:2x2x2, v5p:4x4x4, v6e:4x4): every chip of that TPU slice as compile-only devices from
+  libtpu (the [dev] extra), compiled by XLA:TPU (and Mosaic for Pallas kernels) on this host,
+  no TPU attached. Figures are then the TPU compiler's, and the fit is against the chip's HBM
+  less HBM_RESERVE; when it does not fit, `alternatives` (remat, FSDP over every chip,
+  gradient accumulation) are each compiled and their peaks printed.
+It reports per device: parameter + optimizer-state bytes (from the state's shardings), the
+compiled program's argument/temporary bytes (compiled.memory_analysis()), FLOPs
+(compiled.cost_analysis()), the collectives in the program (count and result bytes by kind),
+batch-shaped all-gathers and whether the peak fits.
 
 `--per_device_batch b` compiles with b images per device instead of the row's
 batch_size / devices (compiling ViT-B at 64 images per device takes long on a small CPU).
 The step is then compiled at b and at 2b, and every batch-dependent figure (FLOPs,
 temporaries, peak) is extrapolated linearly to the row's per-device batch B:
-x(B) = x(b) + (x(2b) − x(b))·(B − b)/b. Parameter and optimizer-state bytes do not depend on
-the batch. Helpers (compile_step, collectives, batch_all_gathers) are shared with
-tests/test_scale.py and mimjax.bench.
+x(B) = x(b) + (x(2b) − x(b))·(B − b)/b; the table says so. Parameter and optimizer-state
+bytes do not depend on the batch. Helpers (compile_step, collectives, batch_all_gathers) are
+shared with tests/test_scale.py and mimjax.bench.
 """
 
 import os
@@ -50,6 +59,7 @@ def _devices_from_argv(argv) -> int:
 if __name__ == '__main__':  # before jax is imported anywhere
   fake_cpu_devices(_devices_from_argv(sys.argv))
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from typing import Any, NamedTuple, Optional  # noqa: E402
@@ -118,12 +128,16 @@ def batch_all_gathers(hlo_text: str, global_batch: int) -> list:
 
 
 def scaling_problems(step: 'Compiled', n: int, global_batch: int,
-                     tolerance: float = 0.15) -> list:
-  """What keeps a step compiled on n devices from dividing its work (`step.global_flops`, the
-  unpartitioned program's FLOPs; within 1 % of a 1-device compile, tests/test_scale.py):
-  per-device FLOPs off 1/n by more than `tolerance`, and batch-shaped all-gathers. Empty
-  when the step splits its batch over the devices."""
-  f1, fn = step.global_flops, flops(step.compiled)
+                     tolerance: float = 0.15, whole_flops: Optional[float] = None) -> list:
+  """What keeps a step compiled on n devices from dividing its work: per-device FLOPs off 1/n
+  of the whole step's by more than `tolerance`, and batch-shaped all-gathers. The whole
+  step's FLOPs are `whole_flops` (a 1-device compile's) or else `step.global_flops` (the
+  unpartitioned program's; within 1 % of a 1-device compile on CPU, tests/test_scale.py;
+  None for TPU). Empty when the step splits its batch over the devices."""
+  f1, fn = whole_flops or step.global_flops, flops(step.compiled)
+  if f1 is None:
+    raise ValueError('scaling_problems: no whole-step FLOPs (a TPU lowering has no cost '
+                     'analysis): pass whole_flops from a 1-device compile')
   problems = []
   ratio = fn * n / f1 if f1 else float('inf')
   if abs(ratio - 1) > tolerance:
@@ -164,8 +178,9 @@ class Compiled(NamedTuple):
   batch: dict             # the abstract batch it was compiled for
   lower_s: float
   compile_s: float
-  global_flops: float     # the whole step's FLOPs: cost analysis of the program before SPMD
-                          # partitioning (what one device would do alone), no extra compile
+  global_flops: Optional[float]  # the whole step's FLOPs: cost analysis of the program before
+                          # SPMD partitioning (what one device would do alone), no extra
+                          # compile; None for TPU (compile on one chip for the reference)
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh,
@@ -183,16 +198,32 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   t0 = time.perf_counter()
   lowered = built.step_fn.lower(built.abstract, batch)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  with _cache_off_unless(set(mesh.devices.flat) <= set(jax.devices())):
+    compiled = lowered.compile()
   return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered))
 
 
-def flops(compiled) -> float:
-  """FLOPs of a compiled program per device, or of a lowered one in all (XLA cost analysis)."""
+@contextlib.contextmanager
+def _cache_off_unless(runnable: bool):
+  """The persistent compilation cache off unless the devices are this host's: an executable
+  for compile-only devices (a TPU topology on a CPU host) cannot be loaded back (jax warns
+  'PjRtCompiler must be constructed with a Client'), so it is neither written nor read."""
+  old = jax.config.jax_enable_compilation_cache
+  if not runnable:
+    jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', old)
+
+
+def flops(compiled) -> Optional[float]:
+  """FLOPs of a compiled program per device, or of a lowered one in all (XLA cost analysis);
+  None where the backend gives none (a TPU lowering: the compiled program's are per chip)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]
-  return float(cost.get('flops', 0.0))
+  return None if cost is None else float(cost.get('flops', 0.0))
 
 
 def mesh_of(n: int):
@@ -243,21 +274,66 @@ def measure(config: ml_collections.ConfigDict, mesh) -> dict:
 
 
 SCALED = ('batch_bytes', 'argument_bytes', 'temp_bytes', 'peak_bytes', 'flops')
+# HBM per TPU chip by device kind (Cloud TPU docs): v4 32 GB, v5e 16 GB, v5p 95 GB, v6e 32 GB.
+TPU_HBM = {'TPU v4': 32e9, 'TPU v5 lite': 16e9, 'TPU v5': 95e9, 'TPU v6 lite': 32e9}
+# Kept free of the plan's peak: the TPU runtime, program code, infeed buffers and allocator
+# fragmentation are not in the compiler's figures.
+HBM_RESERVE = 0.10
 
 
-def plan(config: ml_collections.ConfigDict, devices: int,
-         per_device_batch: Optional[int] = None) -> dict:
-  """Per-device plan of `config` on `devices` fake devices; see the module docstring."""
-  if len(jax.devices()) < devices:
-    raise ValueError(f'--devices={devices}: jax sees {len(jax.devices())} devices (run as '
-                     '`python -m mimjax.plan`, which fakes them before jax starts)')
+class Target(NamedTuple):
+  """The devices a plan compiles for and what one of them holds."""
+  name: str          # 'cpu' (fake devices) or 'tpu:TOPOLOGY'
+  devices: list
+  kind: str          # device_kind of the first device
+  hbm_bytes: Optional[float]  # per device (a v4 topology lists each chip's 2 cores apart)
+
+
+def tpu_target(topology: str) -> Target:
+  """Every device of a TPU topology ('v5e:2x2', 'v4:2x2x2', ...), compile-only, from libtpu
+  on this host (no TPU attached). Raises ValueError with one line when it cannot."""
+  import importlib.util
+  if importlib.util.find_spec('libtpu') is None:
+    raise ValueError(f'--target=tpu:{topology} needs libtpu, the TPU compiler: '
+                     'pip install -e ".[dev]" (or ".[tpu]")')
+  from jax.experimental import topologies
+  try:
+    devices = topologies.get_topology_desc(topology_name=topology, platform='tpu').devices
+  except Exception as e:  # jax reports a bad name as a runtime error of the plugin
+    raise ValueError(f'--target=tpu:{topology}: not a TPU topology libtpu knows (e.g. '
+                     f'v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:4x4): {str(e).splitlines()[0]}')
+  kind = devices[0].device_kind
+  if kind not in TPU_HBM:
+    raise ValueError(f'--target=tpu:{topology}: chip {kind!r} has no HBM size in '
+                     f'mimjax.plan.TPU_HBM (known: {", ".join(TPU_HBM)})')
+  cores = len(devices) // len({tuple(d.coords) for d in devices})
+  return Target(f'tpu:{topology}', list(devices), kind, TPU_HBM[kind] / cores)
+
+
+def parse_target(target: Optional[str], devices: int) -> Target:
+  """--target ('tpu:TOPOLOGY', or None/'cpu' for `devices` fake CPU devices) → Target."""
+  if target in (None, '', 'cpu'):
+    if len(jax.devices()) < devices:
+      raise ValueError(f'--devices={devices}: jax sees {len(jax.devices())} devices (run as '
+                       '`python -m mimjax.plan`, which fakes them before jax starts)')
+    return Target('cpu', jax.devices()[:devices], jax.devices()[0].device_kind, None)
+  platform, _, topology = target.partition(':')
+  if platform != 'tpu' or not topology:
+    raise ValueError(f'--target={target}: expected tpu:TOPOLOGY (e.g. tpu:v5e:2x2) or cpu')
+  return tpu_target(topology)
+
+
+def _plan_on(config: ml_collections.ConfigDict, target: Target,
+             per_device_batch: Optional[int]) -> dict:
+  """Per-device figures of `config` on every device of `target` (see the module docstring)."""
+  devices = len(target.devices)
   if config.batch_size % devices:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
-                     f'--devices={devices}')
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{devices} devices (--devices={devices} or --target)')
   mesh_cfg = config.mesh.copy_and_resolve_references()
   with mesh_cfg.unlocked():
     mesh_cfg.devices = devices
-  mesh = sharding.make_mesh(mesh_cfg)
+  mesh = sharding.make_mesh(mesh_cfg, target.devices)
   true_b = config.batch_size // devices
   b = per_device_batch or true_b
   if b <= 0:
@@ -274,7 +350,62 @@ def plan(config: ml_collections.ConfigDict, devices: int,
     out['batch_all_gathers'] = max(first['batch_all_gathers'], second['batch_all_gathers'])
     out['compile_s'] = round(first['compile_s'] + second['compile_s'], 1)
     out['lower_s'] = round(first['lower_s'] + second['lower_s'], 1)
-  out['fits'] = {name: out['peak_bytes'] <= cap for name, cap in ACCELERATORS.items()}
+  return out
+
+
+def _budget_name(target: Target) -> str:
+  return (f'{target.kind} {_size(target.hbm_bytes)} − {HBM_RESERVE:.0%} reserve '
+          f'= {_size(target.hbm_bytes * (1 - HBM_RESERVE))}')
+
+
+def _fits(p: dict, target: Target) -> dict:
+  """{memory: peak fits}: the target's HBM less the reserve, or (fake CPU devices) each of
+  ACCELERATORS."""
+  if target.hbm_bytes is None:
+    return {name: p['peak_bytes'] <= cap for name, cap in ACCELERATORS.items()}
+  return {_budget_name(target): p['peak_bytes'] <= target.hbm_bytes * (1 - HBM_RESERVE)}
+
+
+def alternatives(config: ml_collections.ConfigDict, devices: int) -> list:
+  """What may make a row fit, as (--config overrides, config): rematerialised blocks, FSDP
+  over every device, and the same global batch in 2 and 4 micro-batches (gradient
+  accumulation: a smaller batch per device and pass)."""
+  out = []
+
+  def variant(flag: str, key: str, value) -> None:
+    c = config.copy_and_resolve_references()
+    node, _, leaf = key.rpartition('.')
+    with c.unlocked():
+      setattr(c[node] if node else c, leaf, value)
+    out.append((flag, c))
+
+  if not config.model.get('remat'):
+    variant('--config.model.remat=True', 'model.remat', True)
+  if int(config.mesh.get('fsdp', 1)) < devices:
+    variant(f'--config.mesh.fsdp={devices}', 'mesh.fsdp', devices)
+  accum = int(config.get('grad_accum', 1))
+  for k in (2, 4):
+    if config.batch_size % (devices * accum * k) == 0:
+      variant(f'--config.grad_accum={accum * k}', 'grad_accum', accum * k)
+  return out
+
+
+def plan(config: ml_collections.ConfigDict, devices: int = 8,
+         per_device_batch: Optional[int] = None, target: Optional[str] = None,
+         suggest: bool = True) -> dict:
+  """Per-device plan of `config` on `devices` fake CPU devices, or on every chip of `target`
+  ('tpu:v5e:2x2': compiled by XLA:TPU on this host); see the module docstring. When the peak
+  does not fit and `suggest`, every one of `alternatives` is compiled the same way and its
+  peak and fit listed under 'alternatives'."""
+  tgt = parse_target(target, devices)
+  out = _plan_on(config, tgt, per_device_batch)
+  out.update(target=tgt.name, device_kind=tgt.kind, fits=_fits(out, tgt))
+  if suggest and not all(out['fits'].values()):
+    out['alternatives'] = []
+    for flag, alt in alternatives(config, len(tgt.devices)):
+      p = _plan_on(alt, tgt, per_device_batch)
+      out['alternatives'].append({'flag': flag, 'peak_bytes': p['peak_bytes'],
+                                  'fits': all(_fits(p, tgt).values())})
   return out
 
 
@@ -283,19 +414,26 @@ def _size(x: float) -> str:
 
 
 def format_plan(name: str, p: dict) -> str:
-  """The plan as a markdown table (what docs/performance.md shows)."""
+  """The plan as a markdown table (what docs/performance.md shows), then the checked
+  alternatives when it does not fit."""
   coll = ', '.join(f'{k} {v["count"]}× {_size(v["bytes"])}'
                    for k, v in sorted(p['collectives'].items())) or 'none'
   fits = ', '.join(f'{k}: {"yes" if ok else "no"}' for k, ok in p['fits'].items())
   compiled = ' and '.join(str(b) for b in p['compiled_per_device_batch'])
+  if len(p['compiled_per_device_batch']) > 1:
+    compiled += ' per device; batch-dependent figures extrapolated linearly'
+  else:
+    compiled += ' per device'
   rows = [
       ('config', name),
+      ('compiled for', f'{p.get("target", "cpu")} ({p.get("device_kind", "?")})'),
       ('devices × per-device batch', f'{p["devices"]} × {p["per_device_batch"]} '
-       f'(global {p["global_batch"]}; compiled at {compiled} per device)'),
+       f'(global {p["global_batch"]}; compiled at {compiled})'),
       ('params', _size(p['params_bytes'])),
       ('optimizer state', _size(p['opt_state_bytes'])),
       ('objective state (EMA teacher, center, ...)', _size(p['objective_state_bytes'])),
       ('batch', _size(p['batch_bytes'])),
+      ('arguments (state + batch, as compiled)', _size(p['argument_bytes'])),
       ('temporaries (activations, gradients)', _size(p['temp_bytes'])),
       ('peak = arguments + outputs − aliased + temporaries', _size(p['peak_bytes'])),
       ('GFLOP per step', f'{p["flops"] / 1e9:.4g}'),
@@ -305,6 +443,10 @@ def format_plan(name: str, p: dict) -> str:
       ('lower / compile (s)', f'{p["lower_s"]} / {p["compile_s"]}'),
   ]
   lines = ['| per device | |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows]
+  if p.get('alternatives') is not None:
+    lines.append('\nDoes not fit. Alternatives, each compiled the same way (peak per device):')
+    lines += [f'- {a["flag"]}: {_size(a["peak_bytes"])}, '
+              f'{"fits" if a["fits"] else "does not fit"}' for a in p['alternatives']]
   return '\n'.join(lines)
 
 
@@ -318,7 +460,7 @@ def main(argv) -> None:
   logs.quiet_library_logs()
   config = cli.config_value(flags.FLAGS['config'], 'mimjax.plan')
   try:
-    p = plan(config, f.devices, f.per_device_batch)
+    p = plan(config, f.devices, f.per_device_batch, f.target)
   except (ValueError, FileNotFoundError) as e:
     print(f'mimjax.plan: error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -349,5 +491,7 @@ if __name__ == '__main__':
                        'Compile with this many images per device (and twice as many) and '
                        'extrapolate batch-dependent figures linearly to the row\'s batch.')
   flags.DEFINE_string('json', None, 'Also write the plan as JSON to this path.')
+  flags.DEFINE_string('target', None, 'tpu:TOPOLOGY (e.g. tpu:v5e:2x2): compile for that TPU '
+                      'slice with XLA:TPU on this host (needs libtpu); default: --devices.')
   flags.mark_flag_as_required('config')
   cli.run_absl(main, 'mimjax.plan')

@@ -1,7 +1,8 @@
 """Device mesh ('data', 'fsdp'), parameter and batch shardings, host → global arrays."""
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -11,9 +12,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')  # FSDP shards the batch too; params only over 'fsdp'.
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """Mesh (data, fsdp) over the first `devices` devices (-1: all); `data=-1` fills the rest."""
-  devices = jax.devices()
+def make_mesh(config: ml_collections.ConfigDict, devices: Optional[list] = None) -> Mesh:
+  """Mesh (data, fsdp) over the first `config.devices` of `devices` (default jax.devices(),
+  -1: all); `data=-1` fills the rest. `devices` may be compile-only (a TPU topology's)."""
+  devices = jax.devices() if devices is None else list(devices)
   if config.get('devices', -1) not in (-1, None):
     if not 0 < config.devices <= len(devices):
       raise ValueError(f'config.mesh.devices={config.devices}: have {len(devices)} devices')
@@ -34,6 +36,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
 def default_mesh() -> Mesh:
   """A data-parallel mesh over every device (what `make_mesh` gives an empty config)."""
   return make_mesh(ml_collections.ConfigDict({}))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn`, traced under `mesh` (its abstract mesh): the model's kernels then compile for that
+  mesh's devices and split over its batch axes (mimjax.models.pallas_attention.platform and
+  per_device), also when the devices are a TPU topology compiled for on a CPU host."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,10 +1,14 @@
-"""Reading a compiled program: per-device FLOPs and the shapes its all-gathers produce."""
+"""Reading a compiled program: per-device FLOPs and the shapes its all-gathers produce; meshes
+of fake CPU devices and of a TPU topology's compile-only chips."""
 
+import functools
+import importlib.util
 import math
 import re
 
 import jax
 import ml_collections
+import pytest
 
 from mimjax import sharding
 
@@ -36,3 +40,22 @@ def abstract(shape, dtype, mesh, spec=jax.sharding.PartitionSpec()) -> jax.Shape
   """An input with no data, placed on `mesh` with `spec`."""
   return jax.ShapeDtypeStruct(shape, dtype,
                               sharding=jax.sharding.NamedSharding(mesh, spec))
+
+
+# The TPU compiler comes with libtpu ([dev] extra); without it the TPU-compile tests skip.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason='libtpu (the [dev] extra) is not installed')
+TPU_TOPOLOGY = 'v5e:2x2'  # the smallest multi-chip slice; a 1-chip mesh takes its first chip
+
+
+@functools.cache
+def _tpu_devices() -> tuple:
+  from jax.experimental import topologies
+  return tuple(topologies.get_topology_desc(topology_name=TPU_TOPOLOGY,
+                                            platform='tpu').devices)
+
+
+def tpu_mesh(chips: int) -> jax.sharding.Mesh:
+  """A data-parallel mesh over the first `chips` of a v5e 2x2 slice, compile-only (XLA:TPU
+  compiles for it on this host, nothing runs)."""
+  return sharding.make_mesh(ml_collections.ConfigDict({'devices': chips}), _tpu_devices())

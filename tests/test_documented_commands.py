@@ -49,6 +49,7 @@ SLOW = [
     (r'configs/\w+\.py:vit_b\b', 'B/16 at 224 px on a CPU'),
     (r'--torch (eager|compile)', 'times the PyTorch reference as well'),
     (r'mimjax\.plan .*--devices 64', 'compiles a paper row for 64 fake devices: minutes on 2 cores'),
+    (r'mimjax\.plan .*--target tpu:', 'compiles with XLA:TPU (libtpu): a minute to hours on 2 cores'),
 ]
 # Paths a command reads → the documented command that writes them (run first if needed).
 PRODUCERS = {

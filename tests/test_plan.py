@@ -1,5 +1,7 @@
-"""mimjax.plan: the HLO collective parser, and a plan of a tiny config on 8 devices."""
+"""mimjax.plan: the HLO collective parser, a plan of a tiny config on 8 devices (and the
+checked alternatives when it does not fit), and on a 4-chip TPU slice (XLA:TPU)."""
 
+import importlib.util
 import math
 
 import jax
@@ -12,6 +14,7 @@ from mimjax import tree
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
 from mimjax.train import trainer
+from tests.hlo import needs_libtpu
 
 HLO = """
   %all-gather-start.1 = (f32[5,64]{1,0}, f32[40,64]{1,0}) all-gather-start(f32[5,64]{1,0} %p), dimensions={0}
@@ -88,5 +91,43 @@ def test_plan_needs_the_devices_and_a_divisible_batch():
   with pytest.raises(ValueError, match='--devices=16'):
     plan.plan(config, devices=16)
   config.batch_size = 60
-  with pytest.raises(ValueError, match='not divisible'):
+  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
     plan.plan(config, devices=8)
+
+
+def test_plan_that_does_not_fit_lists_checked_alternatives(monkeypatch):
+  # Every named accelerator shrunk below the tiny step's peak: each alternative is compiled.
+  monkeypatch.setattr(plan, 'ACCELERATORS', {'a 1 MB chip': 1e6})
+  config = mae_config.get_config('tiny')
+  config.batch_size = 16
+  p = plan.plan(config, devices=8)
+  assert p['fits'] == {'a 1 MB chip': False}
+  flags = [a['flag'] for a in p['alternatives']]
+  assert flags == ['--config.model.remat=True', '--config.mesh.fsdp=8',
+                   '--config.grad_accum=2']       # 4 micro-batches of 16 do not split over 8
+  accum = p['alternatives'][2]
+  assert 0 < accum['peak_bytes'] < p['peak_bytes'] and not accum['fits']
+  assert 'Does not fit' in plan.format_plan('configs/mae.py:tiny', p)
+
+
+def test_target_errors_are_one_line(monkeypatch):
+  with pytest.raises(ValueError, match=r'--target=gpu:h100: expected tpu:TOPOLOGY'):
+    plan.plan(mae_config.get_config('tiny'), target='gpu:h100')
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'libtpu' else real(name, *a))
+  with pytest.raises(ValueError, match=r'needs libtpu.*\.\[dev\]'):
+    plan.plan(mae_config.get_config('tiny'), target='tpu:v5e:2x2')
+
+
+@needs_libtpu
+def test_plan_for_a_tpu_slice():
+  config = mae_config.get_config('tiny')
+  config.batch_size = 40      # the program tests/test_scale.py compiles for 4 chips
+  p = plan.plan(config, target='tpu:v5e:2x2')
+  assert (p['target'], p['device_kind'], p['devices']) == ('tpu:v5e:2x2', 'TPU v5 lite', 4)
+  assert p['fits'] == {'TPU v5 lite 16.00 GB − 10% reserve = 14.40 GB': True}
+  assert p['flops'] > 0 and p['temp_bytes'] > 0 and p['batch_all_gathers'] == 0
+  assert 'tpu:v5e:2x2 (TPU v5 lite)' in plan.format_plan('configs/mae.py:tiny', p)
+  with pytest.raises(ValueError, match='not a TPU topology libtpu knows'):
+    plan.plan(config, target='tpu:v9z:2x2')

@@ -4,8 +4,13 @@ The trainer's own jitted step (mimjax.train.trainer.build_step, with its shardin
 ahead of time from abstract inputs on 8 simulated devices: per-device FLOPs must be 1/8 (within
 15 %) of the whole step's (XLA's cost analysis of the program before partitioning, which
 agrees with a 1-device compile to ~1 %: checked once below, so each config compiles once) and
-no batch-shaped array may be all-gathered.
+no batch-shaped array may be all-gathered. The MRE-MAE step with the Pallas kernel too.
 Configs are discovered from configs/*.py, so a new objective is covered without editing this.
+
+The same checks run with the TPU compiler (XLA:TPU from libtpu, for the compile-only chips of
+a v5e 2x2 slice; the reference is a 1-chip compile, as a TPU lowering has no cost analysis):
+a plain and a Pallas tiny row by default, every other tiny row and every paper row under
+`-m slow`. The Pallas row must compile to Mosaic kernels (`tpu_custom_call`).
 """
 
 import importlib
@@ -20,6 +25,7 @@ from mimjax import checkpoint
 from mimjax import plan
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
+from tests import hlo
 
 GLOBAL_BATCH = 40  # 5 per device on 8: no model dimension of a tiny row is a multiple of 40
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -35,9 +41,11 @@ def training_configs() -> list:
   return names
 
 
-def tiny(name: str, tmp_path_factory) -> ml_collections.ConfigDict:
+def tiny(name: str, tmp_path_factory, attention: str = None) -> ml_collections.ConfigDict:
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
   config.batch_size = GLOBAL_BATCH
+  if attention:
+    config.model.attention = attention
   if 'teacher' in config:  # KD: a freshly initialised MRE teacher of the same method
     teacher_cfg = importlib.import_module(f'configs.mre_{config.distill.method}').get_config('tiny')
     workdir = tmp_path_factory.mktemp(f'{name}_teacher')
@@ -57,6 +65,12 @@ def test_discovery_finds_every_objective_family():
 @pytest.mark.parametrize('name', training_configs())
 def test_train_step_divides_over_8_devices(name, tmp_path_factory):
   config = tiny(name, tmp_path_factory)
+  assert plan.scaling_problems(plan.compile_step(config, plan.mesh_of(8)), 8, GLOBAL_BATCH) == []
+
+
+def test_pallas_step_divides_over_8_devices(tmp_path_factory):
+  # The kernel in interpret mode under shard_map: each device runs it on its own rows.
+  config = tiny('mre_mae', tmp_path_factory, attention='pallas')
   assert plan.scaling_problems(plan.compile_step(config, plan.mesh_of(8)), 8, GLOBAL_BATCH) == []
 
 
@@ -82,3 +96,48 @@ def test_checker_fails_on_a_step_that_gathers_its_batch(tmp_path_factory):
   problems = plan.scaling_problems(step, 8, GLOBAL_BATCH)
   assert len(problems) == 2, problems
   assert 'FLOPs' in problems[0] and 'all-gather' in problems[1]
+
+
+# ------------------------------------------------------------------------ the TPU compiler
+TPU_CHIPS = 4
+# Paper rows compile at 9 images per chip (global 36): no dimension of a paper model (widths
+# 384..1280, 196/784 patches, 65536 DINO outputs, 36 is not among them) is a multiple of 36.
+PAPER_GLOBAL_BATCH = 36
+PAPER_ROWS = [('mae', 'vit_b,in1k,1600ep'), ('mae', 'vit_l,in1k,800ep'),
+              ('mae', 'vit_h,in1k,1600ep'), ('mre_mae', 'vit_b,in100,1600ep'),
+              ('mre_mae', 'vit_b8,in100,1600ep'),
+              ('dino', 'vit_s,in100,300ep'), ('mre_dino', 'vit_s,in100,300ep'),
+              ('lut', 'vit_b,in1k,1600ep'), ('semantic_mim', 'vit_b,in1k,300ep')]
+
+
+def tpu_scaling(config: ml_collections.ConfigDict) -> tuple:
+  """(the step compiled for 4 TPU chips, its scaling problems against a 1-chip compile)."""
+  four = plan.compile_step(config, hlo.tpu_mesh(TPU_CHIPS))
+  one = plan.compile_step(config, hlo.tpu_mesh(1))
+  return four, plan.scaling_problems(four, TPU_CHIPS, config.batch_size,
+                                     whole_flops=plan.flops(one.compiled))
+
+
+def _tiny_tpu_rows() -> list:
+  default = [('mae', None), ('mre_mae', 'pallas')]
+  slow = [(name, None) for name in training_configs() if name not in ('mae',)]
+  slow.append(('mre_dino', 'pallas'))
+  return default + [pytest.param(*row, marks=pytest.mark.slow) for row in slow]
+
+
+@hlo.needs_libtpu
+@pytest.mark.parametrize('name,attention', _tiny_tpu_rows())
+def test_tiny_step_divides_over_4_tpu_chips(name, attention, tmp_path_factory):
+  config = tiny(name, tmp_path_factory, attention)
+  step, problems = tpu_scaling(config)
+  assert problems == []
+  mosaic = step.compiled.as_text().count('tpu_custom_call')
+  assert (mosaic > 0) == (attention == 'pallas')  # the kernel, not its interpret mode
+
+
+@pytest.mark.slow   # minutes to tens of minutes per row on a small CPU
+@hlo.needs_libtpu
+@pytest.mark.parametrize('name,row', PAPER_ROWS)
+def test_paper_step_divides_over_4_tpu_chips(name, row):
+  config = importlib.import_module(f'configs.{name}').get_config(row)
+  assert tpu_scaling(plan.plan_config(config, PAPER_GLOBAL_BATCH))[1] == []

@@ -92,9 +92,10 @@ class Attention(nn.Module):
 
 
 def fused_backend(dtype: Any, head_dim: int) -> str:
-  """'cudnn' where cuDNN flash attention applies (GPU, bf16/fp16, head dim ≤ 128 and a
-  multiple of 8), else 'xla'. jax.nn.dot_product_attention's own default is always XLA."""
-  ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  """'cudnn' where cuDNN flash attention applies (the devices compiled for are GPUs — the
+  traced mesh's, else jax's default backend —, bf16/fp16, head dim ≤ 128 and a multiple of 8),
+  else 'xla'. jax.nn.dot_product_attention's own default is always XLA."""
+  ok = (pallas_attention.platform() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0 and head_dim <= 128)
   return 'cudnn' if ok else 'xla'
 

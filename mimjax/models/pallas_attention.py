@@ -14,12 +14,18 @@ row sums of dS over same-segment and different-segment pairs, which (× scale, s
 batch and rows) are d u_pos and d u_neg. Sequences are padded to the tile size; padded keys
 are masked in-kernel and padded query rows are dropped. Details: docs/performance.md.
 
-On CPU the kernels run in Pallas interpret mode (what the tests check); on GPU they lower
-through Triton and on TPU through Mosaic — neither was run on hardware here (see the docs).
+The kernels follow the devices they are compiled for: the platform of the mesh the caller
+traces under (`jax.sharding.use_abstract_mesh`, as the trainer's step does), else jax's default
+backend. On CPU they run in Pallas interpret mode (what the tests check); on GPU they lower
+through Triton and on TPU through Mosaic — compiled for TPU by XLA:TPU on a CPU host
+(`mimjax.plan --target`), never run on hardware here (see the docs). Neither Mosaic nor Triton
+calls can be partitioned by XLA, so under a mesh the kernels run inside `shard_map`: each
+device on its own rows of the batch (mesh axes 'data', 'fsdp'), heads and sequence local.
 """
 
 import dataclasses
 import functools
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from mimjax.models.segment_bias import SegmentTerms
 
@@ -34,15 +41,92 @@ from mimjax.models.segment_bias import SegmentTerms
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers for a · bᵀ
 MAX_BLOCK = 128
+# The mesh axes the batch is split over: mimjax.sharding.BATCH_AXES (models sit below sharding
+# in the layers; tests/models/test_pallas_attention.py checks the two agree).
+BATCH_AXES = ('data', 'fsdp')
 
 
-def block_size(n: int) -> int:
-  """Tile length for n tokens: the next power of two ≥ 16 up to 128 (one tile), else 128.
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the devices of the mesh being traced under (set by
+  `jax.sharding.use_abstract_mesh`/`jax.set_mesh`), else jax's default backend. A TPU mesh of
+  compile-only devices on a CPU host thus gets TPU kernels."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def block_size(n: int, most: int = MAX_BLOCK) -> int:
+  """Tile length for n tokens: the next power of two ≥ 16 up to `most` (one tile), else `most`.
 
   Powers of two ≥ 16 suit Triton's tl.dot; a tile that is either 128 or the whole padded
   sequence satisfies Mosaic's (8, 128) block rule for the (1, block_k) key-id tiles.
   """
-  return min(MAX_BLOCK, max(16, pl.next_power_of_2(n)))
+  return min(most, max(16, pl.next_power_of_2(n)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """One kernel's tile (block_q query rows × block_k keys) and its Triton launch parameters
+  (ignored by Mosaic and interpret mode)."""
+  block_q: int
+  block_k: int
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for n in (self.block_q, self.block_k):
+      if n < 16 or n & (n - 1):
+        raise ValueError(f'pallas attention: tile sizes must be powers of two ≥ 16, got {self}')
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of the forward, dQ and dK/dV kernels (jax's Pallas GPU attention `BlockSizes` is the
+  model): the backward kernels hold more live tiles (P, dP, dS and two accumulators) than the
+  forward, so on GPU they get smaller tiles to stay within the 255 registers of a thread."""
+  fwd: Tiles
+  dq: Tiles
+  dkv: Tiles
+
+  @classmethod
+  def uniform(cls, block_q: int, block_k: int) -> 'BlockSizes':
+    """The same tile for all three kernels (TPU, interpret mode, or as asked)."""
+    return cls(*[Tiles(block_q, block_k)] * 3)
+
+  def padded(self, t: int, s: int) -> Tuple[int, int]:
+    """Query and key lengths padded to a multiple of every kernel's tile (powers of two, so a
+    multiple of the largest is a multiple of all)."""
+    round_up = lambda n, tiles: pl.cdiv(n, max(tiles)) * max(tiles)
+    kernels = (self.fwd, self.dq, self.dkv)
+    return (round_up(t, [k.block_q for k in kernels]), round_up(s, [k.block_k for k in kernels]))
+
+
+def default_blocks(t: int, s: int, head_dim: int, backend: str) -> BlockSizes:
+  """Tiles for t queries over s keys of `head_dim` (padded on GPU) on `backend`.
+
+  GPU: tuned with `python -m mimjax.kernels_check` (sm_80 and sm_90a, bf16, T = 50, 197, 785,
+  D = 64 and 80 → 128) so that no kernel spills registers — table in docs/performance.md.
+  Elsewhere: one tile per axis up to 128 for all three kernels (Mosaic's block rule above).
+  """
+  if backend != 'gpu':
+    return BlockSizes.uniform(block_size(t), block_size(s))
+  # A thread has 255 registers for its share of the float32 accumulators ((block, D) each:
+  # one in the forward and dQ kernels, two in dK/dV) and of the (block_q, block_k) logits,
+  # P, dP and dS tiles. 128×128 tiles spilled ~1 KB per thread in every kernel; these are the
+  # largest tiles measured to leave a margin below 255 on both targets (docs/performance.md).
+  wide = head_dim > 64
+  tile = lambda bq, bk, warps: Tiles(block_size(t, bq), block_size(s, bk), warps, 2)
+  fwd = tile(64, 64, 8 if wide else 4)
+  dq = tile(32, 32, 4) if wide else tile(64, 32, 4)
+  dkv = tile(32, 32, 4)
+  return BlockSizes(fwd, dq, dkv)
+
+
+def kernel_head_dim(d: int, backend: str) -> int:
+  """Head dim the kernels see: on GPU (and in interpret mode, which runs the GPU kernels) the
+  next power of two ≥ 16, since Triton tiles are powers of two (ViT-H/14's D = 80 → 128);
+  Mosaic takes the whole head dim as one block."""
+  return d if backend == 'tpu' else max(16, pl.next_power_of_2(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +134,10 @@ class _Static:
   """Compile-time constants of one kernel call (hashable: a nondiff argument of custom_vjp)."""
   scale: float
   kv_len: int      # real key count; keys at positions ≥ kv_len are padding
-  block_q: int
-  block_k: int
+  blocks: BlockSizes
   backend: str     # 'cpu' (interpret mode), 'gpu' (Triton) or 'tpu' (Mosaic)
 
-  def call_args(self, name: str) -> dict:
+  def call_args(self, name: str, tiles: Tiles) -> dict:
     """pallas_call keyword arguments for this backend."""
     if self.backend == 'cpu':
       return dict(interpret=True, name=name)
@@ -62,8 +145,8 @@ class _Static:
       # jax 0.10 lowers pallas_call to Mosaic GPU unless given Triton parameters; the kernels
       # are written for Triton (pl.ds slices of refs, fori_loop over tiles).
       from jax.experimental.pallas import triton as pl_triton
-      return dict(name=name, compiler_params=pl_triton.CompilerParams(num_warps=4,
-                                                                      num_stages=2))
+      return dict(name=name, compiler_params=pl_triton.CompilerParams(
+          num_warps=tiles.num_warps, num_stages=tiles.num_stages))
     if self.backend == 'tpu':
       from jax.experimental.pallas import tpu as pl_tpu
       return dict(name=name, compiler_params=pl_tpu.CompilerParams(
@@ -84,29 +167,33 @@ def _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st: _Static):
     pos, neg = known & same, known & ~same
     s = s + jnp.where(pos, u_pos, jnp.where(neg, u_neg, 0.0))  # u: (1, 1) per head
   s = s * st.scale
-  if st.kv_len % st.block_k:  # only the last key tile can hold padding
+  if st.kv_len % k.shape[0]:  # only the last key tile can hold padding
     col = k_start + lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1)
     s = jnp.where(col < st.kv_len, s, MASK_VALUE)
   return s, pos, neg
 
 
-def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
+def _key_tile(j, bk: int, k_ref, v_ref, kid_ref):
+  """Key tile j of whole-sequence K, V refs: its start, K, V and key ids (None without bias)."""
+  start = pl.multiple_of(j * bk, bk)
+  rows = pl.ds(start, bk)
+  return start, k_ref[rows, :], v_ref[rows, :], None if kid_ref is None else kid_ref[j]
+
+
+def _fwd_kernel(*refs, st: _Static, bk: int, num_k: int, use_bias: bool):
   """One query tile: stream all key tiles, online softmax; writes O and the log-sum-exp."""
   if use_bias:
     q_ref, k_ref, v_ref, qid_ref, kid_ref, up_ref, un_ref, o_ref, lse_ref = refs
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    qid = u_pos = u_neg = None
+    qid = kid_ref = u_pos = u_neg = None
   q = q_ref[...]
-  bq, bk = q.shape[0], st.block_k
+  bq = q.shape[0]
 
   def body(j, carry):
     acc, m, l = carry
-    start = pl.multiple_of(j * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kid = kid_ref[j] if use_bias else None
+    start, k, v, kid = _key_tile(j, bk, k_ref, v_ref, kid_ref)
     s, _, _ = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m - m_new)
@@ -122,7 +209,7 @@ def _fwd_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
   lse_ref[...] = m + jnp.log(l)
 
 
-def _dq_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
+def _dq_kernel(*refs, st: _Static, bk: int, num_k: int, use_bias: bool):
   """One query tile: dQ and the per-row sums of dS over same / different pairs (× scale)."""
   if use_bias:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, up_ref, un_ref,
@@ -130,16 +217,12 @@ def _dq_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
     qid, u_pos, u_neg = qid_ref[...], up_ref[...], un_ref[...]
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    qid = u_pos = u_neg = None
+    qid = kid_ref = u_pos = u_neg = None
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  bq, bk = q.shape[0], st.block_k
 
   def body(j, carry):
     dq, dup, dun = carry
-    start = pl.multiple_of(j * bk, bk)
-    k = k_ref[pl.ds(start, bk), :]
-    v = v_ref[pl.ds(start, bk), :]
-    kid = kid_ref[j] if use_bias else None
+    start, k, v, kid = _key_tile(j, bk, k_ref, v_ref, kid_ref)
     s, pos, neg = _tile_logits(q, k, qid, kid, u_pos, u_neg, start, st)
     p = jnp.exp(s - lse)                       # recomputed, never stored
     dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
@@ -150,7 +233,7 @@ def _dq_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
       dun = dun + jnp.sum(jnp.where(neg, ds, 0.0), axis=1, keepdims=True)
     return dq, dup, dun
 
-  zeros = jnp.zeros((bq, 1), jnp.float32)
+  zeros = jnp.zeros((q.shape[0], 1), jnp.float32)
   dq, dup, dun = lax.fori_loop(0, num_k, body,
                                (jnp.zeros(q.shape, jnp.float32), zeros, zeros))
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
@@ -159,7 +242,7 @@ def _dq_kernel(*refs, st: _Static, num_k: int, use_bias: bool):
     dun_ref[...] = dun * st.scale
 
 
-def _dkv_kernel(*refs, st: _Static, num_q: int, use_bias: bool):
+def _dkv_kernel(*refs, st: _Static, bq: int, num_q: int, use_bias: bool):
   """One key tile: stream all query tiles; dK and dV."""
   if use_bias:
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qid_ref, kid_ref, up_ref, un_ref,
@@ -169,8 +252,7 @@ def _dkv_kernel(*refs, st: _Static, num_q: int, use_bias: bool):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     kid = u_pos = u_neg = None
   k, v = k_ref[...], v_ref[...]
-  bq = st.block_q
-  k_start = pl.program_id(2) * st.block_k
+  k_start = pl.program_id(2) * k.shape[0]
 
   def body(i, carry):
     dk, dv = carry
@@ -191,13 +273,13 @@ def _dkv_kernel(*refs, st: _Static, num_q: int, use_bias: bool):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(st: _Static, tq: int, tk: int, d: int, use_bias: bool):
-  """BlockSpecs shared by the three kernels, keyed by what they hold.
+def _specs(tiles: Tiles, tq: int, tk: int, d: int, use_bias: bool):
+  """BlockSpecs of one kernel's tiles, keyed by what they hold.
 
   'q_tile'/'k_tile' = one tile indexed by the grid's last axis; '*_all' = the whole padded
   sequence of that (batch, head), sliced inside the kernel.
   """
-  bq, bk = st.block_q, st.block_k
+  bq, bk = tiles.block_q, tiles.block_k
   spec = {
       'q_tile': pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
       'q_all': pl.BlockSpec((None, None, tq, d), lambda b, h, i: (b, h, 0, 0)),
@@ -217,24 +299,32 @@ def _specs(st: _Static, tq: int, tk: int, d: int, use_bias: bool):
   return spec
 
 
+def _key_tiles(kid, block_k: int):
+  """Key ids (B, T_pad) → (B, T_pad / block_k, 1, block_k): one (1, block_k) row per key tile
+  (Mosaic's block rule; each kernel tiles the keys its own way)."""
+  return kid.reshape(kid.shape[0], kid.shape[1] // block_k, 1, block_k)
+
+
 def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
   """Padded kernel layout (B, H, T, D) → O (B, H, T, D), log-sum-exp (B, H, T, 1) float32."""
   b, h, tq, d = q.shape
   tk = k.shape[2]
+  tiles = st.blocks.fwd
   use_bias = qid is not None
-  sp = _specs(st, tq, tk, d, use_bias)
+  sp = _specs(tiles, tq, tk, d, use_bias)
   in_specs = [sp['q_tile'], sp['k_all'], sp['k_all']]
   args = [q, k, v]
   if use_bias:
     in_specs += [sp['qid_tile'], sp['kid_all'], sp['u'], sp['u']]
-    args += [qid, kid, u_pos, u_neg]
+    args += [qid, _key_tiles(kid, tiles.block_k), u_pos, u_neg]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
-      grid=(b, h, tq // st.block_q), in_specs=in_specs,
+      functools.partial(_fwd_kernel, st=st, bk=tiles.block_k, num_k=tk // tiles.block_k,
+                        use_bias=use_bias),
+      grid=(b, h, tq // tiles.block_q), in_specs=in_specs,
       out_specs=[sp['q_tile'], sp['row_tile']],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)],
-      **st.call_args('mre_flash_fwd'))(*args)
+      **st.call_args('mre_flash_fwd', tiles))(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -252,15 +342,16 @@ def _attention_bwd(st, res, do):
   b, h, tq, d = q.shape
   tk = k.shape[2]
   use_bias = qid is not None
-  sp = _specs(st, tq, tk, d, use_bias)
   # delta_i = Σ_d dO_id · O_id (FlashAttention-2's D): O(T·D), left to XLA. O is kept in the
   # input dtype (FlashAttention-2 and cuDNN do the same; a float32 copy would add B·T·H·D·4
   # bytes per layer): in bf16 its rounding leaves rows of dS summing to ±u·|dO·O| instead of
   # 0, which d u (a sum of dS that mostly cancels) feels most — see the bf16 test's bound.
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   args = [q, k, v, do, lse, delta]
-  bias_args = [qid, kid, u_pos, u_neg] if use_bias else []
+  bias_args = lambda tiles: [qid, _key_tiles(kid, tiles.block_k), u_pos, u_neg] if use_bias else []
 
+  tiles = st.blocks.dq
+  sp = _specs(tiles, tq, tk, d, use_bias)
   dq_in = [sp['q_tile'], sp['k_all'], sp['k_all'], sp['q_tile'], sp['row_tile'], sp['row_tile']]
   dq_out = [sp['q_tile']]
   dq_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -269,18 +360,22 @@ def _attention_bwd(st, res, do):
     dq_out += [sp['row_tile']] * 2
     dq_shape += [jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32)] * 2
   dq_res = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, num_k=tk // st.block_k, use_bias=use_bias),
-      grid=(b, h, tq // st.block_q), in_specs=dq_in, out_specs=dq_out, out_shape=dq_shape,
-      **st.call_args('mre_flash_dq'))(*args, *bias_args)
+      functools.partial(_dq_kernel, st=st, bk=tiles.block_k, num_k=tk // tiles.block_k,
+                        use_bias=use_bias),
+      grid=(b, h, tq // tiles.block_q), in_specs=dq_in, out_specs=dq_out, out_shape=dq_shape,
+      **st.call_args('mre_flash_dq', tiles))(*args, *bias_args(tiles))
 
+  tiles = st.blocks.dkv
+  sp = _specs(tiles, tq, tk, d, use_bias)
   dkv_in = [sp['q_all'], sp['k_tile'], sp['k_tile'], sp['q_all'], sp['row_all'], sp['row_all']]
   if use_bias:
     dkv_in += [sp['qid_all'], sp['kid_tile'], sp['u'], sp['u']]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, st=st, num_q=tq // st.block_q, use_bias=use_bias),
-      grid=(b, h, tk // st.block_k), in_specs=dkv_in, out_specs=[sp['k_tile']] * 2,
+      functools.partial(_dkv_kernel, st=st, bq=tiles.block_q, num_q=tq // tiles.block_q,
+                        use_bias=use_bias),
+      grid=(b, h, tk // tiles.block_k), in_specs=dkv_in, out_specs=[sp['k_tile']] * 2,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      **st.call_args('mre_flash_dkv'))(*args, *bias_args)
+      **st.call_args('mre_flash_dkv', tiles))(*args, *bias_args(tiles))
 
   if not use_bias:
     return dq_res[0], dk, dv, None, None, None, None
@@ -306,30 +401,76 @@ def flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, scale: fl
                     segments: Optional[SegmentTerms] = None,
                     kv_segment_ids: Optional[jnp.ndarray] = None,
                     block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    blocks: Optional[BlockSizes] = None,
                     backend: Optional[str] = None) -> jnp.ndarray:
   """softmax((q·kᵀ + b)·scale)·v on (B, T, H, D) q and (B, S, H, D) k, v → (B, T, H, D).
 
   `segments` (ids (B, T), u_pos / u_neg (H,)) switches the MRE bias on; the query ids are
   `segments.ids` and the key ids `kv_segment_ids` (default: the same ids, self-attention).
-  Block sizes default to `block_size` of each length. `backend` ('cpu' = interpret mode,
-  'gpu' = Triton, 'tpu' = Mosaic) defaults to jax's default backend; naming one lets a CPU
-  host lower the kernels for another platform.
+  Tiles: `blocks`, else `block_q`/`block_k` for all three kernels, else `default_blocks`.
+  On GPU the head dim is zero-padded to `kernel_head_dim` (exact: zero columns add nothing
+  to q·kᵀ and give output columns that are dropped). `backend` ('cpu' = interpret mode,
+  'gpu' = Triton, 'tpu' = Mosaic) defaults to `platform()`; naming one lets a CPU host lower
+  one kernel by hand for another platform. Under a mesh the call is split over its batch axes
+  (`per_device`).
   """
-  bsz, t, h, d = q.shape
+  _, t, h, d = q.shape
   s_len = k.shape[1]
-  block_q = block_q or block_size(t)
-  block_k = block_k or block_size(s_len)
-  tq, tk = pl.cdiv(t, block_q) * block_q, pl.cdiv(s_len, block_k) * block_k
-  st = _Static(float(scale), s_len, block_q, block_k, backend or jax.default_backend())
-  to_kernel = lambda x, n: _pad_to(jnp.swapaxes(x, 1, 2), 2, n)  # (B, H, T_pad, D)
+  backend = backend or platform()
+  dk = kernel_head_dim(d, backend)
+  if blocks is None and (block_q or block_k):
+    blocks = BlockSizes.uniform(block_q or block_size(t), block_k or block_size(s_len))
+  blocks = blocks or default_blocks(t, s_len, dk, backend)
+  tq, tk = blocks.padded(t, s_len)
+  st = _Static(float(scale), s_len, blocks, backend)
+  to_kernel = lambda x, n: _pad_to(_pad_to(jnp.swapaxes(x, 1, 2), 2, n), 3, dk)  # (B,H,T_pad,Dk)
   qid = kid = u_pos = u_neg = None
   if segments is not None:
     ids = segments.ids.astype(jnp.int32)
     kv_ids = ids if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     qid = _pad_to(ids, 1, tq)[:, :, None]                                   # (B, Tq, 1)
-    kid = _pad_to(kv_ids, 1, tk).reshape(bsz, tk // block_k, 1, block_k)    # (B, nk, 1, bk)
+    kid = _pad_to(kv_ids, 1, tk)                                            # (B, Tk)
     u = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (h,)).reshape(h, 1, 1)
     u_pos, u_neg = u(segments.u_pos), u(segments.u_neg)
-  out = _attention(st, to_kernel(q, tq), to_kernel(k, tk), to_kernel(v, tk),
-                   qid, kid, u_pos, u_neg)
-  return jnp.swapaxes(out[:, :, :t], 1, 2)
+  kernel = lambda q, k, v, qid, kid, u_pos, u_neg: _attention(st, q, k, v, qid, kid, u_pos,
+                                                              u_neg)
+  out = per_device(kernel, 5)(to_kernel(q, tq), to_kernel(k, tk), to_kernel(v, tk),
+                              qid, kid, u_pos, u_neg)
+  return jnp.swapaxes(out[:, :, :t, :d], 1, 2)
+
+
+def per_device(fn, num_batched: int):
+  """`fn` run by every device of the current mesh on its own rows: its first `num_batched`
+  arguments (None allowed) are split on their leading (batch) dim over the mesh's free batch
+  axes, the rest replicated (their gradients summed); its one output is split like the batch.
+  Without a mesh (or with every axis already manual, e.g. inside the caller's shard_map) it is
+  `fn` itself. A batch that does not divide over those axes (the batch of one an init traces)
+  is replicated: every device runs the whole call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  if not free:
+    return fn
+  axes = tuple(a for a in BATCH_AXES if a in free)
+
+  def call(*args):
+    given = [i for i, a in enumerate(args) if a is not None]  # shard_map takes no None
+    split = math.prod(mesh.shape[a] for a in axes)
+    if split == 1 or args[given[0]].shape[0] % split:
+      split = 1
+    spec = P(axes) if split > 1 else P()
+    # Replicated arguments go in as one copy per device (a leading axis split like the batch),
+    # so the transpose of the broadcast sums their per-device gradients: the kernels' outputs
+    # carry no varying-axes types, hence check_vma=False, which would not sum them itself.
+    copies = lambda i, x: x if i < num_batched else jnp.broadcast_to(x, (split,) + x.shape)
+
+    def local(*xs):
+      full = [None] * len(args)
+      for i, x in zip(given, xs):
+        full[i] = x if i < num_batched else x[0]
+      return fn(*full)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec,
+                         axis_names=set(free), check_vma=False)(
+                             *(copies(i, args[i]) for i in given))
+
+  return call

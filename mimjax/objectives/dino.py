@@ -135,8 +135,10 @@ class DINOModel(nn.Module):
 
   def __call__(self, crops: Sequence[jnp.ndarray],
                segment_ids: Optional[Sequence[Optional[jnp.ndarray]]] = None, *,
-               train: bool = False, encoder_train: Optional[bool] = None) -> jnp.ndarray:
-    """crops: list of (N_i, H_i, W_i, 3) normalised images → head logits (Σ N_i, K).
+               train: bool = False, encoder_train: Optional[bool] = None,
+               batch_size: Optional[int] = None) -> jnp.ndarray:
+    """crops: list of (N_i, H_i, W_i, 3) normalised images → head logits (Σ N_i, K), the runs
+    one after the other; with `batch_size` B (crops batch-major, N_i = B·n_i) → (B, Σ n_i, K).
 
     `train`: the head's BatchNorm (`dino.head.use_bn`) uses batch statistics and, unless
     `encoder_train` (default `train`) says otherwise, the encoder its drop path. DINO's teacher
@@ -145,8 +147,16 @@ class DINOModel(nn.Module):
     encoder_train = train if encoder_train is None else encoder_train
     cls = [self.encoder(x, segment_ids=ids, train=encoder_train)[0][:, 0]
            for x, ids in zip(crops, segment_ids)]
-    # One head pass on all crops (MultiCropWrapper): BatchNorm statistics span every crop.
-    return self.head(jnp.concatenate(cls, axis=0), train=train)
+    if batch_size is None:
+      # One head pass on all crops (MultiCropWrapper): BatchNorm statistics span every crop.
+      return self.head(jnp.concatenate(cls, axis=0), train=train)
+    # The same pass with each example's crops side by side, so the batch axis stays the split
+    # one: runs stacked along it (and sliced apart after the head, a pad in the backward
+    # pass) made XLA:TPU all-gather the (B·2, K) global-crop logits of the whole batch.
+    dim = cls[0].shape[-1]
+    rows = jnp.concatenate([c.reshape(batch_size, -1, dim) for c in cls], axis=1)
+    out = self.head(rows.reshape(-1, dim), train=train)
+    return out.reshape(batch_size, -1, out.shape[-1])
 
 
 def batch_major(x: jnp.ndarray) -> jnp.ndarray:
@@ -158,15 +168,6 @@ def batch_major(x: jnp.ndarray) -> jnp.ndarray:
   crops of the same example, so the order changes no value.
   """
   return x.reshape((-1,) + x.shape[2:])
-
-
-def per_example(logits: jnp.ndarray, batch_size: int, counts: Sequence[int]) -> jnp.ndarray:
-  """Head logits of batch-major crop runs (B·n_0 rows, then B·n_1, ...) → (B, Σ n_i, K)."""
-  runs, start = [], 0
-  for n in counts:
-    runs.append(logits[start:start + batch_size * n].reshape(batch_size, n, -1))
-    start += batch_size * n
-  return jnp.concatenate(runs, axis=1)
 
 
 def multicrop_views(config: ml_collections.ConfigDict, batch: dict):
@@ -236,19 +237,17 @@ def make(config: ml_collections.ConfigDict) -> Objective:
   def loss(params, state, batch, rng, step):
     crops, ids = multicrop_views(config, batch)
     b = batch['global'].shape[0]
-    counts = [c.shape[0] // b for c in crops]
     stats = state.get('batch_stats', {'student': {}, 'teacher': {}})
     student, student_stats = batchnorm.apply(model, params, stats['student'], crops, ids,
-                                             train=True, rngs={'dropout': rng})
+                                             train=True, rngs={'dropout': rng}, batch_size=b)
     # DINO never calls teacher.eval(): its head BatchNorm normalises with the teacher's batch
     # statistics and moves the teacher's running ones; its encoder has no drop path.
     teacher, teacher_stats = batchnorm.apply(model, state['teacher'], stats['teacher'],
                                              crops[:1], ids and ids[:1], train=use_bn,
-                                             encoder_train=False)
-    teacher = per_example(jax.lax.stop_gradient(teacher), b, counts[:1])
+                                             encoder_train=False, batch_size=b)
+    teacher = jax.lax.stop_gradient(teacher)
     temp = teacher_temperature(step // steps_per_epoch, cfg.warmup_teacher_temp,
                                cfg.teacher_temp, cfg.warmup_teacher_temp_epochs)
-    student = per_example(student, b, counts)
     value = dino_loss(student, teacher, state['center'], cfg.student_temp, temp)
     metrics = collapse_metrics(student, teacher, state['center'], cfg.student_temp, temp, value)
     center = update_center(state['center'], teacher, cfg.center_momentum)

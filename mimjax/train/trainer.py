@@ -166,13 +166,14 @@ def build_step(config: ml_collections.ConfigDict, objective: objectives.Objectiv
                                          warmup_steps=warmup_steps,
                                          batch_size=config.batch_size,
                                          num_examples=num_train)
-  init_fn = lambda r: init_train_state(objective, tx, r, example)
+  init_fn = sharding.traced_on(mesh, lambda r: init_train_state(objective, tx, r, example))
   abstract = jax.eval_shape(init_fn, rng)
   state_shardings = sharding.tree_shardings(mesh, abstract, config.get('fsdp_min_size', 2 ** 16))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
-  step_fn = jax.jit(make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1)),
-                                    device_augment.for_config(config.data)),
+  train_step = make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1)),
+                               device_augment.for_config(config.data))
+  step_fn = jax.jit(sharding.traced_on(mesh, train_step),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))

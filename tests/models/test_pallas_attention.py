@@ -3,6 +3,7 @@
 Values and gradients (q, k, v, u_pos, u_neg) against a plain softmax written here with the bias
 built pair by pair; every MRE mode and sign through the ViT against the einsum path; a
 bfloat16 bound; one MRE-MAE train step against the einsum step; GPU/TPU lowering from CPU;
+the kernel under a mesh (shard_map over the batch axes, backend from the mesh's platform);
 unknown attention names refused.
 """
 
@@ -13,19 +14,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import mre_mae as mre_mae_config
 from mimjax import bench
 from mimjax import optim
+from mimjax import sharding
 from mimjax.data import pipeline
 from mimjax.models import pallas_attention as pa
 from mimjax.models import segment_bias
-from mimjax.models.attention import Attention
+from mimjax.models.attention import Attention, fused_backend
 from mimjax.models.segment_bias import SegmentTerms
 from mimjax.models.vit import ViT
 from mimjax.objectives import mae
 from mimjax.train import trainer
 from mimjax.validate import validate_config
+from tests import hlo
+from tests.hlo import needs_libtpu, tpu_mesh
 from tests.trained import assert_trained_params_close
 
 F32_TOL = 1e-5
@@ -113,6 +118,30 @@ def test_plain_cross_attention_with_other_key_length():
   ref = lambda q, k, v, up, un: reference(q, k, v, None, up, un, 0.25)
   got = _value_and_grads(kernel, q, k, v, cot, u_pos, u_neg)
   _assert_close(got[:4], _value_and_grads(ref, q, k, v, cot, u_pos, u_neg)[:4], F32_TOL)
+
+
+@pytest.mark.parametrize('blocks', [
+    # each kernel tiles its own way (the key ids are re-tiled per kernel): forward 64×64,
+    # dQ 64 rows × 16 keys, dK/dV 16 rows × 32 keys
+    pa.BlockSizes(pa.Tiles(64, 64), pa.Tiles(64, 16), pa.Tiles(16, 32)),
+    pytest.param(pa.default_blocks(50, 50, 32, 'gpu'), marks=pytest.mark.slow),  # GPU's tiles
+])
+def test_own_tiles_per_kernel_and_head_dim_padded_to_a_power_of_two(blocks):
+  # D = 20 runs as 32 (zero columns, dropped from the output), as ViT-H/14's 80 runs as 128
+  q, k, v, cot, ids, u_pos, u_neg = _inputs(2, 50, 2, 20, None, 4)
+  assert pa.kernel_head_dim(20, 'cpu') == 32 and pa.kernel_head_dim(80, 'gpu') == 128
+  kernel = lambda q, k, v, up, un: pa.flash_attention(
+      q, k, v, scale=0.25, segments=SegmentTerms(ids, up, un), blocks=blocks)
+  ref = lambda q, k, v, up, un: reference(q, k, v, ids, up, un, 0.25)
+  _assert_close(_value_and_grads(kernel, q, k, v, cot, u_pos, u_neg),
+                _value_and_grads(ref, q, k, v, cot, u_pos, u_neg), F32_TOL)
+
+
+def test_tiles_must_be_powers_of_two():
+  with pytest.raises(ValueError, match='powers of two ≥ 16'):
+    pa.Tiles(48, 64)
+  with pytest.raises(ValueError, match='powers of two ≥ 16'):
+    pa.Tiles(64, 8)
 
 
 @pytest.mark.slow
@@ -260,3 +289,62 @@ def test_unknown_attention_name_is_refused_everywhere():
   config.model.attention = 'pallas'
   validate_config(config)
   assert bench.attention_backend(config.model) == 'pallas'
+
+
+@pytest.mark.parametrize('devices', [1, 8])
+def test_kernel_under_a_mesh_runs_per_device_with_the_same_numbers(devices):
+  # Under a mesh the kernel runs inside shard_map, each device on its own rows of the batch;
+  # the u gradients are per-device sums that the shard_map's transpose adds up.
+  q, k, v, cot, ids, u_pos, u_neg = _inputs(8, 50, 3, 16, None, 2)
+  kernel = lambda q, k, v, up, un: pa.flash_attention(q, k, v, scale=0.25,
+                                                      segments=SegmentTerms(ids, up, un))
+  ref = lambda q, k, v, up, un: reference(q, k, v, ids, up, un, 0.25)
+  with jax.set_mesh(hlo.mesh_of(devices)):
+    got = _value_and_grads(kernel, q, k, v, cot, u_pos, u_neg)
+    loss = lambda *a: jnp.sum(kernel(*a) * cot)
+    compiled = jax.jit(jax.grad(loss, argnums=range(5))).lower(q, k, v, u_pos, u_neg).compile()
+  _assert_close(got, _value_and_grads(ref, q, k, v, cot, u_pos, u_neg), F32_TOL)
+  assert hlo.all_gather_sizes(compiled) == []   # no device sees another's rows
+
+
+def test_batch_that_does_not_divide_over_the_mesh_is_replicated():
+  # e.g. the batch of one an init traces: every device runs the whole call
+  q, k, v, cot, ids, u_pos, u_neg = _inputs(3, 13, 2, 16, None, 3)
+  with jax.set_mesh(hlo.mesh_of(8)):
+    got = jax.jit(lambda q, k, v: pa.flash_attention(q, k, v, scale=0.25))(q, k, v)
+  np.testing.assert_allclose(got, reference(q, k, v, None, u_pos, u_neg, 0.25), atol=F32_TOL)
+
+
+def test_kernel_batch_axes_are_the_meshs():
+  assert pa.BATCH_AXES == sharding.BATCH_AXES
+
+
+def test_kernels_follow_the_platform_of_the_mesh():
+  # A CPU host tracing for a GPU mesh picks cuDNN for 'fused' and Triton for 'pallas';
+  # without a mesh, jax's default backend (CPU here: XLA, interpret mode).
+  gpu = jax.sharding.AbstractMesh((2,), ('data',), abstract_device=jax.sharding.AbstractDevice(
+      device_kind='NVIDIA H100', num_cores=None, platform='gpu'))
+  with jax.sharding.use_abstract_mesh(gpu):
+    assert pa.platform() == 'gpu' and fused_backend(jnp.bfloat16, 64) == 'cudnn'
+  assert pa.platform() == jax.default_backend()
+  assert fused_backend(jnp.bfloat16, 64) == ('cudnn' if jax.default_backend() == 'gpu'
+                                             else 'xla')
+
+
+@needs_libtpu
+def test_tpu_mesh_gets_mosaic_kernels_without_naming_the_backend():
+  # No backend= : the mesh of TPU topology devices (compile-only, on this CPU host) decides.
+  mesh = tpu_mesh(4)
+  b, t, h, d = 8, 197, 4, 64
+  spec = lambda shape, dtype: hlo.abstract(shape, dtype, mesh, P(sharding.BATCH_AXES))
+  q = spec((b, t, h, d), jnp.bfloat16)
+  ids, u = spec((b, t), jnp.int32), hlo.abstract((h,), jnp.float32, mesh)
+
+  def loss(q, k, v, ids, up, un):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jnp.sum(pa.flash_attention(q, k, v, scale=d ** -0.5,
+                                        segments=SegmentTerms(ids, up, un)))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4, 5))).trace(
+      q, q, q, ids, u, u).lower().as_text()
+  assert text.count('tpu_custom_call') == 3   # forward, dQ (+ du), dK/dV kernels
