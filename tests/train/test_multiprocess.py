@@ -1,8 +1,8 @@
 """Two local JAX processes (CPU, gloo collectives) train exactly like one process.
 
 The processes are started the way launch/*.sh start hosts: `python -m mimjax.main` with
-MIMJAX_DISTRIBUTED=1 and an explicit coordinator, so this covers mimjax.distributed (start-up, peer watch),
-per-host data slices, `make_array_from_process_local_data`, multi-host orbax checkpoints and
+MIMJAX_DISTRIBUTED=1 and an explicit coordinator, so this covers mimjax.distributed (start-up,
+the peer watch), per-host data slices, `make_array_from_process_local_data`, multi-host orbax checkpoints and
 process-0-only logging.
 """
 
