@@ -15,6 +15,7 @@ a plain and a Pallas tiny row by default, every other tiny row and every paper r
 
 import importlib
 import pathlib
+from typing import Optional
 
 import jax
 import ml_collections
@@ -41,7 +42,8 @@ def training_configs() -> list:
   return names
 
 
-def tiny(name: str, tmp_path_factory, attention: str = None) -> ml_collections.ConfigDict:
+def tiny(name: str, tmp_path_factory,
+         attention: Optional[str] = None) -> ml_collections.ConfigDict:
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
   config.batch_size = GLOBAL_BATCH
   if attention:
