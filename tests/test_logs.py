@@ -1,5 +1,6 @@
 """The shared console helpers: the results table, the library-noise filter, progress lines."""
 
+import contextlib
 import io
 import logging as py_logging
 
@@ -30,7 +31,9 @@ def test_print_results_ends_with_the_files_written():
   assert lines[3:] == ['wrote /w/results.json', 'wrote /w/plots/aad.png']
 
 
-def test_quiet_library_logs_drops_known_noise_only():
+@contextlib.contextmanager
+def _absl_messages_after_quieting():
+  """The messages that reach the absl logger's handlers once `quiet_library_logs` ran."""
   old_verbosity = logging.get_verbosity()
   logs.quiet_library_logs(tfds_progress=True)
   seen = []
@@ -43,36 +46,30 @@ def test_quiet_library_logs_drops_known_noise_only():
   absl_logger = logging.get_absl_logger()
   absl_logger.addHandler(handler)
   try:
+    yield seen
+  finally:
+    absl_logger.removeHandler(handler)
+    logging.set_verbosity(old_verbosity)
+
+
+def test_quiet_library_logs_drops_known_noise_only():
+  with _absl_messages_after_quieting() as seen:
     logging.warning('Metadata file does not exist: /w/checkpoints/3/_CHECKPOINT_METADATA')
     logging.warning('OpenCV is not installed. We recommend using OpenCV')
     logging.warning('a real problem')
     logging.info('an info line')  # below the WARNING verbosity set by the helper
-  finally:
-    absl_logger.removeHandler(handler)
-    logging.set_verbosity(old_verbosity)
   assert seen == ['a real problem']
 
 
 def test_orbax_errors_it_also_raises_are_dropped_other_errors_kept():
   """Issue 28.5: each failed background write of a checkpoint was logged with its traceback
   (300+ lines on a full disk) before the same error reached mimjax's one-line report."""
-  logs.quiet_library_logs(tfds_progress=True)
-  seen = []
-
-  class Keep(py_logging.Handler):
-    def emit(self, record):
-      seen.append(record.getMessage())
-
-  handler = Keep()
-  absl_logger = logging.get_absl_logger()
-  absl_logger.addHandler(handler)
-  try:
+  with _absl_messages_after_quieting() as seen:
+    absl_logger = logging.get_absl_logger()
     for path, message in [('/v/orbax/checkpoint/_src/futures/future.py', 'write failed'),
                           ('/v/jax/_src/compiler.py', 'a real error')]:
       absl_logger.handle(absl_logger.makeRecord('absl', py_logging.ERROR, path, 1, message,
                                                 None, None))
-  finally:
-    absl_logger.removeHandler(handler)
   assert seen == ['a real error']
 
 
