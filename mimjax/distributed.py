@@ -77,10 +77,11 @@ class PeerWatch:
 
   def _lost(self, p: int, silent: float) -> None:
     what = 'the coordinator, process 0,' if p == 0 and p != self._me else f'process {p}'
-    self._on_lost(f'mimjax: error: lost {what} on {self._host(p)}: no sign of life for {silent:.0f} s '
-          f'(killed, crashed or unreachable; limit {self._timeout:g} s, '
-          f'$MIMJAX_PEER_TIMEOUT_S); stopping process {self._me} too: restart the job to resume '
-          'from the last checkpoint')
+    self._on_lost(
+        f'mimjax: error: lost {what} on {self._host(p)}: no sign of life for {silent:.0f} s '
+        f'(killed, crashed or unreachable; limit {self._timeout:g} s, '
+        f'$MIMJAX_PEER_TIMEOUT_S); stopping process {self._me} too: restart the job to resume '
+        'from the last checkpoint')
 
 
 def watch_peers(on_lost: Callable[[str], None]) -> Optional[PeerWatch]:

@@ -241,8 +241,9 @@ def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array]
   """DINO multi-crop: 2 global (blur 1.0 / 0.1 + solarize 0.2) and N local (blur 0.5) crops.
 
   `photometric=False`: crops and flips only (the train step applies the colour jitter,
-  grayscale, blur and solarization on the device, mimjax.data.device_augment). Returns {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global',
-  'segments_local' when `segments` is given).
+  grayscale, blur and solarization on the device, mimjax.data.device_augment). Returns
+  {'global': (2, G, G, 3), 'local': (N, L, L, 3)} (+ 'segments_global', 'segments_local' when
+  `segments` is given).
   """
   globals_, gsegs, locals_, lsegs = [], [], [], []
   for k, (blur_p, sol_p) in enumerate(((1.0, 0.0), (0.1, 0.2))):
