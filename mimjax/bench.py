@@ -16,7 +16,6 @@ measured numbers: docs/performance.md.
 import json
 import os
 import resource
-import sys
 import time
 
 from absl import app
@@ -326,8 +325,7 @@ def main(argv):
     else:
       result = bench_step(config, f.steps, f.warmup, f.peak_tflops)
   except (ValueError, FileNotFoundError) as e:  # bad config: one line, not a traceback
-    print(f'mimjax.bench: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail('mimjax.bench', str(e))
   print_table(result)
   print(json.dumps(result))
   if f.json:

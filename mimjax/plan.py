@@ -462,8 +462,7 @@ def main(argv) -> None:
   try:
     p = plan(config, f.devices, f.per_device_batch, f.target)
   except (ValueError, FileNotFoundError) as e:
-    print(f'mimjax.plan: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail('mimjax.plan', str(e))
   print(format_plan(_config_name(), p))
   if f.json:
     import json
