@@ -49,6 +49,12 @@ def traced_on(mesh: Mesh, fn: Callable) -> Callable:
   return traced
 
 
+def jit_on(mesh: Mesh, fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit` of `fn` traced under `mesh` (`traced_on`): what every step, evaluator and feature
+  extractor compiles, so that a Pallas kernel in it partitions over the mesh's devices."""
+  return jax.jit(traced_on(mesh, fn), **jit_kwargs)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over every device."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -24,8 +24,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimjax import checkpoint
 from mimjax import plan
+from mimjax import sharding
 from mimjax.data import pipeline
 from mimjax.objectives import base as objectives
+from mimjax.objectives import pretrained
 from tests import hlo
 
 GLOBAL_BATCH = 40  # 5 per device on 8: no model dimension of a tiny row is a multiple of 40
@@ -42,21 +44,29 @@ def training_configs() -> list:
   return names
 
 
+def with_teacher(config: ml_collections.ConfigDict, row: str,
+                 tmp_path_factory) -> ml_collections.ConfigDict:
+  """A KD config (`config.teacher`) pointed at a freshly initialised MRE teacher of the same
+  method and row (its params saved as a workdir); other configs as they are."""
+  if 'teacher' not in config:
+    return config
+  teacher_cfg = importlib.import_module(f'configs.mre_{config.distill.method}').get_config(row)
+  workdir = tmp_path_factory.mktemp('teacher')
+  example = pipeline.blank_example(teacher_cfg.data, segments=True)
+  obj = objectives.load(teacher_cfg.objective).make(teacher_cfg)
+  params = jax.jit(obj.init)(jax.random.key(0), example)[0]  # one program, not one per op
+  checkpoint.save_params(str(workdir), teacher_cfg, params)
+  config.teacher = str(workdir)
+  return config
+
+
 def tiny(name: str, tmp_path_factory,
          attention: Optional[str] = None) -> ml_collections.ConfigDict:
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
   config.batch_size = GLOBAL_BATCH
   if attention:
     config.model.attention = attention
-  if 'teacher' in config:  # KD: a freshly initialised MRE teacher of the same method
-    teacher_cfg = importlib.import_module(f'configs.mre_{config.distill.method}').get_config('tiny')
-    workdir = tmp_path_factory.mktemp(f'{name}_teacher')
-    example = pipeline.blank_example(teacher_cfg.data, segments=True)
-    obj = objectives.load(teacher_cfg.objective).make(teacher_cfg)
-    params = jax.jit(obj.init)(jax.random.key(0), example)[0]  # one program, not one per op
-    checkpoint.save_params(str(workdir), teacher_cfg, params)
-    config.teacher = str(workdir)
-  return config
+  return with_teacher(config, 'tiny', tmp_path_factory)
 
 
 def test_discovery_finds_every_objective_family():
@@ -109,7 +119,10 @@ PAPER_ROWS = [('mae', 'vit_b,in1k,1600ep'), ('mae', 'vit_l,in1k,800ep'),
               ('mae', 'vit_h,in1k,1600ep'), ('mre_mae', 'vit_b,in100,1600ep'),
               ('mre_mae', 'vit_b8,in100,1600ep'),
               ('dino', 'vit_s,in100,300ep'), ('mre_dino', 'vit_s,in100,300ep'),
-              ('lut', 'vit_b,in1k,1600ep'), ('semantic_mim', 'vit_b,in1k,300ep')]
+              ('lut', 'vit_b,in1k,1600ep'), ('semantic_mim', 'vit_b,in1k,300ep'),
+              ('distill', 'vit_b,in100,100ep')]
+# The MRE teacher row each KD paper row distils (configs/distill.py's docstring).
+TEACHER_ROWS = {'vit_b,in100,100ep': 'vit_b,in100,1600ep'}
 
 
 def tpu_scaling(config: ml_collections.ConfigDict) -> tuple:
@@ -140,6 +153,23 @@ def test_tiny_step_divides_over_4_tpu_chips(name, attention, tmp_path_factory):
 @pytest.mark.slow   # minutes to tens of minutes per row on a small CPU
 @hlo.needs_libtpu
 @pytest.mark.parametrize('name,row', PAPER_ROWS)
-def test_paper_step_divides_over_4_tpu_chips(name, row):
+def test_paper_step_divides_over_4_tpu_chips(name, row, tmp_path_factory):
   config = importlib.import_module(f'configs.{name}').get_config(row)
+  config = with_teacher(config, TEACHER_ROWS.get(row, row), tmp_path_factory)
   assert tpu_scaling(plan.plan_config(config, PAPER_GLOBAL_BATCH))[1] == []
+
+
+@hlo.needs_libtpu
+def test_pallas_feature_extractor_compiles_for_4_tpu_chips(tmp_path_factory):
+  """Evaluators trace under their mesh as the train step does: the frozen encoder's Pallas
+  attention runs as Mosaic kernels on each chip's rows (unpartitionable otherwise)."""
+  config = tiny('mae', tmp_path_factory, attention='pallas')
+  mesh = hlo.tpu_mesh(TPU_CHIPS)
+  extractor = pretrained.Extractor(config.model, config.data, mesh, batch_size=8)
+  size = config.model.image_size
+  images = hlo.abstract((8, size, size, 3), jax.numpy.uint8, mesh, P(sharding.BATCH_AXES))
+  params = jax.eval_shape(extractor.model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct(images.shape, jax.numpy.float32))['params']
+  params = jax.tree.map(lambda a: hlo.abstract(a.shape, a.dtype, mesh), params)
+  compiled = extractor._fn.trace(params, images).lower().compile()
+  assert compiled.as_text().count('tpu_custom_call') > 0

@@ -8,11 +8,11 @@ A = post-softmax attention (B, H, T, T), rows = queries, the first `num_prefix` 
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mimjax import sharding
 from mimjax.data.normalize import normalize_images
 from mimjax.evaluate import base
 from mimjax.models.vit import ViT, model_dims
@@ -93,7 +93,7 @@ class AttentionStats(base.Evaluator):
       # (B, layers, heads) per metric
       return {k: jnp.stack([m[k] for m in per_layer], axis=1) for k in METRICS}
 
-    self._fn = jax.jit(stats)
+    self._fn = sharding.jit_on(mesh, stats)
 
   def run(self, params: Any, state: Any) -> dict:
     values, _ = pretrained.extract(self._fn, self.encoder_params(params, state), self.data_config,

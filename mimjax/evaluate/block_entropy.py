@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mimjax import sharding
 from mimjax.data.normalize import normalize_images
 from mimjax.evaluate import base
 from mimjax.models import readout
@@ -97,7 +98,7 @@ class BlockEntropy(base.Evaluator):
       z = readout.pool(tokens, how, prefix).astype(jnp.float32)
       return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
-    self._fn = jax.jit(feats)
+    self._fn = sharding.jit_on(mesh, feats)
 
   def run(self, params: Any, state: Any) -> dict:
     enc = jax.device_get(self.encoder_params(params, state))

@@ -9,11 +9,11 @@ that of LUT's n×n Gram matrix). Summary: effective rank exp(H(σ/Σσ)) (Roy & 
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mimjax import sharding
 from mimjax.data.normalize import normalize_images
 from mimjax.evaluate import base
 from mimjax.models import readout
@@ -51,7 +51,7 @@ class Spectrum(base.Evaluator):
       _, aux = model.apply({'params': params}, normalize_images(images), return_layers=True)
       return jnp.stack([readout.pool(t, how, prefix) for t in aux['layers']], axis=1)
 
-    self._fn = jax.jit(layer_features)
+    self._fn = sharding.jit_on(mesh, layer_features)
 
   def run(self, params: Any, state: Any) -> dict:
     z, _ = pretrained.extract(self._fn, self.encoder_params(params, state), self.data_config,

@@ -2,7 +2,6 @@
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,7 +25,8 @@ def test_accuracy_fn(config: ml_collections.ConfigDict,
   batch_size = int(config.get('eval_batch_size') or config.batch_size)
   split = config.get('eval_split', 'test')
 
-  fn = jax.jit(lambda ps, images: logits_fn(ps[0], ps[1], images).astype(jnp.float32))
+  fn = sharding.jit_on(mesh, lambda ps, images: logits_fn(ps[0], ps[1], images)
+                       .astype(jnp.float32))
 
   def evaluate(params, state):
     logits, labels = pretrained.extract(fn, (params, state), config.data, mesh, split,

@@ -180,7 +180,7 @@ class Extractor:
                                         readout.reads_final_norm(pool_name))
       return readout.pool(tokens, pool_name, prefix).astype(jnp.float32)
 
-    self._fn = jax.jit(features)
+    self._fn = sharding.jit_on(mesh, features)
 
   def __call__(self, params: Any, split: str, limit: Optional[int] = None):
     """(features (n, D) float32, labels (n,) int32) of `split` (the first `limit` examples)."""

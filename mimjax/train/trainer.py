@@ -173,10 +173,10 @@ def build_step(config: ml_collections.ConfigDict, objective: objectives.Objectiv
                           abstract, state_shardings)
   train_step = make_train_step(objective, tx, lr_schedule, int(config.get('grad_accum', 1)),
                                device_augment.for_config(config.data))
-  step_fn = jax.jit(sharding.traced_on(mesh, train_step),
-                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=(0,))
+  step_fn = sharding.jit_on(mesh, train_step,
+                            in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                            out_shardings=(state_shardings, sharding.replicated(mesh)),
+                            donate_argnums=(0,))
   return BuiltStep(step_fn, init_fn, rng, abstract, state_shardings, total_steps, lr_schedule)
 
 
