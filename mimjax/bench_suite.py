@@ -238,15 +238,17 @@ def row_config(name: str, options: SuiteOptions):
   import jax
   config = _config_module(name).get_config(row_arg(name, options.tiny))
   config.data.name = 'synthetic'  # what bench_step times on; also what a tokenizer fits on
+  config.data.worker_count = 0    # as bench_step's loader: no worker processes for it
   if options.batch_per_device:
     config.batch_size = options.batch_per_device * jax.device_count()
   if options.attention:
     config.model.attention = options.attention
-  if config.get('tokenizer') is not None and not config.tokenizer.get('codebook'):
-    # BEiT's token target: a k-means codebook fitted at start on synthetic images (the row's
-    # vocabulary; the codebook's values do not change the step's cost).
-    config.tokenizer.fit_on_start = True
-    config.tokenizer.fit_images = max(config.tokenizer.get('fit_images') or 0, 64)
+  tok = config.get('tokenizer')
+  if config.get('target') == 'tokens' and not (tok.codebook or tok.fit_on_start):
+    # A paper row's token target (BEiT): a k-means codebook of the row's vocabulary fitted at
+    # start on 64 synthetic images, one iteration (64 × 196 patches ≥ 8192 centres); its
+    # values do not change the step's cost.
+    tok.update({'fit_on_start': True, 'fit_images': 64, 'fit_iters': 1})
   return config
 
 
@@ -329,8 +331,9 @@ def torch_references(options: SuiteOptions) -> dict:
 
 
 def _has_torch_reference(config) -> bool:
-  seg = config.model.get('segment_bias')
-  return config.objective == 'mae' and not (seg is not None and seg.get('enabled'))
+  """bench_torch's MAE: plain MAE rows only (no MRE bias, no KD teacher)."""
+  from mimjax import bench
+  return config.objective == 'mae' and not bench.needs_segments(config)
 
 
 def one_line(e: BaseException) -> str:
