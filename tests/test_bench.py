@@ -211,7 +211,8 @@ def test_suite_checks_kernels_and_times_a_row_on_cpu(tmp_path, capsys):
     assert all(np.isfinite(t[k]) and t[k] > 0 for key in ('fwd', 'fwd_bwd', 'reference_fwd')
                for t in [n[key]] for k in ('ms', 'cpu_ms'))
   pallas = next(r for r in kernels if r['config'] == dict(
-      attention='pallas', backend='pallas', reference='xla', mre_bias=True, dtype='float32'))
+      attention='pallas', backend='pallas interpret', reference='xla', mre_bias=True,
+      dtype='float32'))
   # the kernel is another computation than the einsum path: rounding differs, at float32 level
   assert 0 < pallas['numbers']['max_err'] < 1e-5
   (step,) = [r for r in report['records'] if r['kind'] == 'step']
@@ -300,14 +301,12 @@ def test_the_whole_tiny_suite_from_the_command_line(tmp_path):
   assert not json.loads(out.read_text())['suite']['ok']
 
 
+@pytest.mark.slow  # a subprocess each (~5 s of imports); rows and shapes also tested in process
 @pytest.mark.parametrize('args,message', [
     (['--rows', 'mea'], '--rows mea: unknown row; expected names from mae,mre_mae,'),
-    pytest.param(['--out', 'no/x.json'], '--out no/x.json: no such directory',
-                 marks=pytest.mark.slow),
-    pytest.param(['--kernel_dtypes', 'float16'], '--kernel_dtypes float16: expected float32',
-                 marks=pytest.mark.slow),
-    pytest.param(['--config', 'configs/mae.py:tiny'], '--suite takes --rows/--tiny, not',
-                 marks=pytest.mark.slow)])
+    (['--out', 'no/x.json'], '--out no/x.json: no such directory'),
+    (['--kernel_dtypes', 'float16'], '--kernel_dtypes float16: expected float32'),
+    (['--config', 'configs/mae.py:tiny'], '--suite takes --rows/--tiny, not')])
 def test_suite_flag_errors_are_one_line(args, message, tmp_path):
   import subprocess
   import sys
