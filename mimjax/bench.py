@@ -5,6 +5,7 @@
       --config.model.dtype=bfloat16 --config.model.attention=fused --steps 20
   python -m mimjax.bench --config configs/mae.py:tiny --data   # input pipeline only
   python -m mimjax.bench --config configs/mae.py:tiny --torch eager   # + PyTorch MAE, ratio
+  python -m mimjax.bench --suite --rows mae --tiny --out suite.json   # mimjax/bench_suite.py
 
 The step runs on synthetic device-resident data (no data set needed), so it measures the
 model step alone; `--data` measures the host input pipeline alone. `--torch eager|compile`
