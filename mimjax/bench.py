@@ -314,12 +314,12 @@ def compare_with_torch(config, steps: int, warmup: int, mode: str, peak_tflops=N
   return with_torch(bench_step(config, steps, warmup, peak_tflops), torch_result)
 
 
-def with_torch(result: dict, torch_result: dict) -> dict:
-  """`result` with the PyTorch run nested as `torch` and `jax_over_torch` = JAX img/s ÷ PyTorch
-  img/s (None when the PyTorch run has no rate: skipped or failed)."""
+def with_torch(result: dict, torch_result: dict, jax_devices: int = 1) -> dict:
+  """`result` with the PyTorch run nested as `torch` and `jax_over_torch` = JAX img/s ÷
+  `jax_devices` ÷ PyTorch img/s (None when the PyTorch run has no rate: skipped or failed)."""
   rate = torch_result.get('img_per_s')
-  return dict(result, torch=torch_result,
-              jax_over_torch=round(result['img_per_s'] / rate, 3) if rate else None)
+  ratio = round(result['img_per_s'] / jax_devices / rate, 3) if rate else None
+  return dict(result, torch=torch_result, jax_over_torch=ratio)
 
 
 def print_table(result: dict, indent: str = '') -> None:

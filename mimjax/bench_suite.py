@@ -291,7 +291,7 @@ def step_record(name: str, options: SuiteOptions, torch_result: Optional[dict]) 
   except Exception as e:  # pylint: disable=broad-except  (recorded, the suite goes on)
     return dict(record, shapes={}, numbers={}, ok=False, error=one_line(e))
   if torch_result is not None:
-    result = bench.with_torch(result, torch_result)
+    result = bench.with_torch(result, torch_result, jax_devices=result['devices'])
     if 'error' in torch_result:
       record['error'] = f'PyTorch reference: {torch_result["error"]}'
   record['config'].update({k: result.pop(k) for k in CONFIG_KEYS})
@@ -319,12 +319,15 @@ def torch_references(options: SuiteOptions) -> dict:
   except ImportError as e:
     return {n: {'skipped': f'no PyTorch reference: {e} (pip install -e ".[bench]")'}
             for n in names}
+  import jax
   out = {}
   for name in names:
+    config = row_config(name, options)
+    # PyTorch runs on one device: the per-device batch, compared per device (with_torch).
+    config.batch_size = max(config.batch_size // jax.device_count(), 1)
     try:
-      out[name] = bench_torch.bench_torch(row_config(name, options), options.steps,
-                                          options.warmup, options.torch,
-                                          threads=options.torch_threads)
+      out[name] = bench_torch.bench_torch(config, options.steps, options.warmup,
+                                          options.torch, threads=options.torch_threads)
     except Exception as e:  # pylint: disable=broad-except  (recorded on the row)
       out[name] = {'error': one_line(e)}
     if torch.cuda.is_available():
