@@ -5,6 +5,7 @@
       --config.model.dtype=bfloat16 --config.model.attention=fused --steps 20
   python -m mimjax.bench --config configs/mae.py:tiny --data   # input pipeline only
   python -m mimjax.bench --config configs/mae.py:tiny --torch eager   # + PyTorch MAE, ratio
+  python -m mimjax.bench --suite --rows mae --tiny --out suite.json   # mimjax/bench_suite.py
 
 The step runs on synthetic device-resident data (no data set needed), so it measures the
 model step alone; `--data` measures the host input pipeline alone. `--torch eager|compile`
@@ -16,11 +17,14 @@ measured numbers: docs/performance.md.
 import json
 import os
 import resource
+import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from mimjax import bench_suite
 
 def define_flags() -> None:
   """Command-line flags, defined only when run as a program (so importing this module next to
@@ -32,13 +36,35 @@ def define_flags() -> None:
   flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU '
                      '(default: a table of known accelerators, see PEAK_TFLOPS).')
   flags.DEFINE_string('json', None, 'Also write the result as JSON to this path.')
-  flags.DEFINE_enum('torch', None, ['eager', 'compile'],
+  flags.DEFINE_enum('torch', None, ['eager', 'compile', 'none'],
                     'Also time the PyTorch MAE reference (MAE configs only); with --data, the '
-                    'official torchvision host pipeline (MAE, DINO) on the same images.')
+                    'official torchvision host pipeline (MAE, DINO) on the same images. '
+                    '--suite: default eager; none turns it off.')
   flags.DEFINE_integer('torch_threads', None, 'torch CPU threads for --torch (default: torch\'s).')
   flags.DEFINE_string('make_jpegs', None, 'Write 300 JPEGs at ImageNet sizes cut from the '
                       'scikit-image photos into this folder (class subfolders) and exit.')
   flags.DEFINE_integer('rounds', 3, '--data: interleaved CPU-time rounds (medians reported).')
+  flags.DEFINE_alias('out', 'json')
+  flags.DEFINE_bool('suite', False, 'The hardware-day suite (mimjax/bench_suite.py): attention '
+                    'kernels vs the einsum path, then every objective\'s step; one table, one '
+                    'JSON (--out, default bench_suite.json); exit 1 if a check fails.')
+  flags.DEFINE_list('rows', None, f'--suite: the configs/<name>.py rows to time (default: all '
+                    f'of {",".join(bench_suite.ROWS)}; empty: none).')
+  flags.DEFINE_bool('tiny', None, '--suite: the rows\' `tiny` argument (default on CPU); '
+                    '--notiny: their paper rows (default on GPU/TPU).')
+  flags.DEFINE_list('attention_shapes', None, '--suite: TOKENSxHEADSxHEAD_DIM shapes of the '
+                    'kernel checks (default: paper shapes; on CPU 50x12x64,197x12x64; empty: '
+                    'none).')
+  flags.DEFINE_list('kernel_dtypes', None, '--suite: float32 and/or bfloat16 (default: both on '
+                    'CPU, bfloat16 on GPU/TPU).')
+  flags.DEFINE_integer('kernel_batch', None, '--suite: batch of the kernel checks (default: 2 '
+                       'on CPU, 16 on GPU/TPU).')
+  flags.DEFINE_integer('batch_per_device', None, '--suite: images per device of every row '
+                       '(default: the tiny rows\' own batch; paper rows 128).')
+  flags.DEFINE_enum('attention', None, ['xla', 'fused', 'pallas'], '--suite: model.attention '
+                    'of every row (default: each row\'s own).')
+  flags.DEFINE_float('tolerance_scale', 1.0, '--suite: multiplies the kernel tolerances '
+                     '(0: any nonzero error fails).')
   flags.DEFINE_float('accelerator_img_per_s', 2400.0,
                      '--data: step rate (img/s per accelerator) at which to report the host '
                      'cores each accelerator needs.')
@@ -95,9 +121,10 @@ SEGMENT_KEYS = {'image': 'segments', 'global': 'segments_global', 'local': 'segm
 
 
 def needs_segments(config) -> bool:
-  """True when the model reads SAM segment maps (the MRE bias is on)."""
+  """True when the step reads SAM segment maps: the MRE bias is on, or a KD teacher (an MRE
+  model) reads them."""
   seg = config.model.get('segment_bias')
-  return bool(seg is not None and seg.get('enabled'))
+  return bool(seg is not None and seg.get('enabled')) or 'teacher' in config
 
 
 def add_synthetic_segments(example: dict, num_ids: int) -> dict:
@@ -193,11 +220,12 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   for _ in range(warmup):
     state, m = compiled(state, batch)
   jax.block_until_ready(state)
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   for _ in range(steps):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   step_s = (time.perf_counter() - t) / steps
+  step_cpu_s = (time.process_time() - cpu) / steps  # every thread of this process
   img_s = config.batch_size / step_s
   peak = (peak_tflops or device_peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
   mem = jax.devices()[0].memory_stats() or {}
@@ -209,6 +237,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
       'batch_size': config.batch_size,
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'compile_s': round(compile_s, 2), 'step_ms': round(step_s * 1e3, 3),
+      'step_cpu_ms': round(step_cpu_s * 1e3, 3),
       'img_per_s': round(img_s, 1), 'gflops_per_img': round(flops_per_img / 1e9, 3),
       'device_augment': 'none' if augment is None else config.data.augment,
       'augment_flops_share': round(augment_flops / flops, 5) if flops else None,
@@ -282,10 +311,15 @@ def compare_with_torch(config, steps: int, warmup: int, mode: str, peak_tflops=N
   import torch
   if torch.cuda.is_available():
     torch.cuda.empty_cache()
-  result = bench_step(config, steps, warmup, peak_tflops)
-  result['torch'] = torch_result
-  result['jax_over_torch'] = round(result['img_per_s'] / torch_result['img_per_s'], 3)
-  return result
+  return with_torch(bench_step(config, steps, warmup, peak_tflops), torch_result)
+
+
+def with_torch(result: dict, torch_result: dict, jax_devices: int = 1) -> dict:
+  """`result` with the PyTorch run nested as `torch` and `jax_over_torch` = JAX img/s ÷
+  `jax_devices` ÷ PyTorch img/s (None when the PyTorch run has no rate: skipped or failed)."""
+  rate = torch_result.get('img_per_s')
+  ratio = round(result['img_per_s'] / jax_devices / rate, 3) if rate else None
+  return dict(result, torch=torch_result, jax_over_torch=ratio)
 
 
 def print_table(result: dict, indent: str = '') -> None:
@@ -306,21 +340,24 @@ def main(argv):
   logs.quiet_library_logs()
   from mimjax import cli
   f = flags.FLAGS
+  if f.suite:
+    sys.exit(run_suite(f))
   if f.make_jpegs:
     from mimjax.data.builders import embedded
     n = embedded.write_photo_jpegs(f.make_jpegs)
     print(f'wrote {n} JPEGs to {f.make_jpegs}')
     return
   config = cli.config_value(f['config'], 'mimjax.bench')
+  torch_mode = None if f.torch == 'none' else f.torch
   try:
     from mimjax.validate import validate_config
     validate_config(config)  # the trainer's start-up checks (e.g. an unknown model.attention)
     if f.data:
       result = bench_data(config, max(f.steps, 1), max(f.rounds, 1), f.accelerator_img_per_s,
-                          torch_reference=bool(f.torch))
+                          torch_reference=bool(torch_mode))
       result['peak_host_rss_gb'] = host_peak_rss_gb()
-    elif f.torch:
-      result = compare_with_torch(config, f.steps, f.warmup, f.torch, f.peak_tflops,
+    elif torch_mode:
+      result = compare_with_torch(config, f.steps, f.warmup, torch_mode, f.peak_tflops,
                                   f.torch_threads)
     else:
       result = bench_step(config, f.steps, f.warmup, f.peak_tflops)
@@ -331,6 +368,37 @@ def main(argv):
   if f.json:
     with open(f.json, 'w') as out:
       json.dump(result, out, indent=2)
+
+
+def run_suite(f) -> int:
+  """--suite: options from the flags (one error line for bad ones), then the suite's status."""
+  from mimjax import cli
+  if f['config'].present or f.data or f.make_jpegs:
+    cli.fail('mimjax.bench', '--suite takes --rows/--tiny, not --config, --data or --make_jpegs')
+  out = f.json or 'bench_suite.json'
+  if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    cli.fail('mimjax.bench', f'--out {out}: no such directory')
+  dtypes = f.kernel_dtypes
+  if dtypes is not None and not set(dtypes) <= set(bench_suite.TOLERANCE):
+    cli.fail('mimjax.bench', f'--kernel_dtypes {",".join(dtypes)}: expected float32 and/or '
+                             'bfloat16')
+  # JAX takes 75 % of GPU memory when it starts unless told not to; the PyTorch reference runs
+  # in this process too. (Read when the backend starts: nothing has started it yet.)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  import jax
+  try:
+    options = bench_suite.SuiteOptions.for_platform(
+        jax.default_backend(), tiny=f.tiny, rows=f.rows,
+        attention_shapes=(None if f.attention_shapes is None else
+                          [bench_suite.parse_shape(s) for s in f.attention_shapes]),
+        kernel_dtypes=dtypes, kernel_batch=f.kernel_batch,
+        batch_per_device=f.batch_per_device, attention=f.attention, steps=max(f.steps, 1),
+        warmup=f.warmup, torch=None if f.torch == 'none' else (f.torch or 'eager'),
+        torch_threads=f.torch_threads, peak_tflops=f.peak_tflops,
+        tolerance_scale=f.tolerance_scale)
+  except ValueError as e:
+    cli.fail('mimjax.bench', str(e))
+  return bench_suite.main(options, out)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,14 @@
 """The benchmark harness runs the real train step and reports sane numbers."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
 from configs import mae as mae_config
 from mimjax import bench
+
+REPO = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 def test_synthetic_batch_keeps_shapes_and_dtypes():
@@ -170,3 +174,146 @@ def test_bench_step_reports_the_device_augmentation_share():
   assert result['device_augment'] == 'dino'
   # tiny DINO at 32 px: the augmentation is a few % of a 2-block ViT's step (large models: less)
   assert 0 < result['augment_flops_share'] < 0.2
+
+
+# ------------------------------------------------------------------ the suite (--suite)
+def _suite_options(**kw):
+  from mimjax import bench_suite
+  given = dict(rows=('mae',), attention_shapes=[(50, 2, 16, 'test')],
+               kernel_dtypes=('float32',), batch_per_device=2, steps=1, warmup=0, torch=None)
+  given.update(kw)
+  return bench_suite.SuiteOptions.for_platform('cpu', **given)
+
+
+def _run_suite(options, tmp_path, capsys):
+  from mimjax import bench_suite
+  out = tmp_path / 'suite.json'
+  status = bench_suite.main(options, str(out))
+  import json
+  return status, json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_suite_checks_kernels_and_times_a_row_on_cpu(tmp_path, capsys):
+  """One MRE-MAE-B/16-length shape (2 heads of 16) in float32 and the MAE tiny row."""
+  from mimjax import bench_suite
+  status, report, stdout = _run_suite(_suite_options(), tmp_path, capsys)
+  assert status == 0 and report['suite']['ok'] and report['suite']['platform'] == 'cpu'
+  kernels = [r for r in report['records'] if r['kind'] == 'kernel']
+  # pallas and fused, each with and without the MRE bias
+  assert sorted((r['config']['attention'], r['config']['mre_bias']) for r in kernels) == [
+      ('fused', False), ('fused', True), ('pallas', False), ('pallas', True)]
+  for r in kernels:
+    n = r['numbers']
+    assert r['ok'] and r['shapes'] == {'batch': 2, 'tokens': 50, 'heads': 2, 'head_dim': 16,
+                                       'where': 'test'}
+    assert set(n['errors']) == set(bench_suite.QUANTITIES[:3 + 2 * r['config']['mre_bias']])
+    assert n['max_err'] == max(n['errors'].values()) <= n['tolerance'] == 1e-5
+    assert all(np.isfinite(t[k]) and t[k] > 0 for key in ('fwd', 'fwd_bwd', 'reference_fwd')
+               for t in [n[key]] for k in ('ms', 'cpu_ms'))
+  pallas = next(r for r in kernels if r['config'] == dict(
+      attention='pallas', backend='pallas interpret', reference='xla', mre_bias=True,
+      dtype='float32'))
+  # the kernel is another computation than the einsum path: rounding differs, at float32 level
+  assert 0 < pallas['numbers']['max_err'] < 1e-5
+  (step,) = [r for r in report['records'] if r['kind'] == 'step']
+  n = step['numbers']
+  assert step['ok'] and step['name'] == 'mae' and step['config']['row'] == 'configs/mae.py:tiny'
+  assert step['config']['batch_size'] == 2 * step['devices'] == step['shapes']['batch_size']
+  assert all(np.isfinite(n[k]) and n[k] > 0 for k in ('compile_s', 'step_ms', 'step_cpu_ms',
+                                                      'img_per_s', 'gflops_per_img'))
+  assert np.isfinite(n['final_loss']) and 'torch' not in n
+  assert 'pallas+mre 50x2x16 float32' in stdout and 'mae.py:tiny' in stdout
+  assert f'{len(report["records"])}/{len(report["records"])} ok' in stdout
+
+
+def test_suite_fails_when_a_kernel_is_off_by_more_than_its_tolerance(tmp_path, capsys,
+                                                                     monkeypatch):
+  """A Pallas kernel 0.1 % off (far above float32 rounding) fails its checks, and the suite's
+  status with them; the fused path still passes."""
+  from mimjax.models import pallas_attention
+  right = pallas_attention.flash_attention
+  monkeypatch.setattr(pallas_attention, 'flash_attention',
+                      lambda *a, **kw: right(*a, **kw) * 1.001)
+  status, report, stdout = _run_suite(_suite_options(rows=()), tmp_path, capsys)
+  assert status == 1 and not report['suite']['ok']
+  verdict = {r['config']['attention']: r['ok'] for r in report['records']}
+  assert verdict == {'pallas': False, 'fused': True}
+  for r in report['records']:
+    if r['config']['attention'] == 'pallas':
+      assert r['numbers']['errors']['out'] == pytest.approx(1e-3, rel=0.01)
+  assert 'FAIL' in stdout
+
+
+def test_suite_options_follow_the_platform_and_refuse_unknown_rows():
+  from mimjax import bench_suite
+  cpu = bench_suite.SuiteOptions.for_platform('cpu')
+  assert cpu.tiny and cpu.rows == bench_suite.ROWS and cpu.batch_per_device is None
+  assert cpu.attention_shapes == bench_suite.CPU_ATTENTION and 'float32' in cpu.kernel_dtypes
+  gpu = bench_suite.SuiteOptions.for_platform('gpu')
+  assert not gpu.tiny and gpu.kernel_dtypes == ('bfloat16',) and gpu.batch_per_device == 128
+  assert gpu.attention_shapes == bench_suite.PAPER_ATTENTION
+  assert bench_suite.SuiteOptions.for_platform('tpu', tiny=True).batch_per_device is None
+  with pytest.raises(ValueError, match='--rows mea: unknown row'):
+    bench_suite.SuiteOptions.for_platform('cpu', rows=['mae', 'mea'])
+  assert bench_suite.parse_shape('197x12x64') == (197, 12, 64, 'given')
+  with pytest.raises(ValueError, match="--attention_shapes '197x12': expected TOKENSx"):
+    bench_suite.parse_shape('197x12')
+
+
+def test_suite_rows_are_every_training_config():
+  from mimjax import bench_suite
+  from tests.test_scale import training_configs
+  assert sorted(bench_suite.ROWS) == sorted(training_configs())
+  for name in bench_suite.ROWS:  # the paper row is each config's default argument
+    assert bench_suite.row_arg(name, tiny=False) not in ('', 'tiny')
+
+
+@pytest.mark.slow  # every tiny row (and the two B/16 shapes in both dtypes): minutes on 2 cores
+def test_the_whole_tiny_suite_from_the_command_line(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from mimjax import bench_suite
+  from tests.env import subprocess_env
+  out = tmp_path / 'suite.json'
+  run = subprocess.run([sys.executable, '-m', 'mimjax.bench', '--suite', '--out', str(out),
+                        '--steps', '2', '--warmup', '1', '--torch_threads', '1'],
+                       cwd=tmp_path, env=subprocess_env(1, PYTHONPATH=REPO), capture_output=True,
+                       text=True)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  report = json.loads(out.read_text())
+  steps = {r['name']: r for r in report['records'] if r['kind'] == 'step'}
+  assert list(steps) == list(bench_suite.ROWS) and all(r['ok'] for r in steps.values())
+  assert all(r['config']['row'].endswith(':tiny') for r in steps.values())
+  assert steps['mae']['numbers']['torch']['img_per_s'] > 0
+  assert steps['mre_mae']['config']['attention_backend'] == 'einsum'
+  kernels = [r for r in report['records'] if r['kind'] == 'kernel']
+  assert len(kernels) == 2 * 2 * 2 * 2  # 2 shapes × 2 dtypes × bias on/off × pallas/fused
+  assert all(r['ok'] and 0 <= r['numbers']['max_err'] <= r['numbers']['tolerance']
+             for r in kernels)
+  # the same tiny suite with a tolerance of 0: every nonzero error fails, exit status 1
+  run = subprocess.run([sys.executable, '-m', 'mimjax.bench', '--suite', '--rows=',
+                        '--attention_shapes', '50x2x16', '--kernel_dtypes', 'float32',
+                        '--tolerance_scale', '0', '--out', str(out)],
+                       cwd=tmp_path, env=subprocess_env(1, PYTHONPATH=REPO), capture_output=True,
+                       text=True)
+  assert run.returncode == 1 and 'FAIL' in run.stdout
+  assert not json.loads(out.read_text())['suite']['ok']
+
+
+@pytest.mark.slow  # a subprocess each (~5 s of imports); rows and shapes also tested in process
+@pytest.mark.parametrize('args,message', [
+    (['--rows', 'mea'], '--rows mea: unknown row; expected names from mae,mre_mae,'),
+    (['--out', 'no/x.json'], '--out no/x.json: no such directory'),
+    (['--kernel_dtypes', 'float16'], '--kernel_dtypes float16: expected float32'),
+    (['--config', 'configs/mae.py:tiny'], '--suite takes --rows/--tiny, not')])
+def test_suite_flag_errors_are_one_line(args, message, tmp_path):
+  import subprocess
+  import sys
+  from tests.env import subprocess_env
+  run = subprocess.run([sys.executable, '-m', 'mimjax.bench', '--suite', *args], cwd=tmp_path,
+                       env=subprocess_env(1, PYTHONPATH=REPO), capture_output=True, text=True)
+  assert run.returncode == 2, run.stderr
+  (line,) = run.stderr.strip().splitlines()
+  assert line.startswith(f'mimjax.bench: error: {message}'), line
+  assert not list(tmp_path.iterdir())  # no JSON, no half-written record
