@@ -43,6 +43,9 @@ NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers for a · bᵀ
 TN = (((0,), (0,)), ((), ()))  # and for aᵀ · b
 MAX_BLOCK = 128
 TPU_BLOCK = 128  # TPU tile: the MXU's width and the lane count of a vector register
+# VMEM the whole-sequence blocks of a TPU kernel may take: 3/4 of a v4 core's 16 MiB (the
+# smallest of v4, v5e, v5p, v6e), the rest for the tiles and the compiler's own buffers.
+TPU_WHOLE_SEQUENCE_VMEM = 12 * 2 ** 20
 # The mesh axes the batch is split over: mimjax.sharding.BATCH_AXES (models sit below sharding
 # in the layers; tests/models/test_pallas_attention.py checks the two agree).
 BATCH_AXES = ('data', 'fsdp')
@@ -347,7 +350,13 @@ def _dkv_kernel(*refs, st: _Static, bq: int, num_q: int, use_bias: bool):
     dv_ref[:, cols] = dv.astype(dv_ref.dtype)
 
 
-def _specs(st: _Static, tiles: Tiles, tq: int, tk: int, use_bias: bool):
+def _whole_sequence_bytes(st: _Static, t_pad: int, itemsize: int) -> int:
+  """VMEM of the whole-sequence blocks of the larger TPU kernel (dK/dV: Q and dO, the lse,
+  delta and query-id columns, each a 128-lane row per token in VMEM), one copy."""
+  return t_pad * (2 * st.heads * st.head_dim * itemsize + 3 * 128 * 4)
+
+
+def _specs(st: _Static, tiles: Tiles, tq: int, tk: int, use_bias: bool, itemsize: int):
   """BlockSpecs of one kernel's tiles, keyed by what they hold.
 
   'q_tile'/'k_tile' = one tile indexed by the grid's last axis; '*_all' = the whole padded
@@ -356,23 +365,30 @@ def _specs(st: _Static, tiles: Tiles, tq: int, tk: int, use_bias: bool):
   (B, T, H·D) arrays, every head in each program; blocks may run past the array's end (rows
   the kernels zero or drop), and the heads share the lane axis, so each block's last two dims
   are (rows, H·D), as Mosaic requires of a block's minor dims (a multiple of (8, 128) or the
-  whole dim).
+  whole dim). The whole-sequence blocks change only with the batch row; Pallas double-buffers
+  them (the next row's DMA overlaps this row's work) unless two copies would pass half of
+  `TPU_WHOLE_SEQUENCE_VMEM`, where they get one buffer (a wait per batch row) so long
+  sequences still fit a v4's 16 MiB of VMEM.
   """
   bq, bk = tiles.block_q, tiles.block_k
   if st.tpu:
     spec = lambda shape, index: pl.BlockSpec(shape, lambda b, i: index(b, 0, i))
+    whole = spec
+    if _whole_sequence_bytes(st, max(tq, tk), itemsize) > TPU_WHOLE_SEQUENCE_VMEM // 2:
+      whole = lambda shape, index: pl.BlockSpec(shape, lambda b, i: index(b, 0, i),
+                                                pipeline_mode=pl.Buffered(1))
     width = st.heads * st.head_dim
     sp = {
         'q_tile': spec((None, bq, width), lambda b, h, i: (b, i, 0)),
-        'q_all': spec((None, tq, width), lambda b, h, i: (b, 0, 0)),
+        'q_all': whole((None, tq, width), lambda b, h, i: (b, 0, 0)),
         'k_tile': spec((None, bk, width), lambda b, h, j: (b, j, 0)),
-        'k_all': spec((None, tk, width), lambda b, h, i: (b, 0, 0)),
+        'k_all': whole((None, tk, width), lambda b, h, i: (b, 0, 0)),
         'row_tile': spec((None, bq, st.heads), lambda b, h, i: (b, i, 0)),
-        'row_all': spec((None, tq, st.heads), lambda b, h, j: (b, 0, 0)),
+        'row_all': whole((None, tq, st.heads), lambda b, h, j: (b, 0, 0)),
         'u': spec((st.heads, 1, 1), lambda b, h, i: (0, 0, 0)),
     }
   else:
-    spec = pl.BlockSpec
+    spec = whole = pl.BlockSpec
     d = st.head_dim
     sp = {
         'q_tile': spec((None, None, bq, d), lambda b, h, i: (b, h, i, 0)),
@@ -386,9 +402,9 @@ def _specs(st: _Static, tiles: Tiles, tq: int, tk: int, use_bias: bool):
   if use_bias:
     sp.update({
         'qid_tile': spec((None, bq, 1), lambda b, h, i: (b, i, 0)),
-        'qid_all': spec((None, tq, 1), lambda b, h, j: (b, 0, 0)),
+        'qid_all': whole((None, tq, 1), lambda b, h, j: (b, 0, 0)),
         'kid_tile': spec((None, None, 1, bk), lambda b, h, j: (b, j, 0, 0)),
-        'kid_all': spec((None, tk // bk, 1, bk), lambda b, h, i: (b, 0, 0, 0)),
+        'kid_all': whole((None, tk // bk, 1, bk), lambda b, h, i: (b, 0, 0, 0)),
     })
   return sp
 
@@ -428,7 +444,7 @@ def _forward(st: _Static, q, k, v, qid, kid, u_pos, u_neg):
   tq, tk = st.blocks.padded(st.q_len, st.kv_len)
   tiles = st.blocks.fwd
   use_bias = qid is not None
-  sp = _specs(st, tiles, tq, tk, use_bias)
+  sp = _specs(st, tiles, tq, tk, use_bias, q.dtype.itemsize)
   in_specs = [sp['q_tile'], sp['k_all'], sp['k_all']]
   args = [q, k, v]
   if use_bias:
@@ -476,7 +492,7 @@ def _attention_bwd(st, res, do):
   bias_args = lambda tiles: [qid, _key_tiles(kid, tiles.block_k), u_pos, u_neg] if use_bias else []
 
   tiles = st.blocks.dq
-  sp = _specs(st, tiles, tq, tk, use_bias)
+  sp = _specs(st, tiles, tq, tk, use_bias, q.dtype.itemsize)
   dq_in = [sp['q_tile'], sp['k_all'], sp['k_all'], sp['q_tile'], sp['row_tile'], sp['row_tile']]
   dq_out = [sp['q_tile']]
   dq_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -493,7 +509,7 @@ def _attention_bwd(st, res, do):
       **st.call_args('mre_flash_dq', tiles, len(grid)))(*args, *bias_args(tiles))
 
   tiles = st.blocks.dkv
-  sp = _specs(st, tiles, tq, tk, use_bias)
+  sp = _specs(st, tiles, tq, tk, use_bias, q.dtype.itemsize)
   dkv_in = [sp['q_all'], sp['k_tile'], sp['k_tile'], sp['q_all'], sp['row_all'], sp['row_all']]
   if use_bias:
     dkv_in += [sp['qid_all'], sp['kid_tile'], sp['u'], sp['u']]
