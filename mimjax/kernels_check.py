@@ -214,7 +214,7 @@ class TpuKernel:
   flops: float
 
   def step_flops(self) -> float:
-    """Work of one grid step (a step costs ~0.35 µs on a TPU, whatever it does)."""
+    """Work of one grid step (each step also pays a fixed cost on a TPU)."""
     return self.flops / math.prod(self.grid)
 
 
