@@ -229,6 +229,16 @@ def _key_tile(j, bk: int, k_ref, v_ref, kid_ref, cols: slice, st: _Static):
           None if kid_ref is None else kid_ref[j])
 
 
+def _dot_t(a, b, st: _Static):
+  """aᵀ·b in float32, a cast to b's dtype (Pᵀ·dO, dSᵀ·Q). TPU: one dot_general contracting the
+  query axis of both tiles, no transpose written in the kernel (Mosaic feeds the MXU either
+  operand order). GPU and interpret mode: the explicit transpose their ptxas table and
+  reference tests were measured with."""
+  if st.tpu:
+    return lax.dot_general(a.astype(b.dtype), b, TN, preferred_element_type=jnp.float32)
+  return lax.dot(a.T.astype(b.dtype), b, preferred_element_type=jnp.float32)
+
+
 def _heads_per_program(st: _Static) -> int:
   """Heads one program handles: all of them on TPU (a grid step has a fixed cost, and one
   head's 128-row tile at T = 256 is ~8 MFLOP, 43 ns of a v5e), one on GPU."""
@@ -340,12 +350,10 @@ def _dkv_kernel(*refs, st: _Static, bq: int, num_q: int, use_bias: bool):
       delta = _rows(delta_ref, start, bq, slice(h, h + 1), st.q_len, st)
       s, _, _ = _tile_logits(q, k, qid, kid, u_pos, u_neg, k_start, st)
       p = jnp.exp(s - lse)
-      # Pᵀ·dO and dSᵀ·Q contract the query axis of both tiles (dot_general dimension numbers,
-      # no transpose written in the kernel; the compiler feeds the MXU either operand order).
-      dv = dv + lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
+      dv = dv + _dot_t(p, do, st)
       dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
       ds = p * (dp - delta)
-      dk = dk + lax.dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
+      dk = dk + _dot_t(ds, q, st)
       return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
