@@ -3,6 +3,7 @@
 Values and gradients (q, k, v, u_pos, u_neg) against a plain softmax written here with the bias
 built pair by pair; every MRE mode and sign through the ViT against the einsum path; a
 bfloat16 bound; one MRE-MAE train step against the einsum step; GPU/TPU lowering from CPU;
+the TPU kernels (their layout and 128-row tiles) in interpret mode;
 the kernel under a mesh (shard_map over the batch axes, backend from the mesh's platform);
 unknown attention names refused.
 """
@@ -144,6 +145,32 @@ def test_tiles_must_be_powers_of_two():
     pa.Tiles(64, 8)
 
 
+@pytest.mark.parametrize('t,s,bias', [
+    (50, None, True),    # one 128-row block over 50 rows: the block runs past the array's end
+    pytest.param(130, None, True, marks=pytest.mark.slow),   # two tiles per axis, 126 past
+    pytest.param(13, 50, False, marks=pytest.mark.slow),     # cross-attention, no bias
+])
+def test_tpu_kernels_in_interpret_mode_match_reference(t, s, bias):
+  # The TPU layout and tiles ((B, T, H·D) blocks with every head, 128-row tiles, no padding
+  # of q/k/v) run in interpret mode, which fills what lies past an array's end with NaN: any
+  # row the kernels failed to mask would turn a value or a gradient into NaN.
+  q, k, v, cot, ids, u_pos, u_neg = _inputs(2, t, 2, 16, s, 6)
+  kernel = lambda q, k, v, up, un: pa.flash_attention(
+      q, k, v, scale=0.25, segments=SegmentTerms(ids, up, un) if bias else None,
+      backend='tpu', interpret=True)
+  ref = lambda q, k, v, up, un: reference(q, k, v, ids if bias else None, up, un, 0.25)
+  n = 6 if bias else 4   # without the bias, u gets no gradient
+  _assert_close(_value_and_grads(kernel, q, k, v, cot, u_pos, u_neg)[:n],
+                _value_and_grads(ref, q, k, v, cot, u_pos, u_neg)[:n], F32_TOL)
+
+
+def test_tpu_tiles_are_multiples_of_128():
+  assert pa.default_blocks(37, 37, 64, 'tpu') == pa.BlockSizes.uniform(128, 128)
+  q = jnp.zeros((1, 50, 2, 16))
+  with pytest.raises(ValueError, match='TPU tiles must be multiples of 128'):
+    pa.flash_attention(q, q, q, scale=0.25, block_q=64, backend='tpu', interpret=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('t', [785, 301])   # B/8 at 224 px: 7 tiles per axis; 3 tiles, odd
 def test_long_sequences(t):
@@ -277,6 +304,10 @@ def test_lowers_for_gpu_triton_and_tpu_mosaic(platform, backend, call):
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4, 5)))
   text = grad.trace(q, q, q, ids, u, u).lower(lowering_platforms=(platform,)).as_text()
   assert text.count(call) == 3   # forward, dQ (+ du), dK/dV kernels
+  if backend == 'tpu':  # q, k, v, O enter as (B, T, H·D): reshapes, no transposes or pads
+    assert 'stablehlo.transpose' not in text
+    pads = [line for line in text.splitlines() if 'stablehlo.pad' in line]
+    assert pads and all('xi32>' in line for line in pads)   # only the (B, T) ids pad
 
 
 def test_unknown_attention_name_is_refused_everywhere():
