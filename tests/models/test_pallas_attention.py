@@ -32,7 +32,6 @@ from mimjax.train import trainer
 from mimjax.validate import validate_config
 from tests import hlo
 from tests.hlo import needs_libtpu, tpu_mesh
-from tests.trained import assert_trained_params_close
 
 F32_TOL = 1e-5
 LR = 1e-3  # the train-step check's learning rate
@@ -230,6 +229,14 @@ def _vit(attention, mode, sign):
                                         'attention': attention, 'segment_bias': seg}))
 
 
+def _assert_grads_close(got, want) -> None:
+  """Leaf by leaf: rtol 1e-4, and float32 round-off relative to the leaf's largest entry."""
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+    np.testing.assert_allclose(g, flat_want[path], rtol=1e-4, atol=F32_TOL * float(
+        jnp.abs(flat_want[path]).max()), err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize('mode,sign', [
     ('layer_head', 'both'), ('shared', 'positive'),
     pytest.param('head', 'negative', marks=pytest.mark.slow),
@@ -251,10 +258,7 @@ def test_every_mre_mode_equals_einsum_path(mode, sign):
 
   (v_ref, g_ref), (v_got, g_got) = value_and_grads(einsum), value_and_grads(kernel)
   np.testing.assert_allclose(v_got, v_ref, rtol=F32_TOL)
-  flat_ref = dict(jax.tree_util.tree_flatten_with_path(g_ref)[0])
-  for path, g in jax.tree_util.tree_flatten_with_path(g_got)[0]:
-    np.testing.assert_allclose(g, flat_ref[path], rtol=1e-4, atol=F32_TOL * float(
-        jnp.abs(flat_ref[path]).max()), err_msg=jax.tree_util.keystr(path))
+  _assert_grads_close(g_got, g_ref)
   if mode != 'fixed':  # u receives gradient only where its sign is on
     seg = g_got['params']['segment_bias']
     assert (float(jnp.abs(seg['u_pos']).max()) > 0) == (sign != 'negative')
@@ -264,7 +268,10 @@ def test_every_mre_mode_equals_einsum_path(mode, sign):
 @pytest.mark.slow   # ~40 s alone, minutes on a loaded box (interpret mode in 4 + 1 blocks)
 def test_mre_mae_train_step_equals_einsum_step():
   # configs/mre_mae.py:tiny (encoder with the bias, decoder without) through the trainer's
-  # step: loss and the AdamW-updated params after one step.
+  # step: its loss, the objective's gradients, and the step moving the bias tables.
+  # The AdamW-updated params are not compared: Adam's first step lr·g/(|g| + eps) turns the
+  # round-off of a weight whose gradient is ~eps (a sum of cancelling terms) into a step
+  # difference of ~lr·(relative round-off), which equal gradients already rule out as a bug.
   batch = {'image': np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8),
            'segments': np.random.default_rng(1).integers(0, 6, (4, 32, 32), np.uint8)}
   # What the loader ships to an MRE model: per-patch ids, not the raw maps.
@@ -280,15 +287,15 @@ def test_mre_mae_train_step_equals_einsum_step():
     tx, lr = optim.make_optimizer(config.optim, params_shape, total_steps=10, warmup_steps=0,
                                   batch_size=4, num_examples=4)
     state = trainer.init_train_state(objective, tx, jax.random.key(0), batch)
-    results.append(jax.jit(trainer.make_train_step(objective, tx, lr))(state, batch))
-  (s_ref, m_ref), (s_got, m_got) = results
+    grads = jax.jit(jax.grad(lambda p: objective.loss(p, state['state'], batch,
+                                                      jax.random.key(1), 0)[0]))(state['params'])
+    results.append((jax.jit(trainer.make_train_step(objective, tx, lr))(state, batch), grads))
+  ((s_ref, m_ref), g_ref), ((s_got, m_got), g_got) = results
   np.testing.assert_allclose(m_got['loss'], m_ref['loss'], rtol=F32_TOL)
-  u_ref = s_ref['params']['encoder']['segment_bias']['u_pos']
-  assert float(jnp.abs(u_ref - 0.5).min()) > LR / 2   # the step moved the parameters
-  # Two programs reduce in another order: tight everywhere, except the key bias (exactly zero
-  # gradient), held to Adam's own bound (tests/trained.py).
-  assert_trained_params_close(s_got['params'], s_ref['params'], lrs=[LR],
-                              b1=config.optim.b1, b2=config.optim.b2, rtol=1e-5, atol=1e-6)
+  _assert_grads_close(g_got, g_ref)
+  for name, init in (('u_pos', 0.5), ('u_neg', -0.5)):
+    moved = s_got['params']['encoder']['segment_bias'][name] - init
+    assert float(jnp.abs(moved).min()) > LR / 2, name   # the kernel's du reached the step
 
 
 @pytest.mark.parametrize('platform,backend,call', [
