@@ -280,16 +280,17 @@ def dino_views(rng: np.random.Generator, image: Array, segments: Optional[Array]
 
 
 # ------------------------------------------------------------- crops on the device (crop_on)
-def to_canvas(image: Array, canvas_hw: Sequence[int]) -> tuple[Array, tuple[int, int]]:
-  """(H, W, 3) → a fixed (h_c, w_c, 3) canvas: the image at its top-left (bicubic-shrunk to fit
-  when larger, aspect kept), edge-replicated to the right and bottom; → (canvas, (h, w) of the
-  image on it). Crop boxes index the image on the canvas."""
+def to_canvas(image: Array, canvas_hw: Sequence[int],
+              resample=BICUBIC) -> tuple[Array, tuple[int, int]]:
+  """(H, W[, 3]) → a fixed (h_c, w_c[, 3]) canvas: the image at its top-left (shrunk to fit
+  when larger, aspect kept: `resample`, NEAREST for a segment map), edge-replicated to the right
+  and bottom; → (canvas, (h, w) of the image on it). Crop boxes index the image on the canvas."""
   ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
   h, w = image.shape[:2]
   if h > ch or w > cw:
     s = min(ch / h, cw / w)
     h, w = max(1, min(ch, int(round(h * s)))), max(1, min(cw, int(round(w * s))))
-    image = _resize(image, (h, w), BICUBIC)
+    image = _resize(image, (h, w), resample)
   # = np.pad(mode='edge'), written out: 2.4× less CPU (one allocation, three copies)
   canvas = np.empty((ch, cw) + image.shape[2:], image.dtype)
   canvas[:h, :w] = image

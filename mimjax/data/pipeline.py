@@ -51,7 +51,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'augment_on': 'device',
       # 'device' ('mae', 'dino'): the host ships the decoded image on a fixed `canvas_size`
       # canvas and each view's RandomResizedCrop box + flip (drawn as the host path draws them);
-      # the train step cuts the views (bicubic, antialiased). 'host': PIL crops (docs/data.md).
+      # the train step cuts the views (bicubic, antialiased), their segment maps (nearest) and
+      # the maps' patch ids. 'host': PIL crops, patch ids here (docs/data.md).
       'crop_on': 'host',
       'canvas_size': (384, 384),
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
@@ -241,12 +242,12 @@ def crops_on_device(cfg) -> bool:
 
 def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
                         segments: Optional[np.ndarray], augment: str) -> dict:
-  """crop_on='device': the canvas and every view group's boxes/flips (host draws only)."""
-  if segments is not None:
-    raise ValueError('data.crop_on=device does not crop segment maps yet (MRE rows); set '
-                     'data.crop_on=host or data.use_segments=False')
+  """crop_on='device': the canvas (+ the segment map on its own canvas, `canvas_segments`) and
+  every view group's boxes/flips (host draws only; the device cuts maps and patch ids too)."""
   canvas, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
   out = {'canvas': canvas}
+  if segments is not None:
+    out['canvas_segments'] = aug_lib.to_canvas(segments, cfg.canvas_size, aug_lib.NEAREST)[0]
   if augment == 'mae':
     groups = [('image', 1, cfg.crop_scale)]
   else:
