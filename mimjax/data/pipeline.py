@@ -11,6 +11,7 @@ worker processes (`worker_count`) build whole batches in parallel and in order.
 """
 
 import functools
+import io
 import math
 import os
 import sys
@@ -188,8 +189,9 @@ def _dataset_dir(cfg) -> str:
   return path
 
 
-def open_source(cfg, split: str) -> tuple[Any, bool]:
-  """(random-access source of decoded records, whether records carry `segments`)."""
+def open_source(cfg, split: str, encoded_images: bool = False) -> tuple[Any, bool]:
+  """(random-access source of decoded records, whether records carry `segments`);
+  `encoded_images`: their `image` stays the stored bytes (for `decode_image`)."""
   if cfg.name == 'synthetic':
     n = cfg.synthetic_size if split == 'train' else max(1, cfg.synthetic_size // 10)
     return SyntheticSource(n, cfg.image_size, cfg.num_classes, 0 if split == 'train' else 1), False
@@ -197,7 +199,32 @@ def open_source(cfg, split: str) -> tuple[Any, bool]:
   builder = tfds_io.load_builder(path)
   split = _resolve_split(builder.info.splits.keys(), split, path)
   has_segments = 'segments' in builder.info.features
-  return builder.as_data_source(split=split), has_segments
+  decoders = None
+  if encoded_images:
+    import tensorflow_datasets as tfds
+    decoders = {'image': tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split=split, decoders=decoders), has_segments
+
+
+def decode_image(data: bytes, fit_hw: Optional[tuple] = None) -> np.ndarray:
+  """Stored image bytes → (H, W, 3) uint8 ((H, W) if grayscale), PIL as TFDS decodes them.
+
+  `fit_hw`: already shrunk (bicubic) to the size it takes on an (h, w) canvas
+  (augment.fit_size), as augment.to_canvas would. A JPEG at least 4× that size is first decoded
+  DCT-scaled (PIL `draft`: by 1/2, 1/4 or 1/8) to no less than twice it — PIL's
+  `reducing_gap=2`, as `Image.thumbnail` — which skips most of the decode. Against the full
+  decode + the same shrink: mean ≤ 1.5 levels, 99 % within 8 (tests/data/test_pipeline.py,
+  docs/data.md); exact when no draft applies."""
+  from PIL import Image
+  with Image.open(io.BytesIO(data)) as im:
+    fit = None if fit_hw is None else aug_lib.fit_size(im.height, im.width, fit_hw)
+    if fit is not None and fit != (im.height, im.width):
+      im.draft('RGB', (2 * fit[1], 2 * fit[0]))
+    if im.mode not in ('RGB', 'L'):
+      im = im.convert('RGB')
+    if fit is not None and fit != im.size[::-1]:
+      im = im.resize((fit[1], fit[0]), aug_lib.BICUBIC)
+    return np.asarray(im)
 
 
 def check_mask_coverage(cfg, split: str) -> None:
@@ -321,7 +348,7 @@ def collate(outs: list, cfg) -> dict:
   batch['label'] = batch['label'].astype(np.int32)
   for k, v in batch.items():
     if k != 'label' and not k.startswith(('boxes_', 'flips_')):  # crop plans keep their types
-      batch[k] = v.astype(np.uint8)
+      batch[k] = v.astype(np.uint8, copy=False)
   return to_patch_ids(batch, cfg)
 
 
@@ -374,6 +401,9 @@ class _BatchMaker:
     self.augment = cfg.augment if train else 'eval'
     self.n = len(source)
     self._perm_epoch, self._perm = -1, None
+    # crop_on='device' decodes the stored bytes itself: DCT-scaled when the canvas is smaller
+    self.fit_hw = (tuple(cfg.canvas_size) if train and crops_on_device(cfg)
+                   and cfg.name != 'synthetic' else None)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -409,13 +439,25 @@ class _BatchMaker:
                           'rebuild the data set (python -m mimjax.data.build, or the SAM '
                           'stage that wrote it) or restore it from a copy') from None
 
+  def _decode(self, data: bytes, record) -> np.ndarray:
+    try:
+      return decode_image(data, self.fit_hw)
+    except Exception as e:  # pylint: disable=broad-except  (PIL's errors vary by format)
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataReadError(f'{self.files or "the data set"}: cannot decode the image of record '
+                          f'{int(record)} ({why}); the file is damaged: rebuild the data set '
+                          '(python -m mimjax.data.build) or restore it from a copy') from None
+
   def __call__(self, step: int) -> dict:
     records, positions, mask = self.plan(int(step))
     examples = self._read(records)
     outs = []
-    for ex, pos in zip(examples, positions):
+    for ex, pos, record in zip(examples, positions, records):
       rng = (np.random.default_rng([self.seed, int(pos), _AUG_SALT]) if self.train else None)
-      image = np.asarray(ex['image'])
+      image = ex['image']
+      if self.fit_hw is not None:
+        image = self._decode(image, record)
+      image = np.asarray(image)
       if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
       segs = np.asarray(ex['segments']) if self.segments else None
@@ -518,7 +560,8 @@ def batch_maker(data_config: ml_collections.ConfigDict, *, global_batch_size: in
   if global_batch_size <= 0 or global_batch_size % pc:
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
                      f'the process count {pc}')
-  source, has_segments = open_source(data_config, split)
+  source, has_segments = open_source(data_config, split,
+                                     encoded_images=train and crops_on_device(data_config))
   if train and has_segments:
     check_mask_coverage(data_config, split)
   if train and len(source) < global_batch_size:
