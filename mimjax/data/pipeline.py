@@ -61,8 +61,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'read_threads': 2,           # threads building batches in each process
       'use_segments': True,        # yield `segments` when the records have them
       # > 0: replace every segment map by its patch ids (majority id per p×p patch, computed
-      # here on the host) so the device gets (…, N) ids, not (…, H, W) maps; MRE configs set
-      # it to the model's patch size (configs/common.py: ship_segment_ids).
+      # here on the host, or by the train step with crop_on='device') so the model gets (…, N)
+      # ids, not (…, H, W) maps; MRE configs set it to the model's patch size
+      # (configs/common.py: ship_segment_ids).
       'segment_patch_size': 0,
       'segment_num_ids': 256,      # ids ≥ this do not vote (model.segment_bias.num_ids)
       # A training loader that ships patch ids (MRE, KD) refuses a SAM output whose
@@ -269,12 +270,14 @@ def crops_on_device(cfg) -> bool:
 
 def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
                         segments: Optional[np.ndarray], augment: str) -> dict:
-  """crop_on='device': the canvas (+ the segment map on its own canvas, `canvas_segments`) and
-  every view group's boxes/flips (host draws only; the device cuts maps and patch ids too)."""
-  canvas, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
-  out = {'canvas': canvas}
+  """crop_on='device': the image as it lies on the canvas (+ its segment map) and every view
+  group's boxes/flips (host draws only; the device cuts maps and patch ids too). `collate`
+  pads them onto the batch's canvases (`canvas`, `canvas_segments`)."""
+  image = aug_lib.fit_to_canvas(image, cfg.canvas_size)
+  h, w = image.shape[:2]
+  out = {'canvas': image}
   if segments is not None:
-    out['canvas_segments'] = aug_lib.to_canvas(segments, cfg.canvas_size, aug_lib.NEAREST)[0]
+    out['canvas_segments'] = aug_lib.fit_to_canvas(segments, cfg.canvas_size, aug_lib.NEAREST)
   if augment == 'mae':
     groups = [('image', 1, cfg.crop_scale)]
   else:
@@ -343,8 +346,16 @@ def to_patch_ids(batch: dict, cfg) -> dict:
 
 
 def collate(outs: list, cfg) -> dict:
-  """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids."""
-  batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids;
+  crop_on='device': each image (map) edge-padded onto its row of the batch's canvas."""
+  batch = {}
+  for k in outs[0]:
+    if k.startswith('canvas'):  # in place: a per-image canvas + np.stack costs 2× the pages
+      batch[k] = np.empty((len(outs), *cfg.canvas_size, *outs[0][k].shape[2:]), np.uint8)
+      for o, row in zip(outs, batch[k]):
+        aug_lib.to_canvas(o[k], cfg.canvas_size, out=row)
+    else:
+      batch[k] = np.stack([o[k] for o in outs])
   batch['label'] = batch['label'].astype(np.int32)
   for k, v in batch.items():
     if k != 'label' and not k.startswith(('boxes_', 'flips_')):  # crop plans keep their types

@@ -251,8 +251,9 @@ def test_device_crops_equal_pil_crops_of_the_same_draws(augment):
   image = _photo()
   host = pipeline.augment_example(_host(cfg), np.random.default_rng(5), image, None, augment)
   plan = pipeline.augment_example(cfg, np.random.default_rng(5), image, None, augment)
-  assert plan['canvas'].shape == (128, 160, 3)
-  batch = {k: v[None] for k, v in plan.items()}
+  assert plan['canvas'].shape == (120, 160, 3)  # fits: collate pads it onto the canvas
+  batch = pipeline.collate([dict(plan, label=0)], cfg)
+  assert batch['canvas'].shape == (1, 128, 160, 3)
   views = jax.device_get(jax.jit(lambda b: da.crop_views(b, cfg))(batch))
   for key, want in host.items():
     got = views[key][0].astype(np.float32)
@@ -400,8 +401,8 @@ def test_device_crops_stay_on_their_rows_over_8_devices():
   cfg = _crop_config()
   cfg.segment_patch_size = 8
   rng = np.random.default_rng(0)
-  rows = [pipeline.augment_example(cfg, rng, _photo(), _segments(), 'dino') for _ in range(8)]
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch = pipeline.collate([dict(pipeline.augment_example(cfg, rng, _photo(), _segments(), 'dino'),
+                                 label=0) for _ in range(8)], cfg)
   sharded = NamedSharding(hlo.mesh_of(8), P('data'))
   fn = lambda b: da.crop_views(b, cfg)
   compiled = jax.jit(fn, in_shardings=(sharded,), out_shardings=sharded).lower(batch).compile()
