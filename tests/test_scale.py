@@ -76,7 +76,9 @@ def test_pallas_step_divides_over_8_devices(tmp_path_factory):
   assert plan.scaling_problems(plan.compile_step(config, plan.mesh_of(8)), 8, GLOBAL_BATCH) == []
 
 
-@pytest.mark.parametrize('name', ['mre_mae', 'mre_dino'])
+# mre_dino's compile costs ~2× mre_mae's (45 s loaded): slow; the multi-crop cut's sharding is
+# also checked alone (tests/data/test_device_augment.py, 8 devices).
+@pytest.mark.parametrize('name', ['mre_mae', pytest.param('mre_dino', marks=pytest.mark.slow)])
 def test_device_crops_divide_over_8_devices(name, tmp_path_factory):
   """crop_on='device' (the paper rows' default): the step also cuts every view, its segment map
   and patch ids from the canvases; each device still cuts only its own rows."""
