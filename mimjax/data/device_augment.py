@@ -4,6 +4,8 @@ With `data.augment_on='device'` the host pipeline does only the geometric part o
 and 'lut' recipes (crops, flips) and ships uint8 views; the train step then applies DINO's
 ColorJitter, RandomGrayscale, GaussianBlur and Solarization here, with per-image parameters
 drawn from the step's key (folded for this purpose, so a resumed run redraws them exactly).
+With `data.crop_on='device'` (paper rows) the step first cuts the RandomResizedCrop views from
+the host's canvases, with each view's segment map and its patch ids (`crop_views`).
 
 Numerics: for given parameters every op equals `torchvision.transforms.v2.functional` on the
 same uint8 image (tests/data/test_device_augment.py checks against torch): images stay float32

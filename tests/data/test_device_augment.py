@@ -346,7 +346,7 @@ def test_nearest_crop_is_pil_nearest_but_at_exact_pixel_boundaries():
       assert not dr[~tie_r].any() and not dc[:, ~tie_c].any()
     assert ties_seen  # both branches ran
   x = np.arange(48)
-  assert (_pil_rows(96, 48) == (2 * x + 1) * 96 // 96).all()  # exact (dyadic) ties: equal
+  assert (_pil_rows(96, 48) == (2 * x + 1) * 96 // (2 * 48)).all()  # dyadic ties: exact
 
 
 def test_device_patch_ids_follow_the_host_rule_exactly():
