@@ -389,6 +389,11 @@ class DataReadError(ValueError):
   """A record of the data set could not be read (a damaged file); one line naming it."""
 
 
+def _first_line(e: Exception) -> str:
+  """What a reader's exception says, in one short line (its errors span many lines)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def _split_files(cfg, split: str) -> str:
   """The record file(s) of a split, for error messages."""
   if cfg.name == 'synthetic':
@@ -452,7 +457,7 @@ class _BatchMaker:
     try:
       return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
     except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli errors vary)
-      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      why = _first_line(e)
       raise DataReadError(f'{self.files or "the data set"}: cannot read records {keys[:3]}'
                           f'{"..." if len(keys) > 3 else ""} ({why}); the file is damaged: '
                           'rebuild the data set (python -m mimjax.data.build, or the SAM '
@@ -462,7 +467,7 @@ class _BatchMaker:
     try:
       return decode_image(data, self.fit_hw)
     except Exception as e:  # pylint: disable=broad-except  (PIL's errors vary by format)
-      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      why = _first_line(e)
       raise DataReadError(f'{self.files or "the data set"}: cannot decode the image of record '
                           f'{int(record)} ({why}); the file is damaged: rebuild the data set '
                           '(python -m mimjax.data.build) or restore it from a copy') from None
