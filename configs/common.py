@@ -98,11 +98,16 @@ def loader_workers() -> int:
 
 def paper_speed(config: ml_collections.ConfigDict) -> None:
   """Paper rows run at accelerator speed: bfloat16 compute (params and optimizer state stay
-  float32), the fused attention kernel (cuDNN on GPU; XLA's own on CPU/TPU) and loader worker
-  processes. `tiny` rows keep float32 einsum attention in-process, what a laptop CPU runs best."""
+  float32), the fused attention kernel (cuDNN on GPU; XLA's own on CPU/TPU), loader worker
+  processes and, for the RandomResizedCrop recipes (MAE, DINO and the rows built on them), the
+  crops (+ segment maps and patch ids) cut on the device: the host only decodes (docs/data.md;
+  data.crop_on=host gives PIL's exact crops). `tiny` rows keep float32 einsum attention and
+  host crops in-process, what a laptop CPU runs best."""
   config.model.dtype = 'bfloat16'
   config.model.attention = 'fused'
   config.data.worker_count = loader_workers()
+  if config.data.augment in pipeline.DEVICE_CROPS:
+    config.data.crop_on = 'device'
 
 
 def ship_segment_ids(config: ml_collections.ConfigDict) -> None:

@@ -117,7 +117,9 @@ def synthetic_batch(example: dict, batch_size: int) -> dict:
 
 
 # Image key → segment-map key, as mimjax.data.augment emits them ('lut' and 'mae' use 'image').
-SEGMENT_KEYS = {'image': 'segments', 'global': 'segments_global', 'local': 'segments_local'}
+# crop_on='device': the map travels on its own canvas, cut on the device like the image's.
+SEGMENT_KEYS = {'image': 'segments', 'global': 'segments_global', 'local': 'segments_local',
+                'canvas': 'canvas_segments'}
 
 
 def needs_segments(config) -> bool:

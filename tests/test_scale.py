@@ -86,6 +86,17 @@ def test_pallas_step_divides_over_8_devices(tmp_path_factory):
   assert plan.scaling_problems(plan.compile_step(config, plan.mesh_of(8)), 8, GLOBAL_BATCH) == []
 
 
+# mre_dino's compile costs ~2× mre_mae's (45 s loaded): slow; the multi-crop cut's sharding is
+# also checked alone (tests/data/test_device_augment.py, 8 devices).
+@pytest.mark.parametrize('name', ['mre_mae', pytest.param('mre_dino', marks=pytest.mark.slow)])
+def test_device_crops_divide_over_8_devices(name, tmp_path_factory):
+  """crop_on='device' (the paper rows' default): the step also cuts every view, its segment map
+  and patch ids from the canvases; each device still cuts only its own rows."""
+  config = tiny(name, tmp_path_factory)
+  config.data.update(crop_on='device', canvas_size=(36, 44))  # no side a multiple of 40
+  assert plan.scaling_problems(plan.compile_step(config, plan.mesh_of(8)), 8, GLOBAL_BATCH) == []
+
+
 def test_whole_step_flops_equal_a_one_device_compile(tmp_path_factory):
   """The reference of the check above: the unpartitioned program's FLOPs (no extra compile)
   are what one device does with the whole batch."""

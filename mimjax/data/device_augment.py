@@ -4,6 +4,8 @@ With `data.augment_on='device'` the host pipeline does only the geometric part o
 and 'lut' recipes (crops, flips) and ships uint8 views; the train step then applies DINO's
 ColorJitter, RandomGrayscale, GaussianBlur and Solarization here, with per-image parameters
 drawn from the step's key (folded for this purpose, so a resumed run redraws them exactly).
+With `data.crop_on='device'` (paper rows) the step first cuts the RandomResizedCrop views from
+the host's canvases, with each view's segment map and its patch ids (`crop_views`).
 
 Numerics: for given parameters every op equals `torchvision.transforms.v2.functional` on the
 same uint8 image (tests/data/test_device_augment.py checks against torch): images stay float32
@@ -275,20 +277,74 @@ def resized_crop(canvas: jnp.ndarray, box: jnp.ndarray, flip: jnp.ndarray,
   return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
 
+def nearest_crop(segments: jnp.ndarray, box: jnp.ndarray, flip: jnp.ndarray,
+                 size: int) -> jnp.ndarray:
+  """One (H, W) segment map, box, flip → the size×size map: crop, NEAREST resize (output pixel
+  x samples source pixel ⌊(x + ½)·w / size⌋, computed exactly in integers), flip. PIL's NEAREST
+  accumulates that position in doubles: where it falls exactly on a pixel boundary
+  ((2x + 1)·w a multiple of 2·size) PIL may take the pixel before it; nowhere else do they
+  differ (tests/data/test_device_augment.py)."""
+  def rows(start, extent, n):
+    i = jnp.arange(n, dtype=jnp.int32)
+    return start + ((2 * i + 1) * extent) // (2 * n)
+  out = jnp.take(segments, rows(box[0], box[2], size), axis=0)
+  out = jnp.take(out, rows(box[1], box[3], size), axis=1)
+  return jnp.where(flip, out[:, ::-1], out)
+
+
+def patch_ids(segments: jnp.ndarray, patch_size: int, num_ids: int) -> jnp.ndarray:
+  """(..., H, W) id maps → (..., H/p · W/p) uint8: the most frequent id in each p×p patch, ties
+  to the lower id, ids ≥ num_ids not voting (0 when none votes) — exactly
+  mimjax.data.augment.patch_segment_ids, the host's rule."""
+  *lead, h, w = segments.shape
+  p = patch_size
+  if num_ids <= 0:  # nothing votes
+    return jnp.zeros((*lead, (h // p) * (w // p)), jnp.uint8)
+  x = segments.reshape(*lead, h // p, p, w // p, p)
+
+  # One id at a time, keeping the running best: XLA:CPU materialises a one-hot over
+  # (…, N, p², num_ids) (808 MB of scratch for 512 maps at 224/16 with 8 ids, 25 GB with 256);
+  # this loop fuses each compare into its sum (1 MB there, any num_ids).
+  def vote(k, best):
+    count, winner = best
+    c = jnp.sum(x == k.astype(x.dtype), axis=(-3, -1), dtype=jnp.uint16)  # p² ≤ 65535
+    more = c > count  # strictly: a tie keeps the lower id
+    return jnp.where(more, c, count), jnp.where(more, k, winner)
+
+  zeros = jnp.zeros((*lead, h // p, w // p), jnp.int32)
+  _, winner = jax.lax.fori_loop(0, num_ids, vote, (zeros.astype(jnp.uint16), zeros))
+  return winner.reshape(*lead, -1).astype(jnp.uint8)
+
+
 def crop_views(batch: dict, data_config: ml_collections.ConfigDict) -> dict:
-  """A crop_on='device' batch (`canvas`, `boxes_*`, `flips_*`) → the views the host path
-  ships ('mae': `image` (B, S, S, 3); 'dino': `global` (B, 2, G, G, 3), `local` (B, n, L, L, 3))."""
+  """A crop_on='device' batch (`canvas`, `boxes_*`, `flips_*`, maybe `canvas_segments`) → what
+  the host path ships ('mae': `image` (B, S, S, 3); 'dino': `global` (B, 2, G, G, 3), `local`
+  (B, n, L, L, 3); with a map, each view's `segment_ids*` (B, [n,] N) when
+  data.segment_patch_size > 0, else its `segments*` map)."""
   out = {k: v for k, v in batch.items()
-         if k != 'canvas' and not k.startswith(('boxes_', 'flips_'))}
+         if not k.startswith(('canvas', 'boxes_', 'flips_'))}
   sizes = {'image': data_config.image_size, 'global': data_config.image_size,
            'local': data_config.local_size}
+  maps = batch.get('canvas_segments')
+  p = data_config.get('segment_patch_size', 0)
   for key, size in sizes.items():
     if f'boxes_{key}' not in batch:
       continue
-    cut = lambda c, b, f, s=size: resized_crop(c, b, f, s)
-    views = jax.vmap(jax.vmap(cut, (None, 0, 0)))(batch['canvas'], batch[f'boxes_{key}'],
-                                                  batch[f'flips_{key}'])
-    out[key] = views[:, 0] if key == 'image' else views
+
+    def cut(fn, source, key=key, size=size):
+      one = lambda c, b, f: fn(c, b, f, size)
+      views = jax.vmap(jax.vmap(one, (None, 0, 0)))(source, batch[f'boxes_{key}'],
+                                                    batch[f'flips_{key}'])
+      return views[:, 0] if key == 'image' else views  # 'mae': one view per image
+
+    out[key] = cut(resized_crop, batch['canvas'])
+    if maps is not None:
+      seg_key = 'segments' if key == 'image' else f'segments_{key}'
+      seg = cut(nearest_crop, maps)
+      if p:  # as pipeline.to_patch_ids does on the host
+        seg_key, seg = pipeline.segment_ids_key(seg_key), patch_ids(
+            seg, p, data_config.get('segment_num_ids', 256))
+      out[seg_key] = seg
   return out
 
 

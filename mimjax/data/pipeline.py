@@ -11,6 +11,7 @@ worker processes (`worker_count`) build whole batches in parallel and in order.
 """
 
 import functools
+import io
 import math
 import os
 import sys
@@ -51,7 +52,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'augment_on': 'device',
       # 'device' ('mae', 'dino'): the host ships the decoded image on a fixed `canvas_size`
       # canvas and each view's RandomResizedCrop box + flip (drawn as the host path draws them);
-      # the train step cuts the views (bicubic, antialiased). 'host': PIL crops (docs/data.md).
+      # the train step cuts the views (bicubic, antialiased), their segment maps (nearest) and
+      # the maps' patch ids. 'host': PIL crops, patch ids here (docs/data.md).
       'crop_on': 'host',
       'canvas_size': (384, 384),
       'worker_count': 0,           # grain worker processes; 0 = in-process (threads)
@@ -59,8 +61,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'read_threads': 2,           # threads building batches in each process
       'use_segments': True,        # yield `segments` when the records have them
       # > 0: replace every segment map by its patch ids (majority id per p×p patch, computed
-      # here on the host) so the device gets (…, N) ids, not (…, H, W) maps; MRE configs set
-      # it to the model's patch size (configs/common.py: ship_segment_ids).
+      # here on the host, or by the train step with crop_on='device') so the model gets (…, N)
+      # ids, not (…, H, W) maps; MRE configs set it to the model's patch size
+      # (configs/common.py: ship_segment_ids).
       'segment_patch_size': 0,
       'segment_num_ids': 256,      # ids ≥ this do not vote (model.segment_bias.num_ids)
       # A training loader that ships patch ids (MRE, KD) refuses a SAM output whose
@@ -187,8 +190,9 @@ def _dataset_dir(cfg) -> str:
   return path
 
 
-def open_source(cfg, split: str) -> tuple[Any, bool]:
-  """(random-access source of decoded records, whether records carry `segments`)."""
+def open_source(cfg, split: str, encoded_images: bool = False) -> tuple[Any, bool]:
+  """(random-access source of decoded records, whether records carry `segments`);
+  `encoded_images`: their `image` stays the stored bytes (for `decode_image`)."""
   if cfg.name == 'synthetic':
     n = cfg.synthetic_size if split == 'train' else max(1, cfg.synthetic_size // 10)
     return SyntheticSource(n, cfg.image_size, cfg.num_classes, 0 if split == 'train' else 1), False
@@ -196,7 +200,40 @@ def open_source(cfg, split: str) -> tuple[Any, bool]:
   builder = tfds_io.load_builder(path)
   split = _resolve_split(builder.info.splits.keys(), split, path)
   has_segments = 'segments' in builder.info.features
-  return builder.as_data_source(split=split), has_segments
+  decoders = None
+  if encoded_images:
+    import tensorflow_datasets as tfds
+    decoders = {'image': tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split=split, decoders=decoders), has_segments
+
+
+def decode_image(data: bytes, fit_hw: Optional[tuple] = None) -> np.ndarray:
+  """Stored image bytes → (H, W, 3) uint8 ((H, W) if grayscale), PIL as TFDS decodes them.
+
+  `fit_hw`: already shrunk (bicubic) to the size it takes on an (h, w) canvas
+  (augment.fit_size), as augment.to_canvas would. A JPEG at least 4× that size is first decoded
+  DCT-scaled (PIL `draft`: by 1/2, 1/4 or 1/8) to no less than twice it — PIL's
+  `reducing_gap=2`, as `Image.thumbnail` — which skips most of the decode. Against the full
+  decode + the same shrink: mean ≤ 1.5 levels, 99 % within 8 (tests/data/test_pipeline.py,
+  docs/data.md); exact when no draft applies. An RGB JPEG that needs no shrink is decoded by
+  simplejpeg (the same libjpeg-turbo decode, bit-identical to PIL's, tested; 23 % less CPU:
+  no PIL image, no copy out of it)."""
+  import simplejpeg
+  from PIL import Image
+  if simplejpeg.is_jpeg(data):
+    h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colorspace in ('YCbCr', 'RGB') and (fit_hw is None
+                                           or aug_lib.fit_size(h, w, fit_hw) == (h, w)):
+      return simplejpeg.decode_jpeg(data, colorspace='RGB')
+  with Image.open(io.BytesIO(data)) as im:
+    fit = None if fit_hw is None else aug_lib.fit_size(im.height, im.width, fit_hw)
+    if fit is not None and fit != (im.height, im.width):
+      im.draft('RGB', (2 * fit[1], 2 * fit[0]))
+    if im.mode not in ('RGB', 'L'):
+      im = im.convert('RGB')
+    if fit is not None and fit != im.size[::-1]:
+      im = im.resize((fit[1], fit[0]), aug_lib.BICUBIC)
+    return np.asarray(im)
 
 
 def check_mask_coverage(cfg, split: str) -> None:
@@ -241,12 +278,14 @@ def crops_on_device(cfg) -> bool:
 
 def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
                         segments: Optional[np.ndarray], augment: str) -> dict:
-  """crop_on='device': the canvas and every view group's boxes/flips (host draws only)."""
+  """crop_on='device': the image as it lies on the canvas (+ its segment map) and every view
+  group's boxes/flips (host draws only; the device cuts maps and patch ids too). `collate`
+  pads them onto the batch's canvases (`canvas`, `canvas_segments`)."""
+  image = aug_lib.fit_to_canvas(image, cfg.canvas_size)
+  h, w = image.shape[:2]
+  out = {'canvas': image}
   if segments is not None:
-    raise ValueError('data.crop_on=device does not crop segment maps yet (MRE rows); set '
-                     'data.crop_on=host or data.use_segments=False')
-  canvas, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
-  out = {'canvas': canvas}
+    out['canvas_segments'] = aug_lib.fit_to_canvas(segments, cfg.canvas_size, aug_lib.NEAREST)
   if augment == 'mae':
     groups = [('image', 1, cfg.crop_scale)]
   else:
@@ -315,12 +354,20 @@ def to_patch_ids(batch: dict, cfg) -> dict:
 
 
 def collate(outs: list, cfg) -> dict:
-  """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids."""
-  batch = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
+  """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids;
+  crop_on='device': each image (map) edge-padded onto its row of the batch's canvas."""
+  batch = {}
+  for k in outs[0]:
+    if k.startswith('canvas'):  # in place: a per-image canvas + np.stack costs 2× the pages
+      batch[k] = np.empty((len(outs), *cfg.canvas_size, *outs[0][k].shape[2:]), np.uint8)
+      for o, row in zip(outs, batch[k]):
+        aug_lib.to_canvas(o[k], cfg.canvas_size, out=row)
+    else:
+      batch[k] = np.stack([o[k] for o in outs])
   batch['label'] = batch['label'].astype(np.int32)
   for k, v in batch.items():
     if k != 'label' and not k.startswith(('boxes_', 'flips_')):  # crop plans keep their types
-      batch[k] = v.astype(np.uint8)
+      batch[k] = v.astype(np.uint8, copy=False)
   return to_patch_ids(batch, cfg)
 
 
@@ -340,6 +387,11 @@ def blank_example(data_config: ml_collections.ConfigDict, *, segments: bool,
 
 class DataReadError(ValueError):
   """A record of the data set could not be read (a damaged file); one line naming it."""
+
+
+def _first_line(e: Exception) -> str:
+  """What a reader's exception says, in one short line (its errors span many lines)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _split_files(cfg, split: str) -> str:
@@ -373,6 +425,9 @@ class _BatchMaker:
     self.augment = cfg.augment if train else 'eval'
     self.n = len(source)
     self._perm_epoch, self._perm = -1, None
+    # crop_on='device' decodes the stored bytes itself: DCT-scaled when the canvas is smaller
+    self.fit_hw = (tuple(cfg.canvas_size) if train and crops_on_device(cfg)
+                   and cfg.name != 'synthetic' else None)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -402,19 +457,31 @@ class _BatchMaker:
     try:
       return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
     except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli errors vary)
-      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      why = _first_line(e)
       raise DataReadError(f'{self.files or "the data set"}: cannot read records {keys[:3]}'
                           f'{"..." if len(keys) > 3 else ""} ({why}); the file is damaged: '
                           'rebuild the data set (python -m mimjax.data.build, or the SAM '
                           'stage that wrote it) or restore it from a copy') from None
 
+  def _decode(self, data: bytes, record) -> np.ndarray:
+    try:
+      return decode_image(data, self.fit_hw)
+    except Exception as e:  # pylint: disable=broad-except  (PIL's errors vary by format)
+      why = _first_line(e)
+      raise DataReadError(f'{self.files or "the data set"}: cannot decode the image of record '
+                          f'{int(record)} ({why}); the file is damaged: rebuild the data set '
+                          '(python -m mimjax.data.build) or restore it from a copy') from None
+
   def __call__(self, step: int) -> dict:
     records, positions, mask = self.plan(int(step))
     examples = self._read(records)
     outs = []
-    for ex, pos in zip(examples, positions):
+    for ex, pos, record in zip(examples, positions, records):
       rng = (np.random.default_rng([self.seed, int(pos), _AUG_SALT]) if self.train else None)
-      image = np.asarray(ex['image'])
+      image = ex['image']
+      if self.fit_hw is not None:
+        image = self._decode(image, record)
+      image = np.asarray(image)
       if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
       segs = np.asarray(ex['segments']) if self.segments else None
@@ -517,7 +584,8 @@ def batch_maker(data_config: ml_collections.ConfigDict, *, global_batch_size: in
   if global_batch_size <= 0 or global_batch_size % pc:
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
                      f'the process count {pc}')
-  source, has_segments = open_source(data_config, split)
+  source, has_segments = open_source(data_config, split,
+                                     encoded_images=train and crops_on_device(data_config))
   if train and has_segments:
     check_mask_coverage(data_config, split)
   if train and len(source) < global_batch_size:

@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as F
 
 from configs import dino as dino_config
 from configs import lut as lut_config
+from configs import mre_dino as mre_dino_config
 from mimjax.data import augment as aug_lib
 from mimjax.data import device_augment as da
 from mimjax.data import pipeline
@@ -250,8 +251,9 @@ def test_device_crops_equal_pil_crops_of_the_same_draws(augment):
   image = _photo()
   host = pipeline.augment_example(_host(cfg), np.random.default_rng(5), image, None, augment)
   plan = pipeline.augment_example(cfg, np.random.default_rng(5), image, None, augment)
-  assert plan['canvas'].shape == (128, 160, 3)
-  batch = {k: v[None] for k, v in plan.items()}
+  assert plan['canvas'].shape == (120, 160, 3)  # fits: collate pads it onto the canvas
+  batch = pipeline.collate([dict(plan, label=0)], cfg)
+  assert batch['canvas'].shape == (1, 128, 160, 3)
   views = jax.device_get(jax.jit(lambda b: da.crop_views(b, cfg))(batch))
   for key, want in host.items():
     got = views[key][0].astype(np.float32)
@@ -276,8 +278,12 @@ def test_device_crop_plumbing_and_errors():
   seen = da.objective_example(cfg, example)   # what objective init gets
   assert seen['global'].shape == (1, 2, 48, 48, 3) and seen['local'].shape == (1, 2, 24, 24, 3)
   assert 'canvas' not in seen and da.objective_example(_host(cfg), example) is example
-  with pytest.raises(ValueError, match='does not crop segment maps yet'):
-    pipeline.blank_example(cfg, segments=True)
+  cfg.segment_patch_size = 8  # MRE: the device cuts the map and computes its patch ids
+  example = pipeline.blank_example(cfg, segments=True)
+  assert example['canvas_segments'].shape == (1, 128, 160)
+  seen = da.objective_example(cfg, example)
+  assert seen['segment_ids_global'].shape == (1, 2, 36)
+  assert seen['segment_ids_local'].shape == (1, 2, 9) and seen['segment_ids_local'].dtype == np.uint8
   for key, value, match in [('crop_on', 'gpu', 'data.crop_on must be one of'),
                             ('canvas_size', (128,), 'data.canvas_size must be two positive'),
                             ('augment', 'lut', 'data.crop_on=device cuts the views of')]:
@@ -296,16 +302,114 @@ def test_canvas_is_the_image_edge_padded_or_shrunk_to_fit():
   assert canvas.shape == (10, 30, 3) and hw == (10, 12)
 
 
+def _segments(h=120, w=160, period=(13, 17), num_ids=7):
+  """A blocky uint8 id map (superpixel-like: regions of ~13 × 17 px, ids 0..num_ids-1)."""
+  return (np.add.outer(np.arange(h) // period[0], np.arange(w) // period[1])
+          % num_ids).astype(np.uint8)
+
+
+def _pil_rows(extent, size):
+  """The source pixel PIL's NEAREST resize of `extent` pixels to `size` reads per output pixel
+  (a ramp through the host path's own resize)."""
+  ramp = np.tile(np.arange(extent, dtype=np.int32), (2, 1))
+  return aug_lib._resize(ramp, (2, size), aug_lib.NEAREST)[0]  # pylint: disable=protected-access
+
+
+def test_nearest_crop_is_pil_nearest_but_at_exact_pixel_boundaries():
+  """The device's NEAREST picks ⌊(2x + 1)·w / 2s⌋ exactly; PIL accumulates it in doubles. They
+  agree everywhere but where (2x + 1)·w is a multiple of 2s (the sample lies exactly on a pixel
+  boundary), where PIL may read the pixel before. Checked on 400 random boxes, both axes, and
+  on the maps the host path cuts (same box, same flip) — equal when no boundary is hit."""
+  rng = np.random.default_rng(0)
+  h_map, w_map = 100, 130
+  index_map = np.arange(h_map * w_map, dtype=np.int32).reshape(h_map, w_map)
+  for size in (24, 48):
+    boxes = np.array([aug_lib.rrc_params(rng, h_map, w_map, (0.05, 1.0))
+                      for _ in range(200)], np.int32)
+    flips = rng.uniform(size=len(boxes)) < 0.5
+    got = jax.device_get(jax.jit(jax.vmap(lambda b, f: da.nearest_crop(index_map, b, f, size)))(
+        boxes, flips))
+    ties_seen = 0
+    for (top, left, h, w), flip, g in zip(boxes, flips, got):
+      want, _ = aug_lib.resized_crop(index_map, None, (top, left, h, w), size, aug_lib.NEAREST)
+      want = want[:, ::-1] if flip else want
+      x = np.arange(size)
+      tie_r, tie_c = ((2 * x + 1) * h) % (2 * size) == 0, ((2 * x + 1) * w) % (2 * size) == 0
+      if flip:
+        tie_c = tie_c[::-1]
+      if not (tie_r.any() or tie_c.any()):
+        np.testing.assert_array_equal(g, want)
+        continue
+      ties_seen += 1
+      dr, dc = g // w_map - want // w_map, g % w_map - want % w_map
+      assert set(np.unique(dr)) <= {0, 1} and set(np.unique(dc)) <= {0, 1}
+      assert not dr[~tie_r].any() and not dc[:, ~tie_c].any()
+    assert ties_seen  # both branches ran
+  x = np.arange(48)
+  assert (_pil_rows(96, 48) == (2 * x + 1) * 96 // (2 * 48)).all()  # dyadic ties: exact
+
+
+def test_device_patch_ids_follow_the_host_rule_exactly():
+  """da.patch_ids = aug_lib.patch_segment_ids (majority, ties → lower id, ids ≥ num_ids do not
+  vote): random maps (many ties in 4×4 patches), ids up to 11 with num_ids 8, and num_ids 0."""
+  rng = np.random.default_rng(0)
+  maps = rng.integers(0, 12, (6, 3, 16, 24), dtype=np.uint8)
+  maps[0, 0] = 9  # a map of non-voters only → 0
+  for num_ids in (8, 256, 0):
+    got = jax.device_get(jax.jit(lambda m, k=num_ids: da.patch_ids(m, 4, k))(maps))
+    want = aug_lib.patch_segment_ids(maps, 4, num_ids).reshape(6, 3, -1)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('augment', ['dino', 'mae'])
+def test_device_segment_ids_equal_the_host_path_for_the_same_draws(augment):
+  """MRE with crop_on='device': the host ships the map on a canvas; the device cuts it with
+  each view's box and flip and computes the patch ids. Against the host path (PIL crops, host
+  ids) on the same draws: the maps differ only in rows/columns sampled exactly on a pixel
+  boundary (test above), so an id can differ only in a patch where the cut maps differ; on
+  this map, none does."""
+  cfg = _crop_config(augment)
+  cfg.update(segment_patch_size=8, segment_num_ids=8)
+  maps_cfg = cfg.copy_and_resolve_references()
+  maps_cfg.segment_patch_size = 0
+  image, seg = _photo(), _segments()
+  for seed in range(4):
+    host, device, host_maps, device_maps = (
+        pipeline.collate([dict(pipeline.augment_example(c, np.random.default_rng(seed), image,
+                                                        seg, augment), label=0)], c)
+        for c in (_host(cfg), cfg, _host(maps_cfg), maps_cfg))
+    device = jax.device_get(jax.jit(lambda b: da.crop_views(b, cfg))(device))
+    device_maps = jax.device_get(jax.jit(lambda b: da.crop_views(b, maps_cfg))(device_maps))
+    for key in [k for k in host if k.startswith('segment_ids')]:
+      map_key = 'segments' + key[len('segment_ids'):]
+      differs = host_maps[map_key] != device_maps[map_key]
+      n = differs.shape[-1] // 8
+      patch_differs = differs.reshape(*differs.shape[:-2], n, 8, n, 8).any((-3, -1))
+      assert host[key].shape == device[key].shape and device[key].dtype == np.uint8
+      assert not (host[key] != device[key])[~patch_differs.reshape(host[key].shape)].any()
+      np.testing.assert_array_equal(device[key], host[key])
+
+
+def test_mre_rows_can_crop_on_the_device():
+  cfg = mre_dino_config.get_config('tiny').data
+  cfg.crop_on = 'device'
+  pipeline.validate_data_config(cfg)
+  assert pipeline.crops_on_device(cfg)
+
+
 def test_device_crops_stay_on_their_rows_over_8_devices():
   cfg = _crop_config()
+  cfg.segment_patch_size = 8
   rng = np.random.default_rng(0)
-  rows = [pipeline.augment_example(cfg, rng, _photo(), None, 'dino') for _ in range(8)]
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch = pipeline.collate([dict(pipeline.augment_example(cfg, rng, _photo(), _segments(), 'dino'),
+                                 label=0) for _ in range(8)], cfg)
   sharded = NamedSharding(hlo.mesh_of(8), P('data'))
   fn = lambda b: da.crop_views(b, cfg)
   compiled = jax.jit(fn, in_shardings=(sharded,), out_shardings=sharded).lower(batch).compile()
   assert [s for s in hlo.all_gather_sizes(compiled) if s >= 8] == []
   eight = jax.device_get(compiled(jax.device_put(batch, sharded)))
   one = jax.device_get(jax.jit(fn)(batch))
+  assert {'segment_ids_global', 'segment_ids_local'} <= set(one)
   for k in one:
-    assert np.abs(eight[k].astype(int) - one[k].astype(int)).max() <= 1
+    tolerance = 0 if k.startswith('segment_ids') else 1  # ids: integer arithmetic only
+    assert np.abs(eight[k].astype(int) - one[k].astype(int)).max() <= tolerance

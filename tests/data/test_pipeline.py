@@ -284,3 +284,71 @@ def test_damaged_record_file_is_one_line_naming_it(tmp_path):
   assert message.startswith(f'{path}: cannot read records [') and '\n' not in message, message
   assert message.endswith('the file is damaged: rebuild the data set (python -m mimjax.data.build, '
                           'or the SAM stage that wrote it) or restore it from a copy')
+
+
+@pytest.mark.parametrize('augment', ['mae', 'dino'])
+def test_device_crop_loader_ships_map_canvases_that_give_the_host_ids(tmp_path, augment):
+  """crop_on='device' (MRE): the loader decodes the stored bytes itself and ships image and
+  map on their canvases (edge-padded); the device's cut gives the host path's patch ids."""
+  import jax
+  from mimjax.data import device_augment as da
+  colors = _segments_dataset(str(tmp_path))
+  kw = dict(name='image_folder', augment=augment, image_size=32, local_size=16,
+            local_crops_number=2, segment_patch_size=8, canvas_size=(64, 56))
+  host = next(pipeline.make_loader(_cfg(str(tmp_path), **kw), global_batch_size=3, seed=0))
+  cfg = _cfg(str(tmp_path), crop_on='device', **kw)
+  got = next(pipeline.make_loader(cfg, global_batch_size=3, seed=0))
+  seg = got['canvas_segments'][0, :40, :48]
+  assert got['canvas_segments'].shape == (3, 64, 56) and seg.max() == 3
+  np.testing.assert_array_equal(got['canvas'][:, :40, :48], np.broadcast_to(colors[seg],
+                                                                            (3, 40, 48, 3)))
+  np.testing.assert_array_equal(got['canvas_segments'][:, 40:, :48],
+                                np.broadcast_to(seg[-1], (3, 24, 48)))
+  cut = jax.device_get(jax.jit(lambda b: da.crop_views(b, cfg))(got))
+  keys = [k for k in host if k.startswith('segment_ids')]
+  assert keys and sorted(cut) == sorted(host)
+  for key in keys:
+    np.testing.assert_array_equal(cut[key], host[key])
+
+
+def test_draft_decode_stays_within_its_tolerance_of_the_full_decode():
+  """decode_image(fit_hw) = to_canvas's shrink of the full decode, exactly when no draft
+  applies; a JPEG ≥ 4× the fitted size decodes DCT-scaled (PIL draft) to ≥ 2× it first, then
+  within mean ≤ 1.5 levels, 99 % within 8 levels (the bound docs/data.md states), on three
+  detailed photos at 2 sizes (fur, hair, the coffee's rim: where DCT scaling softens most)."""
+  import io
+  import skimage.data
+  from PIL import Image
+  for name in ('chelsea', 'astronaut', 'coffee'):
+    buf = io.BytesIO()
+    Image.fromarray(getattr(skimage.data, name)()).save(buf, 'JPEG', quality=90)
+    data = buf.getvalue()
+    full = np.asarray(Image.open(io.BytesIO(data)))
+    # simplejpeg (RGB JPEG, no shrink) = TFDS's PIL decode, bit for bit
+    np.testing.assert_array_equal(pipeline.decode_image(data), full)
+    for side in (64, 128, 256):
+      want, hw = aug_lib.to_canvas(full, (side, side))
+      got = pipeline.decode_image(data, (side, side))
+      assert got.shape[:2] == hw
+      diff = np.abs(got.astype(int) - want[:hw[0], :hw[1]].astype(int))
+      if 4 * max(hw[0] / full.shape[0], hw[1] / full.shape[1]) > 1:  # no draft
+        assert not diff.any()
+      assert diff.mean() <= 1.5 and np.percentile(diff, 99) <= 8, (name, side, diff.mean())
+  buf = io.BytesIO()  # a grayscale JPEG decodes through PIL, to (H, W) as TFDS gives it
+  Image.fromarray(skimage.data.camera()).save(buf, 'JPEG', quality=90)
+  np.testing.assert_array_equal(pipeline.decode_image(buf.getvalue(), (512, 512)),
+                                np.asarray(Image.open(buf)))
+
+
+def test_undecodable_image_is_one_line_naming_the_record(tmp_path):
+  """crop_on='device' decodes the stored bytes itself: a damaged image is one line naming the
+  record, as a damaged record file is."""
+  _segments_dataset(str(tmp_path))
+  cfg = _cfg(str(tmp_path), name='image_folder', crop_on='device', canvas_size=(64, 64))
+  maker = pipeline.batch_maker(cfg, global_batch_size=3, seed=0)
+  maker.source = [{'image': b'\xff\xd8 not a jpeg', 'label': 0}] * 3
+  with pytest.raises(pipeline.DataReadError) as e:
+    maker(0)
+  message = str(e.value)
+  assert 'cannot decode the image of record ' in message and '\n' not in message, message
+  assert message.startswith(str(tmp_path)) and 'the file is damaged' in message

@@ -359,7 +359,10 @@ def _assert_same_run(ref, work, total):
     np.testing.assert_array_equal(x, y)
 
 
-FAULT_STEPS = ['--config.total_steps=12', '--config.checkpoint_every=2']
+# Crops on the device, as paper rows cut them (configs/common.py: paper_speed): the host draws
+# boxes and flips from each example's seeded generator, the step cuts the views.
+FAULT_STEPS = ['--config.total_steps=12', '--config.checkpoint_every=2',
+               '--config.data.crop_on=device', '--config.data.canvas_size=(32, 32)']
 
 
 @pytest.fixture(scope='module')
@@ -472,15 +475,17 @@ def test_runs_are_announced_by_their_method_name():
 
 
 def test_resume_is_exact_with_device_augmentation(tmp_path):
-  """DINO tiny, its colour jitter / blur / solarize drawn in the train step: a run resumed from
-  its step-2 checkpoint (the last one written before a kill) redoes steps 3–4 exactly as the
-  uninterrupted run did — the augmentation key comes from the checkpointed step key."""
+  """DINO tiny, its crops cut and its colour jitter / blur / solarize drawn in the train step
+  (crop_on='device', the paper rows' default): a run resumed from its step-2 checkpoint (the
+  last one written before a kill) redoes steps 3–4 exactly as the uninterrupted run did — the
+  boxes come from each example's seeded generator, the photometric key from the checkpointed
+  step key."""
   import shutil
   from configs import dino as dino_config
   config = dino_config.get_config('tiny')
   config.update(batch_size=8, total_steps=4, log_every=1, checkpoint_every=2,
                 async_checkpoint=False)
-  config.data.worker_count = 0
+  config.data.update(worker_count=0, crop_on='device', canvas_size=(32, 32))
   config.evals = {}
   assert config.data.augment_on == 'device'
   ref, part = tmp_path / 'ref', tmp_path / 'part'
@@ -494,17 +499,3 @@ def test_resume_is_exact_with_device_augmentation(tmp_path):
   for x, y in zip(jax.tree.leaves(checkpoint.restore_params(str(ref))),
                   jax.tree.leaves(checkpoint.restore_params(str(part)))):
     np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.slow  # one more DINO compile; tests/data/test_device_augment.py checks the crops
-def test_dino_trains_with_crops_on_the_device(tmp_path):
-  """crop_on='device': the loader ships canvases + boxes, the step cuts the views; the
-  objective is initialised from the cut example and the run trains."""
-  from configs import dino as dino_config
-  config = dino_config.get_config('tiny')
-  config.update(batch_size=8, total_steps=2, log_every=1, checkpoint_every=2,
-                async_checkpoint=False)
-  config.data.update(worker_count=0, crop_on='device', canvas_size=(32, 32))
-  config.evals = {}
-  record = trainer.train_and_evaluate(config, str(tmp_path / 'w'))
-  assert record['step'] == 2 and np.isfinite(record['loss'])
