@@ -157,3 +157,20 @@ def test_optimizer_masks_and_layer_decay_follow_the_layer_not_the_stack():
                              [scales[f'blocks_{i}']['attn']['qkv']['kernel'] for i in range(3)])
   assert scales_s['blocks']['attn']['qkv']['kernel'].shape == (3, 1, 1)
   assert scales_s['norm']['scale'] == scales['norm']['scale']
+
+
+def test_name_based_inits_find_the_layers_of_a_scanned_stack():
+  """DINO's and BEiT's inits pick blocks by their `blocks_{i}` names: on stacked params they
+  act per layer and return the stacked layout (BEiT: layer i's proj / fc2 std 0.02/√(2(i+1)))."""
+  from mimjax.objectives import dino, semantic_mim
+  layer = lambda: {'attn': {'proj': {'kernel': jnp.zeros((128, 128))}},
+                   'mlp': {'fc2': {'kernel': jnp.zeros((128, 128))}}}
+  stacked = layout.stack_blocks({f'blocks_{i}': layer() for i in range(2)})
+  out = semantic_mim.official_init(stacked, jax.random.key(0), 'beit')
+  assert layout.is_scanned(out)
+  std = np.asarray(jnp.std(out['blocks']['attn']['proj']['kernel'], axis=(1, 2)))
+  # 128² draws: the sample std is within ~1 % (4σ ≈ 2.5 %) of the true one.
+  np.testing.assert_allclose(std, [0.02 / np.sqrt(2), 0.02 / np.sqrt(4)], rtol=0.03)
+  out = dino.dino_init(stacked, jax.random.key(0))
+  np.testing.assert_allclose(jnp.std(out['blocks']['mlp']['fc2']['kernel'], axis=(1, 2)),
+                             [0.02, 0.02], rtol=0.03)
