@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mimjax import workdir as workdir_lib
+from mimjax.models import layout
 
 
 def resolve(workdir: str) -> epath.Path:
@@ -246,8 +247,21 @@ class Checkpointer:
       print(f'mimjax: warning: could not write {path}/{DIGESTS} ({e.strerror or e}); that '
             'checkpoint will restore unverified', file=sys.stderr, flush=True)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores onto the shardings of `abstract_state` (any device count)."""
+  def restore(self, step: int, abstract_state: Any,
+              saved_scanned: Optional[bool] = None) -> tuple[Any, dict]:
+    """Restores onto the shardings of `abstract_state` (any device count). `saved_scanned`:
+    the block layout of the checkpoint (mimjax.models.layout) when it differs from
+    `abstract_state`'s: the state is then read on the host in the saved layout, converted, and
+    placed onto the target shardings (once, on a resume that changed `model.scan_layers`)."""
+    if saved_scanned is not None and saved_scanned != layout.is_scanned(abstract_state):
+      saved = layout.to_layout(abstract_state, saved_scanned)
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(saved, restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)),
+          data=ocp.args.JsonRestore()))
+      state = layout.to_layout(out.state, not saved_scanned)
+      place = lambda a, t: jax.make_array_from_callback(t.shape, t.sharding, lambda i: a[i])
+      return jax.tree.map(place, state, abstract_state), out.data
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -262,7 +276,8 @@ class Checkpointer:
     digests.json is moved to
     W/checkpoints.corrupt/<step> (kept for inspection, never deleted) with a warning, and the
     next older one is tried; if none is intact, one error line names every bad one. A
-    checkpoint whose shapes differ from this model is an error (an older one would differ too).
+    checkpoint whose shapes differ from this model is an error (an older one would differ too);
+    one written with the other block layout (`model.scan_layers`) is converted on restore.
     """
     bad = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -273,12 +288,13 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  (any unreadable file)
         bad.append((step, _first_line(e)))
         continue
-      check_shapes(meta, abstract_state, str(path))
+      saved_scanned = layout.is_scanned(meta)
+      check_shapes(meta, layout.to_layout(abstract_state, saved_scanned), str(path))
       try:
         # Digests first: orbax is never asked to read a checkpoint known to be damaged.
         verified = _shared_verdict(*_local_verdict(os.fspath(path)))
         with _quiet_orbax():
-          state, data = self.restore(step, abstract_state)
+          state, data = self.restore(step, abstract_state, saved_scanned)
         self.restored_verified = verified
       except Exception as e:  # pylint: disable=broad-except
         bad.append((step, _first_line(e)))

@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from mimjax import ema as ema_lib
+from mimjax.models import layout
 from mimjax.tree import matches, path_name
 
 
@@ -55,10 +56,12 @@ def param_labels(params: Any, frozen_patterns) -> Any:
 
 
 def decay_mask(params: Any, no_decay_patterns=()) -> Any:
-  """timm `add_weight_decay`: no decay for ≤1-D tensors, biases and `no_decay` patterns."""
+  """timm `add_weight_decay`: no decay for ≤1-D tensors (per layer: a scanned stack's layer
+  axis does not count), biases and `no_decay` patterns."""
   def decays(path, x):
     name = path_name(path)
-    return bool(x.ndim > 1 and not name.endswith('bias') and not matches(name, no_decay_patterns))
+    return bool(layout.per_layer_ndim(name, x.ndim) > 1 and not name.endswith('bias')
+                and not matches(name, no_decay_patterns))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -122,7 +125,14 @@ def layer_id(name: str, num_layers: int) -> int:
 
 def layer_decay_scales(params: Any, decay: float) -> Any:
   """MAE `param_groups_lrd` lr scale per param: decay^(num_layers − layer_id), where
-  num_layers = depth + 1 and depth = the number of `blocks_i` found in the params."""
+  num_layers = depth + 1 and depth = the number of `blocks_i` found in the params. A scanned
+  stack's leaf gets one scale per layer, shaped (depth, 1, …) to broadcast against it."""
+  scales = layout.unrolled_view(_unrolled_layer_decay_scales)(params, decay)
+  return jax.tree.map(lambda s, p: s if jnp.ndim(s) == 0 else
+                      jnp.reshape(s, jnp.shape(s) + (1,) * (p.ndim - 1)), scales, params)
+
+
+def _unrolled_layer_decay_scales(params: Any, decay: float) -> Any:
   names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   ids = [int(m.group(1)) for n in names for m in [re.search(r'(?:^|/)blocks_(\d+)/', n)] if m]
   num_layers = (max(ids) + 1 if ids else 0) + 1

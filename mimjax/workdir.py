@@ -193,6 +193,7 @@ RESUMABLE_KEYS = (
     'data.data_dir', 'data.worker_count', 'data.prefetch', 'data.read_threads',
     'data.max_maskless_fraction',
     'mesh.*', 'fsdp_min_size', 'grad_accum', 'model.attention', 'model.remat',
+    'model.scan_layers',  # the checkpoint's block layout is converted on restore
 )
 DURATION_KEYS = ('total_steps', 'total_epochs', 'total_examples')
 OVERRIDE_HINT = ('pass --allow_config_change to resume anyway (the new config is recorded in '

@@ -15,7 +15,7 @@ import numpy as np
 
 from mimjax.convert import keymap
 from mimjax.convert import to_torch
-from mimjax.models import segment_bias
+from mimjax.models import layout, segment_bias
 from mimjax.models import vit as vit_lib
 
 PREFIXES = ('module.', 'backbone.')  # DDP / DINO-style wrappers
@@ -245,9 +245,17 @@ def infer_mae_config(state_dict: dict[str, np.ndarray], *,
       'target': 'pixel', 'norm_pix': True})
 
 
+def unrolled(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config (a whole config or its `model`) with unrolled blocks: the key maps name each
+  block; an import into a scanning config stacks them afterwards (`layout.to_layout`)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  (out.model if 'model' in out else out).scan_layers = False
+  return out
+
+
 def _vit_shapes(model_config: ml_collections.ConfigDict) -> dict:
   size = int(model_config.image_size)
-  shapes = jax.eval_shape(lambda: vit_lib.ViT(model_config).init(
+  shapes = jax.eval_shape(lambda: vit_lib.ViT(unrolled(model_config)).init(
       jax.random.key(0), jnp.zeros((1, size, size, 3))))['params']
   return {p: tuple(s.shape) for p, s in keymap.flatten(shapes).items()}
 
@@ -301,12 +309,14 @@ def timm_to_vit_with_notes(state_dict: dict[str, np.ndarray],
                            model_config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
   """`timm_to_vit` plus the list of ignored keys (for the CLI to print)."""
   entries = to_torch.vit_entries(model_config)
-  return _import(state_dict, entries, _vit_shapes(model_config), 'timm import',
-                 _hint(state_dict))
+  params, ignored = _import(state_dict, entries, _vit_shapes(model_config), 'timm import',
+                            _hint(state_dict))
+  return layout.to_layout(params, layout.scans(model_config)), ignored
 
 
 def torch_to_mae(state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> dict:
-  """Official MAE state dict → {'encoder': ..., 'decoder': ...} params."""
+  """Official MAE state dict → {'encoder': ..., 'decoder': ...} params (blocks stacked when
+  config.model.scan_layers)."""
   from mimjax.objectives import mae as mae_lib  # objectives import models; keep it local
   if not any(k.startswith('decoder_') for k in state_dict):
     raise ValueError('MAE import: the checkpoint has no decoder_* keys (released '
@@ -314,10 +324,10 @@ def torch_to_mae(state_dict: dict[str, np.ndarray], config: ml_collections.Confi
   size = int(config.model.image_size)
   n = (size // vit_lib.model_dims(config.model)['patch_size']) ** 2
   ids = jnp.arange(n, dtype=jnp.int32)[None]
-  shapes = jax.eval_shape(lambda: mae_lib.MAE(config).init(
+  shapes = jax.eval_shape(lambda: mae_lib.MAE(unrolled(config)).init(
       jax.random.key(0), jnp.zeros((1, size, size, 3)), ids, ids))['params']
   entries = (to_torch.vit_entries(config.model, ('encoder',))
              + keymap.decoder_entries(int(config.model.decoder.depth), ('decoder',)))
   flax_shapes = {p: tuple(s.shape) for p, s in keymap.flatten(shapes).items()}
   params, _ = _import(state_dict, entries, flax_shapes, 'MAE import')
-  return params
+  return layout.to_layout(params, layout.scans(config.model))

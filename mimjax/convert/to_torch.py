@@ -13,6 +13,7 @@ import numpy as np
 
 from mimjax import workdir
 from mimjax.convert import keymap
+from mimjax.models import layout
 from mimjax.models import vit as vit_lib
 
 # mimjax size name → timm size name; 'mu' (a CPU test size) is timm 'tiny' with overrides.
@@ -77,8 +78,9 @@ def vit_entries(model_config: ml_collections.ConfigDict,
 
 
 def vit_to_timm(params: Any, model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """ViT encoder params → timm state dict (float32, no head); see `dropped_params`."""
-  flat = keymap.flatten(params)
+  """ViT encoder params (either block layout) → timm state dict (float32, no head); see
+  `dropped_params`."""
+  flat = keymap.flatten(layout.unstack_blocks(params))
   return _export(flat, vit_entries(model_config), 'vit_to_timm')
 
 
@@ -86,7 +88,7 @@ def dropped_params(params: Any, model_config: ml_collections.ConfigDict) -> list
   """Human-readable notes on encoder params that have no timm counterpart (not exported)."""
   mapped = {e.flax_path for e in vit_entries(model_config)}
   notes: dict[str, list[str]] = {}
-  for path in keymap.flatten(params):
+  for path in keymap.flatten(layout.unstack_blocks(params)):
     if path not in mapped:
       notes.setdefault(path[0], []).append('/'.join(path))
   return [f'dropped {", ".join(paths)}: '
@@ -96,14 +98,16 @@ def dropped_params(params: Any, model_config: ml_collections.ConfigDict) -> list
 
 
 def mae_to_torch(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """Full MAE params {'encoder', 'decoder'} → official `models_mae` state dict."""
+  """Full MAE params {'encoder', 'decoder'} (either block layout) → official `models_mae`
+  state dict."""
   if 'decoder' not in params or 'encoder' not in params:
     raise ValueError(f'mae_to_torch: expected params with "encoder" and "decoder", got '
                      f'{sorted(params)} (is this an MAE-family workdir?)')
   dec = config.model.get('decoder')
   if dec is None:
     raise ValueError('mae_to_torch: config.model.decoder is missing (not an MAE config)')
-  flat = keymap.flatten({'encoder': params['encoder'], 'decoder': params['decoder']})
+  flat = keymap.flatten(layout.unstack_blocks({'encoder': params['encoder'],
+                                               'decoder': params['decoder']}))
   entries = (vit_entries(config.model, ('encoder',))
              + keymap.decoder_entries(int(dec.depth), ('decoder',)))
   return _export(flat, entries, 'mae_to_torch')

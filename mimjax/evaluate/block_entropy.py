@@ -23,7 +23,7 @@ import numpy as np
 from mimjax import sharding
 from mimjax.data.normalize import normalize_images
 from mimjax.evaluate import base
-from mimjax.models import readout
+from mimjax.models import layout, readout
 from mimjax.models.vit import ViT
 from mimjax.objectives import pretrained
 
@@ -99,16 +99,18 @@ class BlockEntropy(base.Evaluator):
       return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
     self._fn = sharding.jit_on(mesh, feats)
+    self._scanned = layout.scans(config.model)
 
   def run(self, params: Any, state: Any) -> dict:
-    enc = jax.device_get(self.encoder_params(params, state))
+    # Blocks by name (`blocks_{i}`); the model runs them in its own layout.
+    enc = layout.unstack_blocks(jax.device_get(self.encoder_params(params, state)))
     entropy = block_weight_entropy(enc, int(self.cfg.get('bins', 256)))
     out = {f'entropy/layer_{i + 1}': float(e) for i, e in enumerate(entropy)}
     num = int(self.cfg.get('num_images', 256))
     if num > 0:
-      get = lambda p: pretrained.extract(self._fn, p, self.data_config, self.mesh,
-                                       self.split('split'), self.batch_size,
-                                       self.seed, num)[0]
+      get = lambda p: pretrained.extract(self._fn, layout.to_layout(p, self._scanned),
+                                         self.data_config, self.mesh, self.split('split'),
+                                         self.batch_size, self.seed, num)[0]
       full = get(enc)
       sens = np.asarray([float(np.mean(1.0 - np.sum(full * get(remove_block(enc, b)), -1)))
                          for b in block_names(enc)])

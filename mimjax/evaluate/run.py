@@ -23,6 +23,7 @@ from mimjax import logs
 from mimjax import metrics as metrics_lib
 from mimjax import sharding
 from mimjax.evaluate.base import make_evaluators, write_results
+from mimjax.models import layout
 from mimjax.objectives import pretrained
 
 
@@ -67,7 +68,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('evaluating the %s weights of %s', loaded.weights, config.pretrained)
   eval_config = evaluation_config(config, pretrain_config)
   mesh = sharding.make_mesh(config.mesh)
-  params = pretrained.replicate(loaded.params, mesh)
+  # The eval model may lay its blocks out otherwise (an overridden model.scan_layers).
+  params = pretrained.replicate(
+      layout.to_layout(loaded.params, layout.scans(eval_config.model)), mesh)
   os.makedirs(workdir, exist_ok=True)
   checkpoint.write_config(workdir, config)  # atomic; a re-run replaces it
 

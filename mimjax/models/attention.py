@@ -27,9 +27,9 @@ class Attention(nn.Module):
   """Multi-head (self- or cross-) attention; softmax always in float32.
 
   `logit_bias` is added to q·kᵀ *before* the 1/√d scaling, i.e. logits = (q·kᵀ + b)/√d,
-  as in SAM-helps-SSL Eq. 5. It must broadcast to (B, heads, Nq, Nk), or be `SegmentTerms`
-  (the MRE bias in factored form): the 'pallas' kernel forms it per tile, the other paths
-  materialise it. `key_mask` (B, Nk) or (B, Nq, Nk) bool: False keys get no attention.
+  as in SAM-helps-SSL Eq. 5; it must broadcast to (B, heads, Nq, Nk). `segments` is the MRE
+  bias as one layer's `SegmentTerms` (u of shape (heads,)), added the same way: the 'pallas'
+  kernel forms it per tile, the other paths materialise it. `key_mask` (B, Nk) or (B, Nq, Nk) bool: False keys get no attention.
   With `return_attention` every implementation runs the einsum path (it needs the map).
   """
   num_heads: int
@@ -40,6 +40,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, kv: Optional[jnp.ndarray] = None, *,
                logit_bias: Optional[jnp.ndarray] = None,
+               segments: Optional[SegmentTerms] = None,
                key_mask: Optional[jnp.ndarray] = None,
                return_attention: bool = False):
     if self.implementation not in IMPLEMENTATIONS:
@@ -60,17 +61,19 @@ class Attention(nn.Module):
     q, k, v = split(q), split(k), split(v)
     scale = head_dim ** -0.5
 
+    if logit_bias is not None and segments is not None:
+      raise ValueError('Attention: pass either logit_bias or segments (MRE), not both')
     use_pallas = self.implementation == 'pallas' and not return_attention
-    if isinstance(logit_bias, SegmentTerms) and not use_pallas:
-      logit_bias = logit_bias.dense()  # the einsum and cuDNN paths add a materialised bias
+    if segments is not None and not use_pallas:
+      logit_bias = segments.dense()  # the einsum and cuDNN paths add a materialised bias
     if use_pallas:
       if key_mask is not None:
         raise ValueError("model.attention='pallas' takes no key_mask (only sequence padding "
                          "is masked in-kernel); use 'xla' or 'fused'")
-      if logit_bias is not None and not isinstance(logit_bias, SegmentTerms):
-        raise ValueError("model.attention='pallas' takes the MRE bias as SegmentTerms "
-                         "(SegmentBias(factored=True)), not a dense logit_bias")
-      out = pallas_attention.flash_attention(q, k, v, scale=scale, segments=logit_bias)
+      if logit_bias is not None:
+        raise ValueError("model.attention='pallas' takes the MRE bias as `segments` "
+                         "(SegmentTerms), not a dense logit_bias")
+      out = pallas_attention.flash_attention(q, k, v, scale=scale, segments=segments)
       probs = None
     elif self.implementation == 'fused' and not return_attention:
       bias = None if logit_bias is None else (logit_bias * scale).astype(q.dtype)

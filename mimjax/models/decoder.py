@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from mimjax.models.attention import xavier
-from mimjax.models.vit import DTYPES, Block, sincos_pos_embed_2d
+from mimjax.models.vit import DTYPES, block_factory, block_stack, sincos_pos_embed_2d
 
 
 class MAEDecoder(nn.Module):
   """Official MAE decoder (names: embed, mask_token, pos_embed, blocks_i, norm, pred).
 
-  `config` needs width, depth, num_heads, mlp_dim, and the encoder's patch_size/image_size.
+  `config` needs width, depth, num_heads, mlp_dim, and the encoder's patch_size/image_size;
+  with `scan_layers` the blocks are one scanned `blocks` stack (mimjax.models.layout).
   """
   config: ml_collections.ConfigDict
   patch_size: int
@@ -21,7 +22,8 @@ class MAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, restore_ids: jnp.ndarray, *, train: bool = False):
-    """tokens (B, 1 + keep, D_enc) with cls first; restore_ids (B, N) → (B, N, out_dim)."""
+    """tokens (B, 1 + keep, D_enc) with cls first; restore_ids (B, N) → (B, N, out_dim).
+    `train` changes nothing: MAE's decoder has no dropout or drop path."""
     cfg = self.config
     dtype = DTYPES[cfg.get('dtype', 'float32')]
     grid = self.image_size // self.patch_size
@@ -36,9 +38,10 @@ class MAEDecoder(nn.Module):
     init = lambda *_: jnp.asarray(sincos_pos_embed_2d(cfg.width, grid, True))[None]
     pos = jax.lax.stop_gradient(self.param('pos_embed', init))  # frozen, as in MAE
     x = x + pos.astype(dtype)
-    for i in range(cfg.depth):
-      x, _ = Block(cfg.num_heads, cfg.mlp_dim, dtype=dtype, attention=cfg.get('attention', 'xla'),
-                   name=f'blocks_{i}')(x, None, None, None, train)
+    x, _ = block_stack(x, None, lambda block, x, _: block(x), depth=cfg.depth,
+                       make_block=block_factory(cfg, num_heads=cfg.num_heads,
+                                                mlp_dim=cfg.mlp_dim),
+                       scan=cfg.get('scan_layers', False))
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='norm')(x)
     x = nn.Dense(self.out_dim, dtype=dtype, kernel_init=xavier, name='pred')(x)
     return x[:, 1:].astype(jnp.float32)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mimjax.models.vit import (DTYPES, Block, ViT, model_dims, num_prefix_tokens,
-                               pos_embed_frozen, resize_pos_embed)
+from mimjax.models.vit import (DTYPES, ViT, block_factory, block_stack, drop_paths, model_dims,
+                               num_prefix_tokens, pos_embed_frozen, resize_pos_embed)
 
 Params = Any
 
@@ -49,47 +49,41 @@ class ProxyViT(nn.Module):
   """
   config: ml_collections.ConfigDict  # config.model
 
-  def setup(self):
-    cfg = self.config
-    dims = model_dims(cfg)
-    depth = dims['depth']
-    self.encoder = ViT(cfg)
-    block = nn.remat(Block, static_argnums=(5, 6)) if cfg.get('remat') else Block
-    drop_path = cfg.get('drop_path', 0.0)
-    self.extra_layers = [
-        block(dims['num_heads'], dims['mlp_dim'], dtype=DTYPES[cfg.get('dtype', 'float32')],
-              drop_path=drop_path * i / max(depth - 1, 1), attention=cfg.get('attention', 'xla'))
-        for i in range(depth)]
-    self.mask_token = _mask_token(self, dims['width'])
-
+  @nn.compact
   def __call__(self, images: jnp.ndarray, keep_ids: jnp.ndarray, mask_ids: jnp.ndarray, *,
                train: bool = False, return_layers: bool = False,
                return_attention: bool = False):
     cfg = self.config
+    dims = model_dims(cfg)
     dtype = DTYPES[cfg.get('dtype', 'float32')]
-    tokens, aux = self.encoder(images, keep_ids=keep_ids, train=train, return_layers=True,
-                               return_attention=return_attention)
-    enc = self.encoder.variables['params']
+    encoder = ViT(cfg, name='encoder')
+    tokens, aux = encoder(images, keep_ids=keep_ids, train=train, return_layers=True,
+                          return_attention=return_attention)
+    enc = encoder.variables['params']
     prefix = num_prefix_tokens(cfg)
-    grid = images.shape[1] // model_dims(cfg)['patch_size']
+    grid = images.shape[1] // dims['patch_size']
     pos = encoder_pos_embed(enc, cfg, grid)[:, prefix:]
     pos = jnp.take_along_axis(jnp.broadcast_to(pos, (images.shape[0],) + pos.shape[1:]),
                               mask_ids[..., None], axis=1)
-    m = (self.mask_token + pos).astype(dtype)
-    mask_layers, cross = [], []
-    for i, layer in enumerate(self.extra_layers):
-      # kv = [PROXY after this layer's self-attention block, MASK before this layer].
-      kv = jnp.concatenate([aux['layers'][i][:, :prefix], m], axis=1)
-      m, attn = layer(m, kv, None, None, train, return_attention)
-      mask_layers.append(m)
-      cross.append(attn)
+    m = (_mask_token(self, dims['width']) + pos).astype(dtype)
+    # Layer i's kv = [PROXY after the encoder's block i, MASK before this layer].
+    per_layer = {'proxy': jnp.stack([h[:, :prefix] for h in aux['layers']]),
+                 'drop': drop_paths(self, dims['depth'], cfg.get('drop_path', 0.0), train)}
+    step = lambda layer, m, row: layer(m, jnp.concatenate([row['proxy'], m], axis=1), None,
+                                       row['drop'])
+    m, mask_out = block_stack(
+        m, per_layer, step, depth=dims['depth'], name='extra_layers',
+        scan=cfg.get('scan_layers', False), return_layers=return_layers,
+        return_attention=return_attention,
+        make_block=block_factory(cfg, num_heads=dims['num_heads'], mlp_dim=dims['mlp_dim'],
+                                 return_attention=return_attention))
     # The encoder's own final LayerNorm, applied to the [MASK] stream too.
     m = nn.LayerNorm(epsilon=1e-6, dtype=dtype, parent=None).apply({'params': enc['norm']}, m)
     out = {'mask_tokens': m}
     if return_layers:
-      out.update(layers=aux['layers'], mask_layers=mask_layers)
+      out.update(layers=aux['layers'], mask_layers=mask_out.layers)
     if return_attention:
-      out.update(attention=aux['attention'], cross_attention=cross)
+      out.update(attention=aux['attention'], cross_attention=mask_out.attention)
     return tokens, out
 
 

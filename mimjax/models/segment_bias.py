@@ -4,16 +4,16 @@ For tokens i, j with patch segment ids m_i, m_j (0 = background / no mask, and t
 counts as 0): b_ij = u_pos if m_i = m_j ≠ 0, u_neg if m_i ≠ m_j with both ≠ 0, else 0.
 The bias enters as (q·k + b)/√d (paper Eq. 5); `Attention` applies the 1/√d.
 
-Memory: the (B, T, T) positive/negative masks are built once per forward and shared by all
-layers; each layer only contributes per-head scalars, which XLA fuses into the logits.
-With `factored=True` (model.attention='pallas') no T×T array is built at all: each layer gets
-`SegmentTerms` (ids and its per-head scalars) and the Pallas kernel forms the bias per tile.
+One representation: `SegmentBias` returns `SegmentTerms` — the token ids and a (depth, heads)
+row of (u_pos, u_neg) per layer; block i reads `terms.layer(i)` (or, with scanned layers, row i
+as its scan input). `Attention` materialises `SegmentTerms.dense()` for the einsum and fused
+paths (the (B, T, T) relation masks are the same for every layer, so XLA shares them); the
+Pallas kernel takes the terms as they are and forms the bias per tile, with no T×T array.
 """
 
-from typing import Any, NamedTuple
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -28,10 +28,18 @@ class Relations(NamedTuple):
 
 
 class SegmentTerms(NamedTuple):
-  """One layer's MRE bias in factored form: what the Pallas kernel reads instead of (B, H, T, T)."""
+  """The MRE bias in factored form: what the Pallas kernel reads instead of (B, H, T, T).
+
+  One layer's terms have u of shape (H,); `SegmentBias` returns every layer's at once, u of
+  shape (depth, H), and `layer(i)` picks layer i's.
+  """
   ids: jnp.ndarray    # (B, T) int: segment id per token, 0 = unknown (cls, prefix, background)
-  u_pos: jnp.ndarray  # (H,) float32: bias of same-segment pairs (0 when the sign drops it)
-  u_neg: jnp.ndarray  # (H,) float32: bias of different-segment pairs
+  u_pos: jnp.ndarray  # (H,) or (depth, H) float32: same-segment pairs (0 when the sign drops it)
+  u_neg: jnp.ndarray  # (H,) or (depth, H) float32: different-segment pairs
+
+  def layer(self, i: int) -> 'SegmentTerms':
+    """Layer i's terms (u of shape (H,)) out of the per-layer tables (depth, H)."""
+    return SegmentTerms(self.ids, self.u_pos[i], self.u_neg[i])
 
   def dense(self) -> jnp.ndarray:
     """The (B, H, T, T) float32 bias, for attention paths that add a materialised bias."""
@@ -71,20 +79,19 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class SegmentBias(nn.Module):
-  """Holds u_pos/u_neg and returns, per layer, a bias callable for the encoder blocks.
+  """Holds u_pos/u_neg and returns every encoder layer's `SegmentTerms` for given token ids.
 
-  `factored`: the callable returns `SegmentTerms` (for the Pallas kernel) instead of the
-  dense (B, heads, T, T) bias.
+  The parameters exist whenever the module is called (the ViT calls it whenever
+  `segment_bias.enabled`), with or without ids: the parameter tree never depends on the batch.
   """
   config: ml_collections.ConfigDict
   depth: int
   num_heads: int
-  factored: bool = False
 
   @nn.compact
-  def __call__(self, token_ids: jnp.ndarray):
-    """token_ids (B, T) int (cls = 0) → function layer → bias (B, heads, T, T) float32
-    (or `SegmentTerms` when factored)."""
+  def __call__(self, token_ids: Optional[jnp.ndarray]) -> Optional[SegmentTerms]:
+    """token_ids (B, T) int (cls = 0) → SegmentTerms with (depth, heads) float32 tables (row i
+    = layer i; 'head'/'shared'/'fixed' repeat one row), or None without ids (plain ViT)."""
     cfg = self.config
     validate(cfg)
     if cfg.mode == 'fixed':
@@ -95,29 +102,13 @@ class SegmentBias(nn.Module):
                'shared': (1, 1)}[cfg.mode]
       u_pos = self.param('u_pos', nn.initializers.constant(cfg.init_pos), shape)
       u_neg = self.param('u_neg', nn.initializers.constant(cfg.init_neg), shape)
-    use_pos = cfg.sign in ('both', 'positive')
-    use_neg = cfg.sign in ('both', 'negative')
-    if self.factored:
-      def layer_terms(i: int) -> SegmentTerms:
-        # A dropped sign gets a constant 0: same logits, and no gradient reaches its table.
-        head = lambda u, on: (jnp.broadcast_to(u[min(i, u.shape[0] - 1)], (self.num_heads,))
-                              if on else jnp.zeros((self.num_heads,), jnp.float32))
-        return SegmentTerms(token_ids, head(u_pos, use_pos), head(u_neg, use_neg))
-      return layer_terms
-    rel = relations(token_ids)
-    pos = rel.positive[:, None].astype(jnp.float32)
-    neg = rel.negative[:, None].astype(jnp.float32)
-
-    def layer_bias(i: int) -> Any:
-      row = lambda u: u[min(i, u.shape[0] - 1)][None, :, None, None]  # (1, heads|1, 1, 1)
-      bias = jnp.zeros((), jnp.float32)
-      if use_pos:
-        bias = bias + pos * row(u_pos)
-      if use_neg:
-        bias = bias + neg * row(u_neg)
-      return bias
-
-    return layer_bias
+    if token_ids is None:
+      return None
+    # A dropped sign gets a constant 0: same logits, and no gradient reaches its table.
+    table = lambda u, on: (jnp.broadcast_to(u, (self.depth, self.num_heads)) if on
+                           else jnp.zeros((self.depth, self.num_heads), jnp.float32))
+    return SegmentTerms(token_ids, table(u_pos, cfg.sign in ('both', 'positive')),
+                        table(u_neg, cfg.sign in ('both', 'negative')))
 
 
 def checked_ids(batch: dict, key: str, image_size: int, patch_size: int) -> jnp.ndarray:

@@ -2,10 +2,11 @@
 
 Parameter names follow timm (`patch_embed/proj`, `cls_token`, `pos_embed`,
 `blocks_{i}/{norm1,attn/{qkv,proj},norm2,mlp/{fc1,fc2}}`, `norm`) so conversion to and from
-PyTorch is a transpose per tensor.
+PyTorch is a transpose per tensor. With `model.scan_layers` the blocks are stacked under
+`blocks` on a leading layer axis (mimjax.models.layout converts between the two).
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 from mimjax.models import segment_bias as segment_bias_lib
 from mimjax.models.attention import Attention, xavier
+from mimjax.models.segment_bias import SegmentTerms
 
 # (width, depth, num_heads, mlp_dim). 'mu' is a CPU test size, not from a paper.
 VARIANTS = {
@@ -135,29 +137,106 @@ class Mlp(nn.Module):
     return nn.Dense(out, dtype=self.dtype, kernel_init=xavier, name='fc2')(x)
 
 
+class DropPath(NamedTuple):
+  """One block's drop path (stochastic depth): its rate and the key of its keep masks."""
+  rate: Any            # float or () float32 (traced when the layers are scanned)
+  key: jnp.ndarray     # PRNG key
+
+
+def drop_path(x: jnp.ndarray, rate: Any, key: jnp.ndarray) -> jnp.ndarray:
+  """Drops whole samples' residual branches with probability `rate`, scaling the kept ones by
+  1/(1 − rate): an explicit Bernoulli keep mask per sample, so `rate` may be traced."""
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def drop_path_rates(depth: int, rate: float) -> np.ndarray:
+  """(depth,) per-block drop-path rates, linear from 0 to `rate` (timm/MAE)."""
+  return (rate * np.arange(depth) / max(depth - 1, 1)).astype(np.float32)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block; with `kv` it is a cross-attention block (kv shares norm1)."""
+  """Pre-norm transformer block; with `kv` it is a cross-attention block (kv shares norm1).
+
+  Everything static is an attribute, every call argument is an array or None, so `nn.remat`
+  and `nn.scan` wrap it without static argument indices. `drop` = this block's `DropPath`
+  (None: no drop path, e.g. at eval). Returns (x, attention map or None).
+  """
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
-  drop_path: float = 0.0
   attention: str = 'xla'
+  return_attention: bool = False
 
   @nn.compact
-  # Positional-only flags so nn.remat can mark `train`/`return_attention` static.
-  def __call__(self, x, kv=None, logit_bias=None, key_mask=None, train: bool = False,
-               return_attention: bool = False):
+  def __call__(self, x, kv=None, segments: Optional[SegmentTerms] = None,
+               drop: Optional[DropPath] = None):
     norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')
     y, attn = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
                         name='attn')(norm1(x), None if kv is None else norm1(kv),
-                                     logit_bias=logit_bias, key_mask=key_mask,
-                                     return_attention=return_attention)
-    # Drop path = dropout of whole samples' residual branches.
-    drop = nn.Dropout(self.drop_path, broadcast_dims=tuple(range(1, x.ndim)))
-    x = x + drop(y, deterministic=not train)
+                                     segments=segments, return_attention=self.return_attention)
+    keys = (None, None) if drop is None else jax.random.split(drop.key)
+    branch = lambda y, key: y if key is None else drop_path(y, drop.rate, key)
+    x = x + branch(y, keys[0])
     y = Mlp(self.mlp_dim, dtype=self.dtype, name='mlp')(
         nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x))
-    return x + drop(y, deterministic=not train), attn
+    return x + branch(y, keys[1]), attn
+
+
+class LayerOutputs(NamedTuple):
+  """What a block stack returns besides its output: per-block lists (empty unless asked)."""
+  layers: list       # block outputs (B, T, D), pre final norm
+  attention: list    # softmax maps (B, heads, T, T)
+
+
+def block_stack(x: jnp.ndarray, per_layer: Any, step: Callable, *, depth: int,
+                make_block: Callable[[str], nn.Module], scan: bool, name: str = 'blocks',
+                return_layers: bool = False,
+                return_attention: bool = False) -> tuple[jnp.ndarray, LayerOutputs]:
+  """Runs x through `depth` blocks created in the calling module: unrolled as `{name}_{i}`, or
+  with `scan` one `nn.scan` over a block named `name` whose params carry a leading layer axis.
+
+  `per_layer`: a pytree of arrays with a leading depth axis (None leaves allowed); block i gets
+  row i. `step(block, x, row) → (x, attention map or None)` runs one block. Both layouts give
+  the same per-block lists, so readouts never see the layout.
+  """
+  if scan:
+    def body(block, carry, row):
+      y, attn = step(block, carry, row)
+      return y, (y if return_layers else None, attn if return_attention else None)
+    scanned = nn.scan(body, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True}, length=depth)
+    x, (layers, attn) = scanned(make_block(name), x, per_layer)
+    rows = lambda t: [] if t is None else [t[i] for i in range(depth)]
+    return x, LayerOutputs(rows(layers), rows(attn))
+  out = LayerOutputs([], [])
+  for i in range(depth):
+    x, attn = step(make_block(f'{name}_{i}'), x, jax.tree.map(lambda t: t[i], per_layer))
+    if return_layers:
+      out.layers.append(x)
+    if return_attention:
+      out.attention.append(attn)
+  return x, out
+
+
+def block_factory(config: ml_collections.ConfigDict, *, num_heads: int, mlp_dim: int,
+                  return_attention: bool = False) -> Callable[[str], nn.Module]:
+  """name → a `Block` (remat-wrapped when config.remat) with config's dtype and attention."""
+  cls = nn.remat(Block) if config.get('remat') else Block
+  return lambda name: cls(num_heads, mlp_dim, dtype=DTYPES[config.get('dtype', 'float32')],
+                          attention=config.get('attention', 'xla'),
+                          return_attention=return_attention, name=name)
+
+
+def drop_paths(module: nn.Module, depth: int, rate: float, train: bool) -> Optional[DropPath]:
+  """Every block's `DropPath` (rates and keys with a leading depth axis), or None when
+  there is no drop path (eval, or rate 0). One 'dropout' key split per block, the same split
+  whether the blocks are scanned or unrolled."""
+  if not train or not rate:
+    return None
+  return DropPath(jnp.asarray(drop_path_rates(depth, rate)),
+                  jax.random.split(module.make_rng('dropout'), depth))
 
 
 class PatchEmbed(nn.Module):
@@ -183,7 +262,10 @@ class ViT(nn.Module):
   """ViT encoder; `keep_ids` (B, n) selects visible patches (MAE) before the blocks.
 
   `segment_ids` (B, N) patch segment ids switch on the MRE bias when
-  `config.segment_bias.enabled` (without them the model runs as a plain ViT).
+  `config.segment_bias.enabled` (without them the model runs as a plain ViT; the
+  `segment_bias` params exist either way). `config.scan_layers`: the blocks are one `nn.scan`
+  with params `blocks/...` stacked on a leading layer axis instead of `blocks_{i}/...`
+  (mimjax.models.layout converts); the outputs are the same.
   `config.num_prefix_tokens` (default 1) = cls + extra prefix tokens (SemanticMIM proxies,
   registers), stored as `cls_token` (1, 1, D) + `reg_token` (1, k - 1, D) like timm, each with
   its own pos-embed row. `mask` (B, N) with `mask_token` (broadcast to (B, N, D)) replaces
@@ -197,35 +279,32 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, keep_ids: Optional[jnp.ndarray] = None,
-               segment_ids: Optional[jnp.ndarray] = None,
-               logit_bias: Optional[Any] = None, train: bool = False,
+               segment_ids: Optional[jnp.ndarray] = None, train: bool = False,
                return_layers: bool = False, return_attention: bool = False,
                mask: Optional[jnp.ndarray] = None, mask_token: Optional[jnp.ndarray] = None):
+    x = self._embed(images, keep_ids, mask, mask_token)
+    segments = self._segment_terms(segment_ids, keep_ids)
+    x, out = self._blocks(x, segments, train=train, return_layers=return_layers,
+                          return_attention=return_attention)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=DTYPES[self.config.get('dtype', 'float32')],
+                     name='norm')(x)
+    return x, {k: v for k, v in out._asdict().items() if v}
+
+  def _embed(self, images, keep_ids, mask, mask_token) -> jnp.ndarray:
+    """Patch embedding (masked patches → mask token), pos-embed (resized to the image's grid),
+    gather of the visible patches, then the prefix tokens: (B, k + n, D)."""
     cfg = self.config
     dims = model_dims(cfg)
     dtype = DTYPES[cfg.get('dtype', 'float32')]
     width, p = dims['width'], dims['patch_size']
     x = PatchEmbed(width, p, dtype=dtype, name='patch_embed')(images.astype(dtype))
-    grid = int(round(x.shape[1] ** 0.5))
     if (mask is None) != (mask_token is None):
       raise ValueError('ViT: pass `mask` and `mask_token` together')
     if mask is not None:
       w = mask[..., None].astype(dtype)
       x = x * (1 - w) + mask_token.astype(dtype) * w
-
-    num_patches = (cfg.image_size // p) ** 2
     prefix = num_prefix_tokens(cfg)
-    if cfg.get('pos_embed', 'sincos') == 'sincos':
-      init = lambda *_: jnp.asarray(np.concatenate(
-          [np.zeros((prefix, width), np.float32),
-           sincos_pos_embed_2d(width, cfg.image_size // p)]))[None]
-      pos = self.param('pos_embed', init)
-    else:
-      pos = self.param('pos_embed', nn.initializers.normal(0.02),
-                       (1, prefix + num_patches, width))
-    if pos_embed_frozen(cfg):
-      pos = jax.lax.stop_gradient(pos)
-    pos = resize_pos_embed(pos, prefix, grid)
+    pos = self._pos_embed(width, p, prefix, grid=int(round(x.shape[1] ** 0.5)))
     x = x + pos[:, prefix:].astype(dtype)
     if keep_ids is not None:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
@@ -237,36 +316,60 @@ class ViT(nn.Module):
     if tokens:
       cls = (jnp.concatenate(tokens, axis=1) + pos[:, :prefix]).astype(dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], prefix, width)), x], axis=1)
+    return x
 
-    seg_cfg = cfg.get('segment_bias')
-    if seg_cfg is not None and seg_cfg.enabled and segment_ids is not None:
-      # MRE: patch ids (B, N) in original order → visible ids, cls counts as background.
-      if logit_bias is not None:
-        raise ValueError('pass either segment_ids (MRE) or logit_bias, not both')
+  def _pos_embed(self, width: int, patch: int, prefix: int, grid: int) -> jnp.ndarray:
+    """`pos_embed` (1, prefix + grid², D): sincos (MAE) or learned init, frozen per
+    `pos_embed_frozen`, resized to this image's grid."""
+    cfg = self.config
+    if cfg.get('pos_embed', 'sincos') == 'sincos':
+      init = lambda *_: jnp.asarray(np.concatenate(
+          [np.zeros((prefix, width), np.float32),
+           sincos_pos_embed_2d(width, cfg.image_size // patch)]))[None]
+      pos = self.param('pos_embed', init)
+    else:
+      pos = self.param('pos_embed', nn.initializers.normal(0.02),
+                       (1, prefix + (cfg.image_size // patch) ** 2, width))
+    if pos_embed_frozen(cfg):
+      pos = jax.lax.stop_gradient(pos)
+    return resize_pos_embed(pos, prefix, grid)
+
+  def _segment_terms(self, segment_ids, keep_ids) -> Optional[SegmentTerms]:
+    """MRE: every layer's `SegmentTerms` for the visible tokens (prefix tokens count as
+    background), or None. The `segment_bias` params exist whenever the config enables it."""
+    seg_cfg = self.config.get('segment_bias')
+    if seg_cfg is None or not seg_cfg.enabled:
+      return None
+    ids = None
+    if segment_ids is not None:  # patch ids (B, N) in original order → visible ids
       ids = segment_ids.astype(jnp.int32)
       if keep_ids is not None:
         ids = jnp.take_along_axis(ids, keep_ids, axis=1)
+      prefix = num_prefix_tokens(self.config)
       ids = jnp.concatenate([jnp.zeros((ids.shape[0], prefix), jnp.int32), ids], axis=1)
-      logit_bias = segment_bias_lib.SegmentBias(
-          seg_cfg, dims['depth'], dims['num_heads'],
-          factored=cfg.get('attention', 'xla') == 'pallas',  # the kernel forms it per tile
-          name='segment_bias')(ids)
+    dims = model_dims(self.config)
+    return segment_bias_lib.SegmentBias(seg_cfg, dims['depth'], dims['num_heads'],
+                                        name='segment_bias')(ids)
 
-    block = nn.remat(Block, static_argnums=(5, 6)) if cfg.get('remat') else Block
-    drop_path = cfg.get('drop_path', 0.0)
-    aux = {'layers': [], 'attention': []}
-    for i in range(dims['depth']):
-      bias = logit_bias(i) if callable(logit_bias) else logit_bias
-      x, attn = block(dims['num_heads'], dims['mlp_dim'], dtype=dtype,
-                      drop_path=drop_path * i / max(dims['depth'] - 1, 1),
-                      attention=cfg.get('attention', 'xla'), name=f'blocks_{i}')(
-                          x, None, bias, None, train, return_attention)
-      if return_layers:
-        aux['layers'].append(x)
-      if return_attention:
-        aux['attention'].append(attn)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name='norm')(x)
-    return x, {k: v for k, v in aux.items() if v}
+  def _blocks(self, x, segments: Optional[SegmentTerms], *, train: bool, return_layers: bool,
+              return_attention: bool) -> tuple[jnp.ndarray, LayerOutputs]:
+    """The encoder blocks (`model.scan_layers`: one scanned stack), each with its row of the
+    MRE tables and its drop-path rate."""
+    cfg = self.config
+    dims = model_dims(cfg)
+    depth = dims['depth']
+    ids = None if segments is None else segments.ids
+    per_layer = {'u': None if segments is None else (segments.u_pos, segments.u_neg),
+                 'drop': drop_paths(self, depth, cfg.get('drop_path', 0.0), train)}
+
+    def step(block, x, row):
+      terms = None if row['u'] is None else SegmentTerms(ids, *row['u'])
+      return block(x, None, terms, row['drop'])
+    return block_stack(x, per_layer, step, depth=depth, scan=cfg.get('scan_layers', False),
+                       make_block=block_factory(cfg, num_heads=dims['num_heads'],
+                                                mlp_dim=dims['mlp_dim'],
+                                                return_attention=return_attention),
+                       return_layers=return_layers, return_attention=return_attention)
 
 
 def pos_embed_frozen(config: ml_collections.ConfigDict) -> bool:

@@ -25,7 +25,7 @@ from mimjax import ema
 from mimjax.data import pipeline
 from mimjax.data.normalize import normalize_images
 from mimjax.durations import resolve_steps
-from mimjax.models import batchnorm, segment_bias
+from mimjax.models import batchnorm, layout, segment_bias
 from mimjax.models.heads import DINOHead, default_dino_head_config
 from mimjax.models.vit import ViT, model_dims
 from mimjax.objectives.base import Objective
@@ -106,6 +106,7 @@ def update_center(center: jnp.ndarray, teacher_out: jnp.ndarray, momentum: float
   return jax.lax.stop_gradient(center * momentum + batch_center * (1 - momentum))
 
 
+@layout.unrolled_view  # the names below are the unrolled blocks_{i}
 def dino_init(params, rng: jax.Array):
   """DINO `_init_weights` on ViT params: every block Linear kernel N(0, .02) (biases are 0
   already); the patch-embed conv keeps PyTorch's default U(±1/√fan_in)."""

@@ -26,6 +26,7 @@ import numpy as np
 from mimjax import checkpoint
 from mimjax import masking
 from mimjax.data.normalize import normalize_images
+from mimjax.models import layout
 from mimjax.models.vit import model_dims
 from mimjax.objectives import dino as dino_lib
 from mimjax.objectives import mae as mae_lib
@@ -100,7 +101,10 @@ def kd_cross_entropy(student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
 
 def init_from_teacher(student: Any, teacher: Any) -> Any:
   """Every student leaf replaced by the teacher's leaf at the same path (the teacher's extra
-  `segment_bias` params are dropped); a clear error on a missing or mis-shaped leaf."""
+  `segment_bias` params are dropped; either block layout loads into either); a clear error
+  on a missing or mis-shaped leaf."""
+  teacher = layout.to_layout(teacher, layout.is_scanned(student))
+
   def take(path, x):
     node = teacher
     for key in path:

@@ -24,10 +24,11 @@ def mae_loss(pred: jnp.ndarray, images_nhwc: jnp.ndarray, mask: jnp.ndarray,
 
 
 def decoder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Decoder sizes from config.model.decoder, sharing the encoder's dtype/attention."""
+  """Decoder sizes from config.model.decoder, sharing the encoder's dtype/attention/scan."""
   dec = ml_collections.ConfigDict(config.model.decoder.to_dict())
   dec.dtype = config.model.get('dtype', 'float32')
   dec.attention = config.model.get('attention', 'xla')
+  dec.scan_layers = config.model.get('scan_layers', False)
   return dec
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from mimjax import masking
 from mimjax import targets as targets_lib
 from mimjax.data.normalize import normalize_images
+from mimjax.models import layout
 from mimjax.models import proxy as proxy_lib
 from mimjax.models.vit import model_dims, num_prefix_tokens
 from mimjax.objectives.base import Objective
@@ -108,6 +109,7 @@ def make(config: ml_collections.ConfigDict, tokenizer=None) -> Objective:
 INIT_SCHEMES = ('default', 'maskfeat', 'beit')
 
 
+@layout.unrolled_view  # the names below are the unrolled blocks_{i}
 def official_init(params, rng: jax.Array, scheme: str):
   """Re-initialises Linear/Conv weights as the official SemanticMIM backbones do.
 

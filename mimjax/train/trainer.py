@@ -25,6 +25,7 @@ from mimjax.data import device_augment
 from mimjax.data import pipeline
 from mimjax.durations import resolve_steps
 from mimjax.evaluate.base import make_evaluators, write_results
+from mimjax.models import layout
 from mimjax.models import vit as vit_lib
 from mimjax.objectives import base as objectives
 
@@ -412,11 +413,13 @@ def _load_init_from(config: ml_collections.ConfigDict) -> Any:
 
 def _init_from(ts: dict, loaded: Any, source: str, objective: objectives.Objective) -> dict:
   """Replaces the encoder params by `loaded`, the encoder params of workdir or converted model
-  `source` (`config.init_from`)."""
+  `source` (`config.init_from`), converted to this run's block layout."""
   parent = ts['params']
   for key in objective.encoder[:-1]:
     parent = parent[key]
   current = parent[objective.encoder[-1]]
+  # Either block layout loads into either (model.scan_layers of the source and of this run).
+  loaded = layout.to_layout(loaded, layout.is_scanned(current))
   want = jax.tree.map(lambda x: tuple(x.shape), current)
   got = jax.tree.map(lambda x: tuple(np.shape(x)), loaded)
   if want != got:

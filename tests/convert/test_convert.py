@@ -14,7 +14,7 @@ from mimjax.convert import __main__ as cli
 from mimjax.convert import from_torch
 from mimjax.convert import keymap
 from mimjax.convert import to_torch
-from mimjax.models import segment_bias
+from mimjax.models import layout, segment_bias
 from mimjax.models.vit import ViT
 from mimjax.objectives.mae import MAE
 
@@ -151,6 +151,30 @@ def test_mae_round_trip_official_layout():
   # The timm view of an MAE export drops mask_token and decoder_* and still loads strictly.
   timm_sd = to_torch.timm_state_dict_of_mae(sd)
   assert to_torch.verify_timm(params['encoder'], cfg.model, timm_sd) < 1e-4
+
+
+def test_scanned_layout_exports_and_imports_like_the_unrolled_one(mu):
+  """model.scan_layers: export unstacks (the same timm / MAE state dicts), import stacks when
+  the config scans, and the scanned model's forward matches timm's."""
+  cfg, params = mu
+  stacked = layout.stack_blocks(params)
+  sd = to_torch.vit_to_timm(params, cfg)
+  got = to_torch.vit_to_timm(stacked, cfg)
+  assert sorted(got) == sorted(sd) and all(np.array_equal(got[k], sd[k]) for k in sd)
+  scan_cfg = _model_config(scan_layers=True)
+  back = from_torch.timm_to_vit(sd, scan_cfg)
+  assert back['blocks']['attn']['qkv']['kernel'].shape == (2, 64, 192)
+  assert _same(back, stacked)
+  assert to_torch.verify_timm(back, scan_cfg, sd) < 1e-4
+  mae_cfg = _mae_config()
+  mae_params = _mae_params(mae_cfg)
+  mae_sd = to_torch.mae_to_torch(mae_params, mae_cfg)
+  scan_mae = _mae_config()
+  scan_mae.model.scan_layers = True
+  imported = from_torch.torch_to_mae(mae_sd, scan_mae)
+  assert _same(imported, layout.stack_blocks(mae_params))
+  exported = to_torch.mae_to_torch(imported, scan_mae)
+  assert all(np.array_equal(exported[k], mae_sd[k]) for k in mae_sd)
 
 
 def test_segment_bias_and_unknown_modules_dropped_with_note(mu):

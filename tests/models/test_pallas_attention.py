@@ -211,15 +211,22 @@ def test_factored_terms_are_the_dense_bias_in_every_mode(mode, sign):
   ids = jnp.array([[0, 1, 1, 2, 0, 3], [0, 2, 2, 2, 1, 0]])
   cfg = segment_bias.default_config()
   cfg.update(enabled=True, mode=mode, sign=sign)
-  dense = segment_bias.SegmentBias(cfg, depth=3, num_heads=2)
-  factored = segment_bias.SegmentBias(cfg, depth=3, num_heads=2, factored=True)
-  params = dense.init(jax.random.key(0), ids)
+  mod = segment_bias.SegmentBias(cfg, depth=3, num_heads=2)
+  params = mod.init(jax.random.key(0), ids)
   params = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+  table = lambda name, on: (np.zeros((3, 2)) if not on else np.broadcast_to(
+      params['params'][name] if mode != 'fixed' else
+      cfg.fixed_value * (1 if name == 'u_pos' else -1), (3, 2)))
+  u_pos = table('u_pos', sign in ('both', 'positive'))
+  u_neg = table('u_neg', sign in ('both', 'negative'))
+  rel = segment_bias.relations(ids)
+  terms = mod.apply(params, ids)
   for layer in range(3):
-    terms = factored.apply(params, ids)(layer)
-    assert isinstance(terms, SegmentTerms) and terms.u_pos.shape == (2,)
-    np.testing.assert_array_equal(terms.dense(),
-                                  jnp.broadcast_to(dense.apply(params, ids)(layer), (2, 2, 6, 6)))
+    got = terms.layer(layer)
+    assert isinstance(got, SegmentTerms) and got.u_pos.shape == (2,)
+    want = (np.asarray(rel.positive)[:, None] * u_pos[layer][None, :, None, None]
+            + np.asarray(rel.negative)[:, None] * u_neg[layer][None, :, None, None])
+    np.testing.assert_array_equal(got.dense(), want.astype(np.float32))
 
 
 def _vit(attention, mode, sign):

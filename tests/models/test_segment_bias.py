@@ -22,7 +22,7 @@ def test_bias_values_on_hand_made_ids():
   ids = jnp.array([[0, 1, 1, 2, 0]])
   mod = segment_bias.SegmentBias(_cfg(init_pos=0.5, init_neg=-2.0), depth=2, num_heads=3)
   params = mod.init(jax.random.key(0), ids)
-  bias = mod.apply(params, ids)(1)
+  bias = mod.apply(params, ids).layer(1).dense()
   assert bias.shape == (1, 3, 5, 5)
   p, n = 0.5, -2.0
   expected = np.array([[0, 0, 0, 0, 0],
@@ -46,13 +46,13 @@ def test_fixed_and_sign_variants():
   ids = jnp.array([[0, 1, 1, 2]])
   mod = segment_bias.SegmentBias(_cfg(mode='fixed'), depth=1, num_heads=1)
   assert 'params' not in mod.init(jax.random.key(0), ids)
-  bias = mod.apply({}, ids)(0)[0, 0]
+  bias = mod.apply({}, ids).layer(0).dense()[0, 0]
   assert bias[1, 2] == 1.0 and bias[1, 3] == -1.0
   pos_only = segment_bias.SegmentBias(_cfg(mode='fixed', sign='positive'), depth=1, num_heads=1)
-  bias = pos_only.apply({}, ids)(0)[0, 0]
+  bias = pos_only.apply({}, ids).layer(0).dense()[0, 0]
   assert bias[1, 2] == 1.0 and bias[1, 3] == 0.0
   neg_only = segment_bias.SegmentBias(_cfg(mode='fixed', sign='negative'), depth=1, num_heads=1)
-  bias = neg_only.apply({}, ids)(0)[0, 0]
+  bias = neg_only.apply({}, ids).layer(0).dense()[0, 0]
   assert bias[1, 2] == 0.0 and bias[1, 3] == -1.0
   with pytest.raises(ValueError, match='segment_bias.mode'):
     segment_bias.SegmentBias(_cfg(mode='bogus'), depth=1, num_heads=1).init(jax.random.key(0), ids)

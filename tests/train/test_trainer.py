@@ -14,6 +14,7 @@ import pytest
 
 from configs import mae as mae_config
 from mimjax import checkpoint
+from mimjax.models import layout
 from mimjax.objectives import mae
 from mimjax.objectives.base import Objective
 from mimjax.train import trainer
@@ -101,6 +102,31 @@ def test_resume_in_process_and_on_other_device_count(reference_run, tmp_path):
   optim = tiny_config().optim
   assert_trained_params_close(checkpoint.restore_params(str(part)),
                               checkpoint.restore_params(str(ref_dir)),
+                              lrs=[r['lr'] for r in read_metrics(ref_dir)], b1=optim.b1,
+                              b2=optim.b2)
+
+
+@pytest.mark.parametrize('first,then', [
+    (False, True), pytest.param(True, False, marks=pytest.mark.slow)])
+def test_resume_converts_the_block_layout(reference_run, tmp_path, first, then):
+  """A checkpoint of unrolled blocks resumes with model.scan_layers=True (and back): the
+  state is converted on restore and the run finishes as the uninterrupted one (a scanned
+  stack draws its init per layer from split keys: a scanned run has its own reference)."""
+  ref_dir = reference_run[1]
+  if first:
+    ref_dir = tmp_path / 'ref'
+    trainer.train_and_evaluate(tiny_config(**{'model.scan_layers': True}), str(ref_dir))
+  part = tmp_path / 'part'
+  trainer.train_and_evaluate(tiny_config(total_steps=3, **{'model.scan_layers': first}),
+                             str(part))
+  trainer.train_and_evaluate(tiny_config(**{'model.scan_layers': then}), str(part))
+  np.testing.assert_allclose([r['loss'] for r in read_metrics(part)],
+                             [r['loss'] for r in read_metrics(ref_dir)], rtol=1e-5)
+  params = checkpoint.restore_params(str(part))
+  assert layout.is_scanned(params) == then
+  optim = tiny_config().optim
+  assert_trained_params_close(layout.unstack_blocks(params),
+                              layout.unstack_blocks(checkpoint.restore_params(str(ref_dir))),
                               lrs=[r['lr'] for r in read_metrics(ref_dir)], b1=optim.b1,
                               b2=optim.b2)
 
