@@ -143,7 +143,7 @@ def attention_paths(batch: int, tokens: int, heads: int, head_dim: int, dtype: s
   def path(impl: str):
     def forward(params, x, ids, u_pos, u_neg):
       segments = SegmentTerms(ids, u_pos, u_neg) if bias else None
-      return layer(impl).apply({'params': params}, x, logit_bias=segments)[0]
+      return layer(impl).apply({'params': params}, x, segments=segments)[0]
 
     def loss(params, x, u_pos, u_neg, ids, cot):
       out = forward(params, x, ids, u_pos, u_neg)
