@@ -416,7 +416,7 @@ def _size(x: float) -> str:
 def format_plan(name: str, p: dict) -> str:
   """The plan as a markdown table (what docs/performance.md shows), then the checked
   alternatives when it does not fit."""
-  coll = ', '.join(f'{k} {v["count"]}× {_size(v["bytes"])}'
+  coll = ', '.join(f'{k}: {v["count"]} ops, {_size(v["bytes"])} in all'
                    for k, v in sorted(p['collectives'].items())) or 'none'
   fits = ', '.join(f'{k}: {"yes" if ok else "no"}' for k, ok in p['fits'].items())
   compiled = ' and '.join(str(b) for b in p['compiled_per_device_batch'])
@@ -437,7 +437,7 @@ def format_plan(name: str, p: dict) -> str:
       ('temporaries (activations, gradients)', _size(p['temp_bytes'])),
       ('peak = arguments + outputs − aliased + temporaries', _size(p['peak_bytes'])),
       ('GFLOP per step', f'{p["flops"] / 1e9:.4g}'),
-      ('collectives (count, result bytes)', coll),
+      ('collectives (ops, result bytes of all of them)', coll),
       ('batch-shaped all-gathers', str(p['batch_all_gathers'])),
       ('fits', fits),
       ('lower / compile (s)', f'{p["lower_s"]} / {p["compile_s"]}'),
