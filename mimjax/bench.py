@@ -191,6 +191,7 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   if pipeline.crops_on_device(config.data):  # boxes must lie on the canvas: ship the loader's
     batch = sharding.put_batch(jax.tree.map(
         lambda x: np.repeat(np.asarray(x), config.batch_size, axis=0), example), mesh)
+  step_example = example  # what the step takes (the loader's batch of one)
   example = device_augment.objective_example(config.data, example)
   rng = jax.random.key(0)
   params_shape = jax.eval_shape(lambda r: objective.init(r, example)[0], rng)
@@ -217,7 +218,12 @@ def bench_step(config, steps: int, warmup: int, peak_tflops=None) -> dict:
   if augment is not None:  # the same program's share: compiled alone, same batch sharding
     augment_flops = compiled_flops(jax.jit(augment, in_shardings=(
         sharding.batch_sharding(mesh), None)).lower(batch, rng).compile())
-  # XLA's cost analysis is per device program: scale to the global batch.
+  # XLA's cost analysis is per device program: scale to the global batch. Scanned layers: the
+  # unrolled step's (the analysis counts a scan's body once).
+  whole = trainer.whole_step_flops(config, step_example,
+                                   pipeline.num_examples(data_cfg, 'train'))
+  if whole is not None:
+    flops = whole / jax.device_count()
   flops_per_img = flops * jax.device_count() / config.batch_size
   for _ in range(warmup):
     state, m = compiled(state, batch)

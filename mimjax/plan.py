@@ -181,6 +181,8 @@ class Compiled(NamedTuple):
   global_flops: Optional[float]  # the whole step's FLOPs: cost analysis of the program before
                           # SPMD partitioning (what one device would do alone), no extra
                           # compile; None for TPU (compile on one chip for the reference)
+  unrolled_flops: Optional[float] = None  # scanned layers: the whole step's FLOPs unrolled
+                          # (trainer.whole_step_flops), as the two above count a scan once
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh,
@@ -200,7 +202,8 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   t1 = time.perf_counter()
   with _cache_off_unless(set(mesh.devices.flat) <= set(jax.devices())):
     compiled = lowered.compile()
-  return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered))
+  return Compiled(compiled, built, batch, t1 - t0, time.perf_counter() - t1, flops(lowered),
+                  trainer.whole_step_flops(config, example, num_train))
 
 
 @contextlib.contextmanager
@@ -266,7 +269,8 @@ def measure(config: ml_collections.ConfigDict, mesh) -> dict:
       'argument_bytes': mem.argument_size_in_bytes,
       'temp_bytes': mem.temp_size_in_bytes,
       'peak_bytes': peak,
-      'flops': flops(c.compiled),
+      # Per device: the compiled program's, or (scanned layers) the unrolled whole step's share.
+      'flops': flops(c.compiled) if c.unrolled_flops is None else c.unrolled_flops / mesh.size,
       'collectives': collective_summary(collectives(hlo)),
       'batch_all_gathers': len(batch_all_gathers(hlo, config.batch_size)),
       'lower_s': round(c.lower_s, 1), 'compile_s': round(c.compile_s, 1),

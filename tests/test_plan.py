@@ -86,6 +86,17 @@ def test_per_device_batch_extrapolates_to_the_full_batch(tiny_plan):
   np.testing.assert_allclose(small['flops'], tiny_plan['flops'], rtol=0.05)
 
 
+def test_a_scanned_step_reports_the_unrolled_steps_flops(tiny_plan):
+  # XLA's cost analysis counts a scan's body once (tiny MAE: ~28 % short); the plan reports
+  # the unrolled step's FLOPs (trainer.whole_step_flops), within the 3 % by which a lowering's
+  # figure and a compiled program's agree (tests/test_scale.py).
+  config = mae_config.get_config('tiny')
+  config.model.scan_layers = True
+  scanned = plan.plan(config, devices=8)
+  np.testing.assert_allclose(scanned['flops'], tiny_plan['flops'], rtol=0.03)
+  assert trainer.whole_step_flops(mae_config.get_config('tiny'), {}, 1) is None  # unrolled
+
+
 def test_plan_needs_the_devices_and_a_divisible_batch():
   config = mae_config.get_config('tiny')
   with pytest.raises(ValueError, match='--devices=16'):
