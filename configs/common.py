@@ -104,13 +104,12 @@ def paper_speed(config: ml_collections.ConfigDict) -> None:
   float32), the fused attention kernel (cuDNN on GPU; XLA's own on CPU/TPU), loader worker
   processes and, for the RandomResizedCrop recipes (MAE, DINO and the rows built on them), the
   crops (+ segment maps and patch ids) cut on the device: the host only decodes (docs/data.md;
-  data.crop_on=host gives PIL's exact crops), and the block stacks scanned (`model.scan_layers`:
-  the same loss and gradients, compiled 1.3× (XLA:CPU) to 2× (XLA:TPU) faster; docs/training.md).
-  `tiny` rows keep float32 einsum attention, unrolled blocks and host crops in-process, what a
-  laptop CPU runs best."""
+  data.crop_on=host gives PIL's exact crops). Blocks stay unrolled: `model.scan_layers` compiles
+  faster but XLA:TPU keeps 2.6× the temporaries for the scanned MAE-B/16 step (docs/training.md).
+  `tiny` rows keep float32 einsum attention and host crops in-process, what a laptop CPU runs
+  best."""
   config.model.dtype = 'bfloat16'
   config.model.attention = 'fused'
-  config.model.scan_layers = True
   config.data.worker_count = loader_workers()
   if config.data.augment in pipeline.DEVICE_CROPS:
     config.data.crop_on = 'device'
