@@ -156,13 +156,6 @@ def needs_segments(config: ml_collections.ConfigDict) -> bool:
   return bool(seg is not None and seg.get('enabled')) or config.get('objective') == 'distill'
 
 
-def abstract_batch(example: dict, global_batch: int, mesh) -> dict:
-  """A batch of one → ShapeDtypeStructs of the global batch, split like the trainer's batch."""
-  spec = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(v)[1:], np.asarray(v).dtype,
-                                  sharding=spec) for k, v in example.items()}
-
-
 def tree_bytes_per_device(tree: Any) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
   total = 0
@@ -196,7 +189,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh,
   if num_train is None:
     num_train = pipeline.num_examples(config.data, 'train')
   built = trainer.build_step(config, objective, mesh, example, num_train)
-  batch = abstract_batch(example, config.batch_size, mesh)
+  batch = sharding.abstract_batch(example, config.batch_size, mesh)
   t0 = time.perf_counter()
   lowered = built.step_fn.lower(built.abstract, batch)
   t1 = time.perf_counter()

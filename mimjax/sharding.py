@@ -60,6 +60,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def abstract_batch(example: dict, global_batch: int, mesh: Mesh) -> dict:
+  """A batch of one → ShapeDtypeStructs of the global batch, split like the trainer's batch."""
+  spec = batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((global_batch,) + np.shape(v)[1:], np.asarray(v).dtype,
+                                  sharding=spec) for k, v in example.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

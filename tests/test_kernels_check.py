@@ -33,14 +33,21 @@ def test_one_shape_compiles_without_spills_within_shared_memory():
     assert 0 < r.registers <= 255 and 0 < r.shared <= kernels_check.ARCHS['sm_90a'][1]
 
 
+def _assert_check_fails(argv: list, says: tuple, summary: str, capsys) -> None:
+  """`kernels_check.main(argv)` exits 1, its table says every phrase of `says` and its
+  summary line on stderr says `summary`."""
+  assert kernels_check.main(argv) == 1
+  captured = capsys.readouterr()
+  assert all(phrase in captured.out for phrase in says), captured.out
+  assert summary in captured.err
+
+
 @needs_triton
 def test_kernel_that_cannot_lower_fails_the_check(monkeypatch, capsys):
   # Without the padding to a power of two, D = 80 cannot lower for Triton (as before issue 25).
   monkeypatch.setattr(pallas_attention, 'kernel_head_dim', lambda d, backend: d)
-  assert kernels_check.main(['--arch', 'sm_90a', '--seq', '50', '--head-dim', '80']) == 1
-  captured = capsys.readouterr()
-  assert 'does not lower' in captured.out and 'power of 2' in captured.out
-  assert '1 of 1 kernels' in captured.err
+  _assert_check_fails(['--arch', 'sm_90a', '--seq', '50', '--head-dim', '80'],
+                      ('does not lower', 'power of 2'), '1 of 1 kernels', capsys)
 
 
 @pytest.mark.slow
@@ -79,10 +86,8 @@ def test_tpu_shape_compiles_with_every_head_in_a_grid_step():
 def test_tpu_shape_that_cannot_compile_fails_the_check(monkeypatch, capsys):
   monkeypatch.setattr(pallas_attention, 'default_blocks',
                       lambda t, s, d, backend: pallas_attention.BlockSizes.uniform(64, 64))
-  assert kernels_check.main(['--tpu', 'v5e', '--seq', '50', '--head-dim', '64']) == 1
-  captured = capsys.readouterr()
-  assert 'does not compile' in captured.out and 'multiples of 128' in captured.out
-  assert '1 of 1 shapes' in captured.err
+  _assert_check_fails(['--tpu', 'v5e', '--seq', '50', '--head-dim', '64'],
+                      ('does not compile', 'multiples of 128'), '1 of 1 shapes', capsys)
 
 
 @pytest.mark.slow

@@ -197,9 +197,7 @@ def whole_step_flops(config: ml_collections.ConfigDict, example: dict,
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'devices': 1}), jax.devices('cpu')[:1])
   built = build_step(unrolled, objectives.load(unrolled.objective).make(unrolled), mesh,
                      example, num_train)
-  batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + np.shape(v)[1:], np.asarray(v).dtype,
-                                   sharding=sharding.batch_sharding(mesh))
-           for k, v in example.items()}
+  batch = sharding.abstract_batch(example, config.batch_size, mesh)
   cost = built.step_fn.lower(built.abstract, batch).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost['flops'])

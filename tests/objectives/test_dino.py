@@ -14,7 +14,7 @@ import torch
 
 from configs import dino as dino_config
 from configs import mre_dino as mre_dino_config
-from mimjax import ema, optim, plan
+from mimjax import ema, optim, plan, sharding
 from mimjax.data import pipeline
 from mimjax.data.builders import tfds_io
 from mimjax.data.normalize import normalize_images
@@ -282,7 +282,7 @@ def _per_device_flops(config, objective, batch, devices):
   mesh = plan.mesh_of(devices)
   example = {k: v[:1] for k, v in batch.items()}
   built = trainer.build_step(config, objective, mesh, example, 1500)
-  abstract_batch = plan.abstract_batch(example, len(next(iter(batch.values()))), mesh)
+  abstract_batch = sharding.abstract_batch(example, len(next(iter(batch.values()))), mesh)
   return plan.flops(built.step_fn.lower(built.abstract, abstract_batch).compile())
 
 
