@@ -296,24 +296,32 @@ def fit_to_canvas(image: Array, canvas_hw: Sequence[int], resample=BICUBIC) -> A
 
 
 def to_canvas(image: Array, canvas_hw: Sequence[int], resample=BICUBIC,
-              out: Optional[Array] = None) -> tuple[Array, tuple[int, int]]:
+              out: Optional[Array] = None, pad: Optional[int] = None
+              ) -> tuple[Array, tuple[int, int]]:
   """(H, W[, 3]) → a fixed (h_c, w_c[, 3]) canvas: the image at its top-left (shrunk to fit
   when larger, aspect kept: `resample`, NEAREST for a segment map), edge-replicated to the right
   and bottom; → (canvas, (h, w) of the image on it). Crop boxes index the image on the canvas.
-  `out`: the canvas to fill (a row of the batch: no copy of a per-image canvas)."""
+  `out`: the canvas to fill (a row of the batch: no copy of a per-image canvas).
+  `pad`: edge-replicate only this many pixels right of and below the image (all a resize
+  kernel reaches past a box inside it: `mimjax.data.pipeline.canvas_reach`) and zero the rest:
+  each byte written once, 25 % less host CPU than replicating to the canvas's edges."""
   ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
   image = fit_to_canvas(image, canvas_hw, resample)
   h, w = image.shape[:2]
+  canvas = np.empty((ch, cw) + image.shape[2:], image.dtype) if out is None else out
   # = np.pad(mode='edge'), written out: three copies (2.4× less CPU), each of whole pixels or
   # rows (a broadcast assignment of a 3-byte pixel copies byte by byte: 6× slower for a
   # portrait image's right strip)
-  canvas = np.empty((ch, cw) + image.shape[2:], image.dtype) if out is None else out
   canvas[:h, :w] = image
-  if w < cw:
-    canvas[:h, w:] = np.repeat(image[:, w - 1:w], cw - w, axis=1)
-  if h < ch:
-    rows = canvas.reshape(ch, -1)
-    rows[h:] = rows[h - 1]
+  right = cw - w if pad is None else min(pad, cw - w)
+  below = ch - h if pad is None else min(pad, ch - h)
+  if right:
+    canvas[:h, w:w + right] = np.repeat(image[:, w - 1:w], right, axis=1)
+  if below:
+    canvas[h:h + below, :w + right] = canvas[h - 1, :w + right]
+  if pad is not None:
+    canvas[:h + below, w + right:] = 0
+    canvas[h + below:] = 0
   return canvas, (h, w)
 
 

@@ -296,6 +296,17 @@ def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
   return out
 
 
+def canvas_reach(cfg, key: str = 'canvas') -> int:
+  """Pixels past the image's right and bottom edges that the device's crops can read from a
+  canvas (`collate` edge-replicates that many, zeros the rest): the bicubic kernel's radius,
+  2 output pixels, in canvas pixels for the most-shrunk view (a box of up to the canvas's
+  longer side cut to the smallest view). Segment maps are cut nearest, inside the box: 0."""
+  if key != 'canvas':
+    return 0
+  views = [cfg.image_size] + ([cfg.local_size] if cfg.augment == 'dino' else [])
+  return math.ceil(2 * max(cfg.canvas_size) / min(views))
+
+
 def photometric_on_device(cfg) -> bool:
   """Whether the train step, not the host, applies this config's photometric augmentations."""
   return cfg.get('augment_on', 'device') == 'device' and cfg.augment in DEVICE_PHOTOMETRIC
@@ -355,13 +366,15 @@ def to_patch_ids(batch: dict, cfg) -> dict:
 
 def collate(outs: list, cfg) -> dict:
   """Augmented examples → one batch: int32 labels, uint8 images/maps, maps → patch ids;
-  crop_on='device': each image (map) edge-padded onto its row of the batch's canvas."""
+  crop_on='device': each image (map) onto its row of the batch's canvas, edge-replicated as far
+  as the device's crops read (`canvas_reach`), zeros beyond."""
   batch = {}
   for k in outs[0]:
     if k.startswith('canvas'):  # in place: a per-image canvas + np.stack costs 2× the pages
       batch[k] = np.empty((len(outs), *cfg.canvas_size, *outs[0][k].shape[2:]), np.uint8)
+      pad = canvas_reach(cfg, k)
       for o, row in zip(outs, batch[k]):
-        aug_lib.to_canvas(o[k], cfg.canvas_size, out=row)
+        aug_lib.to_canvas(o[k], cfg.canvas_size, out=row, pad=pad)
     else:
       batch[k] = np.stack([o[k] for o in outs])
   batch['label'] = batch['label'].astype(np.int32)
@@ -453,9 +466,11 @@ class _BatchMaker:
 
   def _read(self, records: np.ndarray) -> list:
     keys = [int(r) for r in records]
-    getitems = getattr(self.source, '__getitems__', None)
     try:
-      return list(getitems(keys)) if getitems is not None else [self.source[k] for k in keys]
+      # One at a time: array_record's batched __getitems__ reads in a thread pool, which costs
+      # 45 % more CPU per record (measured: 0.176 vs 0.120 ms); read_threads and grain workers
+      # already overlap the reads.
+      return [self.source[k] for k in keys]
     except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli errors vary)
       why = _first_line(e)
       raise DataReadError(f'{self.files or "the data set"}: cannot read records {keys[:3]}'

@@ -302,6 +302,35 @@ def test_canvas_is_the_image_edge_padded_or_shrunk_to_fit():
   assert canvas.shape == (10, 30, 3) and hw == (10, 12)
 
 
+def test_device_crops_read_no_canvas_pixel_beyond_canvas_reach():
+  """collate edge-replicates only `canvas_reach` pixels past the image and zeros the rest: the
+  views are bit-identical to a fully edge-padded canvas whatever lies beyond that strip
+  (random bytes here), for the worst boxes — the whole image and corners touching its
+  right/bottom edge, cut to the smallest views (most shrunk: the kernel reaches farthest) and
+  upsampled. Without the strip they are not (the check can fail)."""
+  cfg = _crop_config('dino')
+  reach = pipeline.canvas_reach(cfg)
+  assert reach == 14  # ⌈2 · 160 / 24⌉
+  image = _photo(90, 110)
+  full, (h, w) = aug_lib.to_canvas(image, cfg.canvas_size)
+  boxes = {'global': [[0, 0, 90, 110], [45, 55, 45, 55], [80, 100, 10, 10]],
+           'local': [[0, 0, 90, 110], [60, 70, 30, 40], [0, 96, 90, 14]]}
+  base = {f'boxes_{k}': np.asarray([b], np.int32) for k, b in boxes.items()}
+  base.update({f'flips_{k}': np.asarray([[False, True, True]]) for k in boxes})
+  cut = jax.jit(lambda b: da.crop_views(b, cfg))
+  want = jax.device_get(cut(dict(base, canvas=full[None])))
+  garbage = np.random.default_rng(0).integers(0, 256, full.shape, np.uint8)
+  for pad in (reach, 0):
+    canvas, _ = aug_lib.to_canvas(image, cfg.canvas_size, pad=pad)
+    beyond = np.ones(full.shape[:2], bool)
+    beyond[:h + pad, :w + pad] = False
+    assert not canvas[beyond].any()  # zeros beyond the strip
+    canvas[beyond] = garbage[beyond]
+    got = jax.device_get(cut(dict(base, canvas=canvas[None])))
+    same = all(np.array_equal(got[k], want[k]) for k in boxes)
+    assert same == (pad == reach), pad
+
+
 def _segments(h=120, w=160, period=(13, 17), num_ids=7):
   """A blocky uint8 id map (superpixel-like: regions of ~13 × 17 px, ids 0..num_ids-1)."""
   return (np.add.outer(np.arange(h) // period[0], np.arange(w) // period[1])

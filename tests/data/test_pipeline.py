@@ -289,7 +289,9 @@ def test_damaged_record_file_is_one_line_naming_it(tmp_path):
 @pytest.mark.parametrize('augment', ['mae', 'dino'])
 def test_device_crop_loader_ships_map_canvases_that_give_the_host_ids(tmp_path, augment):
   """crop_on='device' (MRE): the loader decodes the stored bytes itself and ships image and
-  map on their canvases (edge-padded); the device's cut gives the host path's patch ids."""
+  map on their canvases (the image edge-replicated as far as the device's crops read, zeros
+  beyond; the map, cut nearest inside its boxes, zeros); the device's cut gives the host
+  path's patch ids."""
   import jax
   from mimjax.data import device_augment as da
   colors = _segments_dataset(str(tmp_path))
@@ -300,10 +302,14 @@ def test_device_crop_loader_ships_map_canvases_that_give_the_host_ids(tmp_path, 
   got = next(pipeline.make_loader(cfg, global_batch_size=3, seed=0))
   seg = got['canvas_segments'][0, :40, :48]
   assert got['canvas_segments'].shape == (3, 64, 56) and seg.max() == 3
-  np.testing.assert_array_equal(got['canvas'][:, :40, :48], np.broadcast_to(colors[seg],
-                                                                            (3, 40, 48, 3)))
-  np.testing.assert_array_equal(got['canvas_segments'][:, 40:, :48],
-                                np.broadcast_to(seg[-1], (3, 24, 48)))
+  reach = pipeline.canvas_reach(cfg)
+  assert reach == {'mae': 4, 'dino': 8}[augment]  # ⌈2 · 64 / smallest view⌉
+  want = np.zeros((64, 56, 3), np.uint8)
+  want[:40 + reach, :48 + reach] = np.pad(colors[seg], ((0, reach), (0, reach), (0, 0)), 'edge')
+  np.testing.assert_array_equal(got['canvas'], np.broadcast_to(want, (3, 64, 56, 3)))
+  want = np.zeros((64, 56), np.uint8)
+  want[:40, :48] = seg
+  np.testing.assert_array_equal(got['canvas_segments'], np.broadcast_to(want, (3, 64, 56)))
   cut = jax.device_get(jax.jit(lambda b: da.crop_views(b, cfg))(got))
   keys = [k for k in host if k.startswith('segment_ids')]
   assert keys and sorted(cut) == sorted(host)
