@@ -296,13 +296,11 @@ def device_crop_example(cfg, rng: np.random.Generator, image: np.ndarray,
   return out
 
 
-def canvas_reach(cfg, key: str = 'canvas') -> int:
-  """Pixels past the image's right and bottom edges that the device's crops can read from a
+def canvas_reach(cfg) -> int:
+  """Pixels past the image's right and bottom edges that the device's crops can read from its
   canvas (`collate` edge-replicates that many, zeros the rest): the bicubic kernel's radius,
   2 output pixels, in canvas pixels for the most-shrunk view (a box of up to the canvas's
-  longer side cut to the smallest view). Segment maps are cut nearest, inside the box: 0."""
-  if key != 'canvas':
-    return 0
+  longer side cut to the smallest view)."""
   views = [cfg.image_size] + ([cfg.local_size] if cfg.augment == 'dino' else [])
   return math.ceil(2 * max(cfg.canvas_size) / min(views))
 
@@ -372,7 +370,7 @@ def collate(outs: list, cfg) -> dict:
   for k in outs[0]:
     if k.startswith('canvas'):  # in place: a per-image canvas + np.stack costs 2× the pages
       batch[k] = np.empty((len(outs), *cfg.canvas_size, *outs[0][k].shape[2:]), np.uint8)
-      pad = canvas_reach(cfg, k)
+      pad = canvas_reach(cfg) if k == 'canvas' else 0  # maps are cut nearest, inside boxes
       for o, row in zip(outs, batch[k]):
         aug_lib.to_canvas(o[k], cfg.canvas_size, out=row, pad=pad)
     else:
